@@ -1,0 +1,390 @@
+"""Orbax checkpoints of one training stage (``runs/<name>/<stage>``).
+
+Layout of a stage directory::
+
+    <stage_dir>/config.json            resolved config of the latest save, for humans and loaders
+    <stage_dir>/checkpoints/<step>/    one orbax checkpoint per kept step, with two items:
+        state/                         the train-state pytree (params, opt_state, step, ...)
+        config/                        the resolved config dict saved with that step
+
+Checkpoints live in their own ``checkpoints/`` subdirectory so that orbax's step discovery and
+tmp-directory cleanup never touch the metrics and TensorBoard files beside them.
+
+Crash safety comes from orbax: each save is written into ``<step>.orbax-checkpoint-tmp*`` and
+renamed to ``<step>`` only once every file is on disk, so a process killed mid-save leaves the
+previous checkpoint untouched and the unfinished directory is invisible to ``latest_step``.
+``open_manager`` deletes such leftovers (``cleanup_tmp_directories=True``) before the next save.
+
+Restoring needs an *abstract* target: a pytree of ``jax.ShapeDtypeStruct`` that carry the
+target sharding, usually ``abstract_target(jax.eval_shape(init_fn), shardings)``. Every array
+is then read straight into its final sharding, without first materialising it on one device.
+``restore_config`` reads the config of a checkpoint first, so a caller can rebuild the model
+that the abstract target is derived from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from pipo_jax.config import Config, ConfigError, from_dict, save_config, to_dict
+
+CHECKPOINT_SUBDIR = "checkpoints"
+CONFIG_FILE = "config.json"
+_STATE = "state"
+_CONFIG = "config"
+_TRAIN_HINT = "train this stage first with `python train.py`"
+
+
+class CheckpointError(RuntimeError):
+    """A missing, unusable or corrupt checkpoint; the message says what to do about it."""
+
+
+# --------------------------------------------------------------------------- paths and helpers
+
+
+def checkpoint_dir(stage_dir: str | Path) -> Path:
+    """The directory holding the orbax step directories of ``stage_dir``."""
+    return Path(stage_dir) / CHECKPOINT_SUBDIR
+
+
+def abstract_target(tree: Any, shardings: jax.sharding.Sharding | Any) -> Any:
+    """Returns ``tree`` as ``jax.ShapeDtypeStruct`` leaves that carry ``shardings``.
+
+    ``tree`` may hold arrays or ``ShapeDtypeStruct`` (the output of ``jax.eval_shape``);
+    ``shardings`` is one sharding for every leaf or a pytree of shardings matching ``tree``.
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _check_abstract(tree: Any, what: str) -> None:
+    """Rejects targets orbax would restore onto guessed devices instead of the caller's."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not isinstance(leaf, jax.ShapeDtypeStruct) or leaf.sharding is None:
+            raise TypeError(
+                f"{what} leaf {jax.tree_util.keystr(path)} must be a jax.ShapeDtypeStruct with a "
+                f"sharding, got {leaf!r}; build the target with "
+                "checkpoint.abstract_target(jax.eval_shape(...), shardings)")
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(err).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
+
+
+def _key_name(key: Any) -> str:
+    # Orbax stores namedtuples and dataclasses as dicts and tuples as lists, so only the key
+    # name/index is comparable between a saved metadata tree and a live abstract tree.
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        shape = getattr(leaf, "shape", None)
+        if shape is not None:
+            out[".".join(_key_name(k) for k in path)] = tuple(shape)
+    return out
+
+
+def _structure_diff(saved_tree: Any, target: Any, limit: int = 4) -> str:
+    """A one-line summary of how ``target`` differs from the saved tree, or '' if it fits.
+
+    Dtypes are deliberately not compared: orbax casts on restore, and restoring float32
+    weights into a bfloat16 target is a legitimate request.
+    """
+    saved, wanted = _shapes_by_path(saved_tree), _shapes_by_path(target)
+
+    def order(names: set[str]) -> list[str]:
+        # Parameter paths first: they name the model change, optimizer moments only echo it.
+        return sorted(names, key=lambda n: (not n.startswith("params"), n))
+
+    problems: list[str] = []
+    missing = order(set(wanted) - set(saved))
+    unexpected = order(set(saved) - set(wanted))
+    if missing:
+        problems.append(f"not in checkpoint: {', '.join(missing[:limit])}"
+                        + (f" (+{len(missing) - limit} more)" if len(missing) > limit else ""))
+    if unexpected:
+        problems.append(f"only in checkpoint: {', '.join(unexpected[:limit])}"
+                        + (f" (+{len(unexpected) - limit} more)" if len(unexpected) > limit
+                           else ""))
+    shape_diff = [f"{k} saved {saved[k]} vs wanted {wanted[k]}"
+                  for k in order(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+    if shape_diff:
+        problems.append("shape mismatch: " + "; ".join(shape_diff[:limit])
+                        + (f" (+{len(shape_diff) - limit} more)" if len(shape_diff) > limit
+                           else ""))
+    return "; ".join(problems)
+
+
+def _write_config_json(stage_dir: Path, cfg: Config) -> None:
+    # Write-then-rename so a reader never sees a half-written config.json.
+    final = stage_dir / CONFIG_FILE
+    tmp = stage_dir / f".{CONFIG_FILE}.tmp"
+    save_config(cfg, tmp)
+    os.replace(tmp, final)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def open_manager(stage_dir: str | Path, keep: int,
+                 save_every: int | None = None) -> ocp.CheckpointManager:
+    """Opens (creating if needed) the checkpoint manager of ``stage_dir`` for saving.
+
+    Args:
+      stage_dir: the stage's run directory, e.g. ``runs/default/sft``.
+      keep: how many of the newest checkpoints to keep; older ones are deleted after a save.
+      save_every: if set, ``save`` only writes steps that are multiples of it (unless
+        ``force``); if None every ``save`` call writes.
+
+    Use it as a context manager (or call ``.close()``): closing waits for the last
+    asynchronous save to be committed.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    if save_every is not None and save_every < 1:
+        raise ValueError(f"save_every must be positive or None, got {save_every}")
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        # Spelled out because the default policy built from save_interval_steps also saves the
+        # first step of a fresh run (InitialSavePolicy), whatever its number. Preemption saves
+        # (multi-host jobs told to stop by the cluster) stay enabled as in orbax's default.
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(save_every or 1),
+            policies.PreemptionCheckpointingPolicy(),
+        ]),
+        create=True,
+        # A crash mid-save leaves a `<step>.orbax-checkpoint-tmp*` directory. Step discovery
+        # ignores it, but each one can hold a full copy of the state, so delete them on open.
+        cleanup_tmp_directories=True,
+        # Writes happen in a background thread after the arrays are copied to host memory, so
+        # training continues during the disk write; errors surface on the next save or close.
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(stage_dir), options=options,
+                                 item_handlers=_item_handlers(ocp.StandardCheckpointHandler()))
+
+
+def _item_handlers(state_handler: ocp.CheckpointHandler) -> dict[str, ocp.CheckpointHandler]:
+    return {_STATE: state_handler, _CONFIG: ocp.JsonCheckpointHandler()}
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, cfg: Config,
+         force: bool = False, wait: bool = False) -> bool:
+    """Saves ``state`` and ``cfg`` as checkpoint ``step``; returns whether a save was started.
+
+    Skipped (returns False) when ``step`` is not a multiple of the manager's ``save_every`` (unless
+    ``force``) or when a checkpoint of ``step`` already exists: a run resumed from ``step`` has
+    exactly that state, and orbax refuses to overwrite a committed step.
+
+    The save is asynchronous; pass ``wait=True`` (or close the manager) to block until it is
+    committed. ``config.json`` in the stage directory is rewritten on every save.
+    """
+    if step in manager.all_steps():
+        return False
+    args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
+                                 _CONFIG: ocp.args.JsonSave(to_dict(cfg))})
+    started = manager.save(step, args=args, force=force)
+    if started:
+        _write_config_json(Path(manager.directory).parent, cfg)
+    if wait:
+        manager.wait_until_finished()
+    return started
+
+
+# --------------------------------------------------------------------------- restoring
+
+
+def latest_step(stage_dir: str | Path) -> int | None:
+    """The newest committed checkpoint step of ``stage_dir``, or None if there is none.
+
+    Unfinished saves (orbax tmp directories) are ignored.
+    """
+    root = checkpoint_dir(stage_dir)
+    if not root.is_dir():
+        return None
+    with _open_reader(root, ocp.StandardCheckpointHandler()) as manager:
+        return manager.latest_step()
+
+
+def all_steps(stage_dir: str | Path) -> list[int]:
+    """All committed checkpoint steps of ``stage_dir``, oldest first."""
+    root = checkpoint_dir(stage_dir)
+    if not root.is_dir():
+        return []
+    with _open_reader(root, ocp.StandardCheckpointHandler()) as manager:
+        return sorted(manager.all_steps())
+
+
+def _open_reader(root: Path, state_handler: ocp.CheckpointHandler) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    return ocp.CheckpointManager(root, options=options,
+                                 item_handlers=_item_handlers(state_handler))
+
+
+def _open_for_restore(stage_dir: Path,
+                      state_handler: ocp.CheckpointHandler) -> ocp.CheckpointManager:
+    if not stage_dir.is_dir():
+        raise CheckpointError(f"{stage_dir}: no such run directory; {_TRAIN_HINT}")
+    root = checkpoint_dir(stage_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{stage_dir} has no {CHECKPOINT_SUBDIR}/ directory; {_TRAIN_HINT}")
+    return _open_reader(root, state_handler)
+
+
+def _resolve_step(manager: ocp.CheckpointManager, stage_dir: Path, step: int | None) -> int:
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise CheckpointError(
+            f"{stage_dir} has no finished checkpoint (a run stopped before its first save "
+            f"leaves none); {_TRAIN_HINT}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise CheckpointError(
+            f"{stage_dir} has no checkpoint for step={step}; available steps: {steps}")
+    return step
+
+
+def _corrupt(manager: ocp.CheckpointManager, step: int, err: BaseException) -> CheckpointError:
+    steps = sorted(manager.all_steps())
+    earlier = [s for s in steps if s < step]
+    fallback = (f"delete {Path(manager.directory) / str(step)} to fall back to step "
+                f"{earlier[-1]}, or restore an earlier one with step= (available: {earlier})"
+                if earlier else
+                f"delete {Path(manager.directory) / str(step)} and retrain; no earlier "
+                "checkpoint exists")
+    return CheckpointError(
+        f"checkpoint step {step} in {manager.directory} is corrupt or incomplete "
+        f"({_first_line(err)}); {fallback}")
+
+
+def _config_of(manager: ocp.CheckpointManager, step: int, raw: Any) -> Config:
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        raise CheckpointError(
+            f"the config saved with checkpoint step {step} in {manager.directory} does not fit "
+            f"this version of pipo_jax ({e})") from e
+
+
+def _check_structure(manager: ocp.CheckpointManager, step: int, target: Any,
+                     subtree: Sequence[str] = ()) -> None:
+    """Compares ``target`` with the saved tree (or its ``subtree``) before reading any array.
+
+    Orbax would also fail on a mismatch, but with a multi-line message that does not say the
+    likely cause (a different model config), and only after starting to read arrays.
+    """
+    try:
+        metadata = manager.item_metadata(step)[_STATE]
+        saved = getattr(metadata, "tree", metadata)
+        if saved is None:
+            raise ValueError("no tree metadata for the 'state' item")
+        for key in subtree:
+            saved = saved[key]
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(
+            f"checkpoint step {step} in {manager.directory} has no {'/'.join(subtree)} subtree "
+            f"({_first_line(e)}); it was not saved by pipo_jax.checkpoint.save") from e
+    except Exception as e:
+        raise _corrupt(manager, step, e) from e
+    diff = _structure_diff(saved, target)
+    if diff:
+        raise CheckpointError(
+            f"checkpoint step {step} in {manager.directory} does not match the requested "
+            f"structure, so it was probably saved with a different model or optimizer config "
+            f"(compare {Path(manager.directory).parent / CONFIG_FILE}): {diff}")
+
+
+def restore(stage_dir: str | Path, abstract_state: Any,
+            step: int | None = None) -> tuple[Any, Config]:
+    """Restores the train state and its config from checkpoint ``step`` (default: the latest).
+
+    Args:
+      stage_dir: the stage's run directory.
+      abstract_state: pytree of ``jax.ShapeDtypeStruct`` with shardings, with the structure
+        and shapes of the saved state (see ``abstract_target``). Leaves are cast to its dtypes.
+      step: the step to restore; None means the newest committed checkpoint.
+
+    Returns:
+      ``(state, config)``: the restored pytree and the config saved with that step.
+
+    Raises:
+      CheckpointError: missing directory, no checkpoints, unknown step, structure mismatch or
+        a corrupt checkpoint; the message says what to do.
+    """
+    stage_dir = Path(stage_dir)
+    _check_abstract(abstract_state, "abstract_state")
+    with _open_for_restore(stage_dir, ocp.StandardCheckpointHandler()) as manager:
+        step = _resolve_step(manager, stage_dir, step)
+        _check_structure(manager, step, abstract_state)
+        args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state),
+                                     _CONFIG: ocp.args.JsonRestore()})
+        try:
+            restored = manager.restore(step, args=args)
+        except Exception as e:
+            raise _corrupt(manager, step, e) from e
+        return restored[_STATE], _config_of(manager, step, restored[_CONFIG])
+
+
+def restore_params(stage_dir: str | Path, abstract_params: Any,
+                   step: int | None = None) -> tuple[Any, Config]:
+    """Restores only ``state["params"]`` (and the config), leaving the optimizer state on disk.
+
+    Orbax's ``PyTreeRestore(partial_restore=True)`` reads just the requested subtree, so loading
+    weights for inference costs no memory or I/O for the (2x larger) Adam moments. The saved
+    state must be a mapping with a ``"params"`` entry.
+    """
+    stage_dir = Path(stage_dir)
+    _check_abstract(abstract_params, "abstract_params")
+    target = {"params": abstract_params}
+    # StandardCheckpointHandler cannot restore part of a tree; PyTreeCheckpointHandler reads the
+    # same on-disk format and can.
+    with _open_for_restore(stage_dir, ocp.PyTreeCheckpointHandler()) as manager:
+        step = _resolve_step(manager, stage_dir, step)
+        _check_structure(manager, step, abstract_params, subtree=("params",))
+        args = ocp.args.Composite(**{
+            _STATE: ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True),
+            _CONFIG: ocp.args.JsonRestore()})
+        try:
+            restored = manager.restore(step, args=args)
+        except Exception as e:
+            raise _corrupt(manager, step, e) from e
+        return restored[_STATE]["params"], _config_of(manager, step, restored[_CONFIG])
+
+
+def restore_config(stage_dir: str | Path, step: int | None = None) -> Config:
+    """The config saved with checkpoint ``step`` (default: the latest), without any arrays.
+
+    Use it to rebuild the model whose shapes ``restore`` needs as its abstract target.
+    """
+    stage_dir = Path(stage_dir)
+    with _open_for_restore(stage_dir, ocp.StandardCheckpointHandler()) as manager:
+        step = _resolve_step(manager, stage_dir, step)
+        try:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))
+        except Exception as e:
+            raise _corrupt(manager, step, e) from e
+        return _config_of(manager, step, restored[_CONFIG])

@@ -1,0 +1,352 @@
+"""Frozen dataclass configs: the one source of truth for a run.
+
+A config is loaded from a YAML file plus ``key=value`` overrides (``sft.steps=200``). Unknown or
+misspelt keys and values of the wrong type are errors that name the key, so that a typo never
+silently falls back to a default. The resolved config is saved as JSON beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Backbone, compressor, MTP head and confidence head sizes (SPEC §3)."""
+
+    vocab_size: int = 272
+    d_model: int = 128
+    n_layers: int = 8
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    mlp_dim: int = 384
+    # One entry per backbone layer. Empty means all "full_attention"; a second layer type (linear
+    # attention) slots in here without restructuring the model.
+    layer_types: tuple[str, ...] = ()
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    # Longest token context (prompt + response) the decode caches are sized for.
+    max_context: int = 2048
+    compressor_type: Literal["linear", "mlp"] = "mlp"
+    compressor_init: Literal["identity", "random"] = "identity"
+    # How the MTP layer starts when a PIPO model is built from an AR checkpoint.
+    mtp_init: Literal["last_layer", "random"] = "last_layer"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    remat_policy: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "mlp_dim", "max_context"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
+                f"({self.n_kv_heads}) for grouped-query attention")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.max_context % 2:
+            raise ConfigError(f"model.max_context must be even (pairs), got {self.max_context}")
+        if self.layer_types:
+            if len(self.layer_types) != self.n_layers:
+                raise ConfigError(
+                    f"model.layer_types has {len(self.layer_types)} entries but model.n_layers is "
+                    f"{self.n_layers}; give one type per layer or leave it empty")
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                raise ConfigError(
+                    f"model.layer_types has unsupported types {unknown}; supported: {LAYER_TYPES}")
+
+    @property
+    def resolved_layer_types(self) -> tuple[str, ...]:
+        return self.layer_types or ("full_attention",) * self.n_layers
+
+
+LAYER_TYPES = ("full_attention",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The embedded arithmetic reasoning task (``pipo_jax.data``)."""
+
+    # Where TFDS writes the array_record files; relative paths are under the working directory.
+    data_dir: str = "runs/tfds"
+    seed: int = 0
+    num_train: int = 20000
+    num_test: int = 500
+    # Difficulty levels: the number of digits of the operands.
+    levels: tuple[int, ...] = (2, 3, 4)
+    # Training sequence length in tokens (prompt + response, after PAD insertion). Longer
+    # examples are truncated; their tail labels are dropped.
+    max_len: int = 320
+
+    def __post_init__(self) -> None:
+        if self.max_len <= 0 or self.max_len % 2:
+            raise ConfigError(f"data.max_len must be a positive even number, got {self.max_len}")
+        if self.num_train <= 0 or self.num_test <= 0:
+            raise ConfigError("data.num_train and data.num_test must be positive")
+        if not self.levels or any(level < 1 or level > 12 for level in self.levels):
+            raise ConfigError(f"data.levels must be digit counts in 1..12, got {self.levels}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training stage (``ar`` or ``sft``)."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_frac: float = 0.05
+    end_lr_frac: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 20
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    # SPEC §4 loss weights and PAD augmentation (ignored by the ``ar`` stage).
+    w_mtp: float = 1.0
+    w_conf: float = 1.0
+    pad_ratio_max: float = 0.25
+    # Tokens per chunk of the vocabulary cross-entropy (peak logits memory: chunk × V).
+    loss_chunk: int = 2048
+    detach_confidence_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ConfigError("train steps and batch_size must be positive")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ConfigError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if not 0.0 <= self.pad_ratio_max <= 1.0:
+            raise ConfigError(f"pad_ratio_max must be in [0, 1], got {self.pad_ratio_max}")
+        if self.loss_chunk <= 0 or self.log_every <= 0 or self.ckpt_every <= 0:
+            raise ConfigError("loss_chunk, log_every and ckpt_every must be positive")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Sampling and gating for ``decode.py`` and ``PipoRunner.generate`` (SPEC §6)."""
+
+    # Confidence threshold: < 0 commits every draft; >= 1 commits none and skips the MTP head.
+    threshold: float = 0.7
+    max_new_tokens: int = 384
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        validate_threshold(self.threshold)
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"decode.max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise ConfigError(f"decode.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"decode.top_k must be >= 0 (0 disables), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"decode.top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"decode.batch_size must be positive, got {self.batch_size}")
+
+
+def validate_threshold(threshold: float) -> None:
+    if not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
+        raise ConfigError(
+            f"threshold must be in [-1, 1] (-1 commits every draft, 1 commits none), got {threshold}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 means all remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/default"
+    stages: tuple[str, ...] = ("ar", "sft")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    ar: TrainConfig = TrainConfig()
+    sft: TrainConfig = TrainConfig()
+    decode: DecodeConfig = DecodeConfig()
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad or not self.stages:
+            raise ConfigError(f"stages must be a non-empty subset of {STAGES}, got {self.stages}")
+
+
+STAGES = ("ar", "sft")
+
+
+# --------------------------------------------------------------------------- (de)serialisation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp``; converts lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(prefix + k for k in unknown)}; valid keys here: "
+            f"{', '.join(prefix + n for n in sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Builds a validated ``Config`` from nested plain data (YAML / JSON)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
+    return _build(Config, raw)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return {f.name: (to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
+                     else plain(getattr(cfg, f.name)))
+            for f in dataclasses.fields(cfg)}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ``a.b=value`` overrides (values parsed as YAML) to nested plain data.
+
+    Each key must exist in the ``Config`` schema; setting the same key twice is an error.
+    """
+    raw = json.loads(json.dumps(raw))  # deep copy of plain data
+    seen: set[str] = set()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. sft.steps=100)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key in seen:
+            raise ConfigError(f"config key {key} is overridden twice")
+        seen.add(key)
+        parts = key.split(".")
+        cls: Any = Config
+        node = raw
+        for i, part in enumerate(parts):
+            names = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+            if part not in names:
+                where = ".".join(parts[:i]) or "the top level"
+                raise ConfigError(
+                    f"unknown config key {key}: {part!r} is not a field of {where}; valid: "
+                    f"{', '.join(sorted(names)) or '(none: it is a value)'}")
+            cls = typing.get_type_hints(cls)[part]
+            if i < len(parts) - 1:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"config key {'.'.join(parts[:i + 1])} is not a section")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse value {text!r}: {e}") from e
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads a YAML (or JSON) config file and applies ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    return from_dict(apply_overrides(raw, list(overrides)))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def config_from_json(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{p} is missing: not a pipo-jax run directory?") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p} is corrupt (invalid JSON: {e})") from e
+    return from_dict(raw)

@@ -1,0 +1,432 @@
+"""On-device decode for PIPO and the AR baseline (SPEC §6).
+
+Everything here is a pure function of (params, inputs). A request batch is left-padded (by an even
+number of tokens for PIPO, so pairs stay aligned), prefilled in one call, then decoded by one
+``lax.while_loop`` that exits early once every row is done; nothing returns to the host per token.
+
+Caches are explicit pytrees (``KVCache``) held in the loop carry and written in place with
+``dynamic_update_slice``: layers only *read* the cache and return the new key/value row.
+
+Shapes: ``B`` batch, ``P`` prompt tokens, ``L0 = P/2`` prompt latents, ``S`` cache slots, ``N``
+token budget (real, non-PAD tokens), ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from pipo_jax.config import ModelConfig
+from pipo_jax.layers import DecoderLayer, RMSNorm
+from pipo_jax.model import PipoLM
+from pipo_jax.pairs import parity_pad
+
+Array = jax.Array
+Params = dict[str, Any]
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be decoded (empty, or longer than the model's context)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Static sampling options (hashable: they select a compiled program)."""
+
+    temperature: float = 0.0  # 0 → greedy
+    top_k: int = 0  # 0 → off
+    top_p: float = 1.0  # 1 → off
+    presence_penalty: float = 0.0
+
+
+@struct.dataclass
+class KVCache:
+    """Backbone (and MTP layer) keys/values; ``valid`` marks slots a query may attend to."""
+
+    k: Array  # n_layers × B × S × K × D
+    v: Array
+    valid: Array  # B × S bool
+    index: Array  # int32 scalar: the next slot to write
+    mtp_k: Array | None = None  # B × S × K × D (PIPO only)
+    mtp_v: Array | None = None
+
+
+@struct.dataclass
+class DecodeState:
+    cache: KVCache
+    last: Array  # B × 2 (PIPO: the last emitted pair) or B × 1 (AR: the last token)
+    positions: Array  # B int32: RoPE position of the next latent/token
+    out: Array  # B × slots int32, PAD where nothing (or a rejected draft) was emitted
+    step: Array  # int32 scalar: decode steps done after prefill
+    done: Array  # B bool
+    n_tokens: Array  # B int32: real tokens emitted (EOS included, PAD excluded)
+    n_passes: Array  # B int32: backbone passes spent on this row (prefill included)
+    n_drafts: Array  # B int32: MTP drafts that were gated (PIPO)
+    n_commits: Array  # B int32: drafts committed
+    seen: Array  # B × V bool: tokens emitted so far (presence penalty)
+    keys: Array  # B PRNG keys, one per request
+
+
+# ----------------------------------------------------------------------------- host-side prompts
+
+
+def prepare_prompts(prompts: Sequence[Sequence[int]], pipo: bool, pad_id: int, bucket: int,
+                    max_new_tokens: int, max_context: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token prompts into one batch → (tokens B×P int32, valid B×P bool).
+
+    PIPO prompts are parity-padded first (one PAD appended to an odd prompt) and ``P`` is even,
+    so every row's pairs line up with latent slots. ``P`` is rounded up to ``bucket`` to limit
+    recompilation.
+    """
+    if not prompts:
+        raise PromptError("no prompts given")
+    rows = []
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise PromptError(f"prompt {i} is empty: give at least one token of text")
+        rows.append(parity_pad(p, pad_id) if pipo else list(p))
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens > max_context:
+        raise PromptError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"context of {max_context} tokens; shorten the prompt or lower max_new_tokens")
+    bucket = max(2, bucket + bucket % 2)
+    width = -(-longest // bucket) * bucket
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    valid = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r):] = r
+        valid[i, width - len(r):] = True
+    return tokens, valid
+
+
+def request_keys(seeds: Sequence[int]) -> Array:
+    """One PRNG key per request, so a request's samples do not depend on its batch-mates."""
+    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+
+def sample(logits_BxV: Array, keys_B: Array, seen_BxV: Array, sp: SamplingParams,
+           forbid: int | None) -> Array:
+    """Samples one token per row (greedy when ``temperature == 0``); ``forbid`` is never drawn."""
+    logits = logits_BxV.astype(jnp.float32)
+    if sp.presence_penalty:
+        logits = logits - sp.presence_penalty * seen_BxV.astype(jnp.float32)
+    if forbid is not None:
+        logits = logits.at[:, forbid].set(-jnp.inf)
+    if sp.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sp.temperature
+    if sp.top_k:
+        kth = jax.lax.top_k(logits, sp.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sp.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Smallest logit still inside the nucleus (the first token is always kept).
+        n_keep = jnp.maximum(jnp.sum(mass_before < sp.top_p, axis=-1, keepdims=True), 1)
+        cutoff = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.vmap(jax.random.categorical)(keys_B, logits).astype(jnp.int32)
+
+
+def _step_keys(keys_B: Array, step: Array, slot: int) -> Array:
+    return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, step), slot))(keys_B)
+
+
+# ------------------------------------------------------------------------------ model pieces
+
+
+def _apply(cfg: ModelConfig, params: Params, fn: Callable[..., Any], *args: Any,
+           pipo: bool = True) -> Any:
+    return PipoLM(cfg, pipo).apply({"params": params}, *args, method=fn)
+
+
+def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
+    return _apply(cfg, params, lambda m, t: m.embedder(t), tokens, pipo=False)
+
+
+def lm_logits(cfg: ModelConfig, params: Params, h: Array) -> Array:
+    return _apply(cfg, params, lambda m, x: m.logits(x), h, pipo=False)
+
+
+def _latent_positions(valid_BxL: Array) -> Array:
+    return jnp.maximum(jnp.cumsum(valid_BxL.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def _empty_cache(cfg: ModelConfig, batch: int, slots: int, pipo: bool, dtype: Any) -> KVCache:
+    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+    mtp = jnp.zeros(shape[1:], dtype) if pipo else None
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros((batch, slots), bool), index=jnp.int32(0), mtp_k=mtp,
+                   mtp_v=mtp)
+
+
+def prefill_backbone(cfg: ModelConfig, params: Params, inputs_BxLxH: Array, valid_BxL: Array,
+                     slots: int, pipo: bool) -> tuple[Array, KVCache, Array]:
+    """Runs the backbone over the whole prompt and fills its cache.
+
+    Returns hidden states B×L×H, the cache (``index = L``) and the next position per row (B).
+    """
+    b, length, _ = inputs_BxLxH.shape
+    positions = _latent_positions(valid_BxL)
+    h, (k, v) = _apply(cfg, params, lambda m, x, p, kv: m.backbone(x, p, kv), inputs_BxLxH,
+                       positions, valid_BxL, pipo=pipo)
+    cache = _empty_cache(cfg, b, slots, pipo, k.dtype)
+    cache = cache.replace(
+        k=jax.lax.dynamic_update_slice(cache.k, k, (0, 0, 0, 0, 0)),
+        v=jax.lax.dynamic_update_slice(cache.v, v, (0, 0, 0, 0, 0)),
+        valid=jax.lax.dynamic_update_slice(cache.valid, valid_BxL, (0, 0)),
+        index=jnp.int32(length))
+    return h, cache, positions[:, -1] + 1
+
+
+def prefill_mtp(cfg: ModelConfig, params: Params, cache: KVCache, h_BxLxH: Array,
+                tok1_BxL: Array, valid_BxL: Array) -> tuple[Array, Array, KVCache]:
+    """Runs the MTP layer over the prompt positions (teacher-forced ``tok1``) and fills its cache.
+
+    ``tok1[:, i]`` is the first token of pair ``i+1``: the known prompt token ``p_{2i+2}`` for
+    ``i < L0-1`` and the sampled ``token1`` at ``L0-1``. Returns the last position's MTP hidden
+    B×H, its confidence logit B and the cache.
+    """
+    positions = _latent_positions(valid_BxL)
+
+    def run(m: PipoLM, h: Array, t: Array, p: Array, kv: Array) -> tuple[Array, Any, Array]:
+        out, mtp_kv = m.mtp_head(h, m.embedder(t), p, kv)
+        return out, mtp_kv, m.confidence_head(h[:, -1], out[:, -1])
+
+    m_all, (k, v), conf = _apply(cfg, params, run, h_BxLxH, tok1_BxL, positions, valid_BxL)
+    cache = cache.replace(mtp_k=jax.lax.dynamic_update_slice(cache.mtp_k, k, (0, 0, 0, 0)),
+                          mtp_v=jax.lax.dynamic_update_slice(cache.mtp_v, v, (0, 0, 0, 0)))
+    return m_all[:, -1], conf, cache
+
+
+def backbone_step(cfg: ModelConfig, params: Params, cache: KVCache, x_Bx1xH: Array,
+                  positions_B: Array) -> tuple[Array, KVCache]:
+    """One backbone pass for one new latent (PIPO) or token (AR) → (h B×H, cache).
+
+    Layers run under ``lax.scan`` over the stacked parameters and the read-only cache; the new
+    key/value rows of all layers are written into the cache once, in place.
+    """
+    layer = DecoderLayer(cfg)
+
+    def body(x: Array, layer_in: tuple[Params, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
+        p_l, k_l, v_l = layer_in
+        return layer.apply({"params": p_l}, x, positions_B, k_l, v_l, cache.valid,
+                           method=DecoderLayer.decode)
+
+    x, (k_rows, v_rows) = jax.lax.scan(
+        body, x_Bx1xH, (params["backbone"]["layers"]["layer"], cache.k, cache.v))
+    h = RMSNorm(cfg.rms_eps).apply({"params": params["backbone"]["final_norm"]}, x)
+    idx = cache.index
+    cache = cache.replace(
+        k=jax.lax.dynamic_update_slice(cache.k, k_rows.astype(cache.k.dtype), (0, 0, idx, 0, 0)),
+        v=jax.lax.dynamic_update_slice(cache.v, v_rows.astype(cache.v.dtype), (0, 0, idx, 0, 0)))
+    return h[:, 0], cache
+
+
+def mtp_step(cfg: ModelConfig, params: Params, cache: KVCache, h_BxH: Array, token1_B: Array,
+             positions_B: Array) -> tuple[Array, Array, KVCache]:
+    """MTP head + confidence head at the current slot → (m B×H, conf logit B, cache)."""
+
+    def run(m: PipoLM, h: Array, t: Array) -> tuple[Array, Any, Array]:
+        out, kv = m.mtp_head.decode(h[:, None], m.embedder(t[:, None]), positions_B, cache.mtp_k,
+                                    cache.mtp_v, cache.valid)
+        return out[:, 0], kv, m.confidence_head(h, out[:, 0])
+
+    m_out, (k, v), conf = _apply(cfg, params, run, h_BxH, token1_B)
+    idx = cache.index
+    cache = cache.replace(
+        mtp_k=jax.lax.dynamic_update_slice(cache.mtp_k, k.astype(cache.mtp_k.dtype), (0, idx, 0, 0)),
+        mtp_v=jax.lax.dynamic_update_slice(cache.mtp_v, v.astype(cache.mtp_v.dtype), (0, idx, 0, 0)))
+    return m_out, conf, cache
+
+
+def advance(cache: KVCache, active_B: Array) -> KVCache:
+    """Marks the slot just written as attendable (for active rows) and moves to the next one."""
+    col = active_B[:, None]
+    return cache.replace(valid=jax.lax.dynamic_update_slice(cache.valid, col, (0, cache.index)),
+                         index=cache.index + 1)
+
+
+# ----------------------------------------------------------------------------- gating / emit
+
+
+def accept_pair(conf_B: Array, token2_B: Array, threshold: Array, pad_id: int) -> Array:
+    """Commits each row's draft when its confidence reaches the threshold, else PAD.
+
+    A ``lax.cond`` per sequence, vmapped over the batch (XLA turns it into a select). With
+    ``threshold < 0`` every draft is committed, since a confidence is never negative.
+    """
+
+    def one(c: Array, t: Array) -> Array:
+        return jax.lax.cond(c >= threshold, lambda: t, lambda: jnp.int32(pad_id))
+
+    return jax.vmap(one)(conf_B, token2_B)
+
+
+def _emit_pair(state: DecodeState, token1: Array, token2: Array, drafted: bool, slot: Array,
+               eos_id: int, pad_id: int, budget: int) -> DecodeState:
+    """Writes one step's (token1, token2-or-PAD) for the rows still running and updates counts."""
+    active = ~state.done
+    t1_eos = token1 == eos_id
+    n1 = state.n_tokens + active
+    # A draft exists only if token1 did not end the row and the budget has room for it.
+    draft_ok = active & ~t1_eos & (n1 < budget)
+    token2 = jnp.where(draft_ok, token2, pad_id)
+    committed = token2 != pad_id
+    token1 = jnp.where(active, token1, pad_id)
+    out = jax.lax.dynamic_update_slice(state.out, jnp.stack([token1, token2], axis=1), (0, slot))
+    n_tokens = n1 + committed
+    done = state.done | (active & (t1_eos | (committed & (token2 == eos_id))
+                                   | (n_tokens >= budget)))
+    b = jnp.arange(token1.shape[0])
+    seen = state.seen.at[b, token1].max(active).at[b, token2].max(committed)
+    return state.replace(
+        out=out, done=done, n_tokens=n_tokens, seen=seen,
+        n_drafts=state.n_drafts + (draft_ok if drafted else 0),
+        n_commits=state.n_commits + committed,
+        last=jnp.stack([token1, token2], axis=1))
+
+
+# ------------------------------------------------------------------------------- PIPO decode
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sp", "use_mtp", "budget", "pad_id",
+                                             "eos_id"))
+def pipo_prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array,
+                 threshold: Array, *, cfg: ModelConfig, sp: SamplingParams, use_mtp: bool,
+                 budget: int, pad_id: int, eos_id: int) -> DecodeState:
+    """Prefill: compress the prompt, fill backbone and MTP caches, emit the first pair.
+
+    Unlike the reference implementation (which always emits PAD here), the drafted ``token2``
+    of the prefill is emitted, subject to the same gating as every decode step.
+    """
+    b, p = prompt_BxP.shape
+    latent_valid = valid_BxP[:, 0::2]
+    latents = _apply(cfg, params, lambda m, t: m.compress(t), prompt_BxP)
+    slots = p // 2 + budget
+    h_all, cache, positions = prefill_backbone(cfg, params, latents, latent_valid, slots, True)
+    h_last = h_all[:, -1]
+    seen = jnp.zeros((b, cfg.vocab_size), bool)
+    step0 = jnp.int32(0)
+    token1 = sample(lm_logits(cfg, params, h_last), _step_keys(keys_B, step0, 0), seen, sp, pad_id)
+    token2 = jnp.full((b,), pad_id, jnp.int32)
+    if use_mtp:
+        tok1_seq = jnp.concatenate([prompt_BxP[:, 2::2], token1[:, None]], axis=1)
+        m_last, conf_logit, cache = prefill_mtp(cfg, params, cache, h_all, tok1_seq, latent_valid)
+        seen1 = seen.at[jnp.arange(b), token1].set(True)
+        draft = sample(lm_logits(cfg, params, m_last), _step_keys(keys_B, step0, 1), seen1, sp,
+                       None)
+        token2 = accept_pair(jax.nn.sigmoid(conf_logit), draft, threshold, pad_id)
+    state = DecodeState(
+        cache=cache, last=jnp.zeros((b, 2), jnp.int32), positions=positions,
+        out=jnp.full((b, 2 * budget), pad_id, jnp.int32), step=jnp.int32(0),
+        done=jnp.zeros((b,), bool), n_tokens=jnp.zeros((b,), jnp.int32),
+        n_passes=jnp.ones((b,), jnp.int32), n_drafts=jnp.zeros((b,), jnp.int32),
+        n_commits=jnp.zeros((b,), jnp.int32), seen=seen, keys=keys_B)
+    return _emit_pair(state, token1, token2, use_mtp, jnp.int32(0), eos_id, pad_id, budget)
+
+
+def pipo_step(params: Params, state: DecodeState, threshold: Array, *, cfg: ModelConfig,
+              sp: SamplingParams, use_mtp: bool, budget: int, pad_id: int,
+              eos_id: int) -> DecodeState:
+    """One decode step: one backbone pass emits one pair (SPEC §6)."""
+    active = ~state.done
+    step = state.step + 1
+    latent = _apply(cfg, params, lambda m, t: m.compress(t), state.last)
+    h, cache = backbone_step(cfg, params, state.cache, latent, state.positions)
+    token1 = sample(lm_logits(cfg, params, h), _step_keys(state.keys, step, 0), state.seen, sp,
+                    pad_id)
+    token2 = jnp.full_like(token1, pad_id)
+    if use_mtp:  # static: threshold >= 1 skips the MTP forward entirely
+        m, conf_logit, cache = mtp_step(cfg, params, cache, h, token1, state.positions)
+        seen1 = state.seen.at[jnp.arange(token1.shape[0]), token1].set(True)
+        draft = sample(lm_logits(cfg, params, m), _step_keys(state.keys, step, 1), seen1, sp,
+                       None)
+        token2 = accept_pair(jax.nn.sigmoid(conf_logit), draft, threshold, pad_id)
+    state = state.replace(cache=advance(cache, active), positions=state.positions + 1, step=step,
+                          n_passes=state.n_passes + active)
+    return _emit_pair(state, token1, token2, use_mtp, 2 * step, eos_id, pad_id, budget)
+
+
+def _loop(step_fn: Callable[[DecodeState], DecodeState], state: DecodeState,
+          max_steps: int) -> DecodeState:
+    return jax.lax.while_loop(lambda s: (s.step < max_steps) & ~jnp.all(s.done), step_fn, state)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sp", "use_mtp", "budget", "pad_id",
+                                             "eos_id"), donate_argnames=("state",))
+def pipo_decode_loop(params: Params, state: DecodeState, threshold: Array, *, cfg: ModelConfig,
+                     sp: SamplingParams, use_mtp: bool, budget: int, pad_id: int,
+                     eos_id: int) -> DecodeState:
+    """Decodes until every row is done or has spent its budget (at most ``budget - 1`` steps)."""
+    step_fn = functools.partial(pipo_step, params, threshold=threshold, cfg=cfg, sp=sp,
+                                use_mtp=use_mtp, budget=budget, pad_id=pad_id, eos_id=eos_id)
+    return _loop(step_fn, state, budget - 1)
+
+
+# --------------------------------------------------------------------------------- AR decode
+
+
+def _emit_token(state: DecodeState, token: Array, slot: Array, eos_id: int, pad_id: int,
+                budget: int) -> DecodeState:
+    active = ~state.done
+    token = jnp.where(active, token, pad_id)
+    out = jax.lax.dynamic_update_slice(state.out, token[:, None], (0, slot))
+    n_tokens = state.n_tokens + active
+    done = state.done | (active & ((token == eos_id) | (n_tokens >= budget)))
+    seen = state.seen.at[jnp.arange(token.shape[0]), token].max(active)
+    return state.replace(out=out, done=done, n_tokens=n_tokens, seen=seen, last=token[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sp", "budget", "pad_id", "eos_id"))
+def ar_prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array, *,
+               cfg: ModelConfig, sp: SamplingParams, budget: int, pad_id: int,
+               eos_id: int) -> DecodeState:
+    """AR prefill over all prompt tokens → state with the first sampled token."""
+    b, p = prompt_BxP.shape
+    x = embed(cfg, params, prompt_BxP)
+    h_all, cache, positions = prefill_backbone(cfg, params, x, valid_BxP, p + budget, False)
+    seen = jnp.zeros((b, cfg.vocab_size), bool)
+    token = sample(lm_logits(cfg, params, h_all[:, -1]), _step_keys(keys_B, jnp.int32(0), 0), seen,
+                   sp, pad_id)
+    zeros = jnp.zeros((b,), jnp.int32)
+    state = DecodeState(cache=cache, last=jnp.zeros((b, 1), jnp.int32), positions=positions,
+                        out=jnp.full((b, budget), pad_id, jnp.int32), step=jnp.int32(0),
+                        done=jnp.zeros((b,), bool), n_tokens=zeros, n_passes=zeros + 1,
+                        n_drafts=zeros, n_commits=zeros, seen=seen, keys=keys_B)
+    return _emit_token(state, token, jnp.int32(0), eos_id, pad_id, budget)
+
+
+def ar_step(params: Params, state: DecodeState, *, cfg: ModelConfig, sp: SamplingParams,
+            budget: int, pad_id: int, eos_id: int) -> DecodeState:
+    """One AR step: one backbone pass emits one token."""
+    active = ~state.done
+    step = state.step + 1
+    h, cache = backbone_step(cfg, params, state.cache, embed(cfg, params, state.last),
+                             state.positions)
+    token = sample(lm_logits(cfg, params, h), _step_keys(state.keys, step, 0), state.seen, sp,
+                   pad_id)
+    state = state.replace(cache=advance(cache, active), positions=state.positions + 1, step=step,
+                          n_passes=state.n_passes + active)
+    return _emit_token(state, token, step, eos_id, pad_id, budget)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sp", "budget", "pad_id", "eos_id"),
+                   donate_argnames=("state",))
+def ar_decode_loop(params: Params, state: DecodeState, *, cfg: ModelConfig, sp: SamplingParams,
+                   budget: int, pad_id: int, eos_id: int) -> DecodeState:
+    step_fn = functools.partial(ar_step, params, cfg=cfg, sp=sp, budget=budget, pad_id=pad_id,
+                                eos_id=eos_id)
+    return _loop(step_fn, state, budget - 1)

@@ -1,0 +1,227 @@
+"""PIPO model (SPEC §2–3) and its autoregressive baseline, as pure Linen modules.
+
+Shapes: ``T`` tokens, ``L = T/2`` latents (pairs), ``H`` hidden size, ``V`` vocabulary.
+
+Teacher-forced forward of PIPO on tokens ``t_0 … t_{T-1}``:
+* latent ``c_i = compressor(e(t_{2i}), e(t_{2i+1}))``; backbone ``h_i`` over ``c_0 … c_i`` at pair
+  positions ``0 … L-1``; ``lm_head(h_i)`` predicts ``t_{2i+2}``;
+* MTP ``m_i = mtp(h_0…h_i, e(t_2)…e(t_{2i+2}))`` (causal, own attention layer);
+  ``lm_head(m_i)`` predicts ``t_{2i+3}``;
+* confidence logit ``z_i = confidence_head(h_i, m_i)``.
+
+The AR baseline is the same ``Embedder`` + ``Backbone`` on tokens at token positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from pipo_jax.config import ModelConfig
+from pipo_jax.layers import Backbone, DecoderLayer, RMSNorm, dense_init, dtype_of
+
+Array = jax.Array
+
+
+class Embedder(nn.Module):
+    """Token embedding table, tied with the LM head."""
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std),
+                                                      ("vocab", "embed")),
+            (self.cfg.vocab_size, self.cfg.d_model), dtype_of(self.cfg.param_dtype))
+
+    def __call__(self, tokens: Array) -> Array:
+        """tokens ``[...]`` int → embeddings ``[..., H]`` in the compute dtype."""
+        return jnp.take(self.embedding, tokens, axis=0).astype(dtype_of(self.cfg.dtype))
+
+    def attend(self, h: Array) -> Array:
+        """hidden ``[..., H]`` → logits ``[..., V]`` in float32."""
+        return jnp.einsum("...h,vh->...v", h, self.embedding.astype(h.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def _identity_sum_kernel(h: int) -> nn.initializers.Initializer:
+    """``[2H, H]`` kernel ``[I; I]``: maps ``[a; b]`` to ``a + b``."""
+
+    def init(key: Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> Array:
+        del key
+        assert shape == (2 * h, h), shape
+        eye = jnp.eye(h, dtype=dtype)
+        return jnp.concatenate([eye, eye], axis=0)
+
+    return init
+
+
+def _identity_kernel(key: Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> Array:
+    del key
+    return jnp.eye(shape[0], shape[1], dtype=dtype)
+
+
+class Compressor(nn.Module):
+    """Folds a pair of token embeddings into one latent (SPEC §3).
+
+    * ``linear``: ``Dense(2H→H, bias)``; identity init gives exactly ``e_a + e_b``.
+    * ``mlp``: ``Dense(2H→2H, bias) → SiLU → Dense(2H→H, bias)``; identity init (first layer
+      ``I``, second ``[I; I]``, biases 0) gives exactly ``silu(e_a) + silu(e_b)``: SiLU sits between
+      the layers, so the start is the sum of the SiLU'd embeddings, not the plain sum.
+    * ``compressor_init: random`` uses the normal init for both (ablations).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, e_a_BxLxH: Array, e_b_BxLxH: Array) -> Array:
+        c = self.cfg
+        h = c.d_model
+        pdt, dt = dtype_of(c.param_dtype), dtype_of(c.dtype)
+        identity = c.compressor_init == "identity"
+        x = jnp.concatenate([e_a_BxLxH, e_b_BxLxH], axis=-1)
+        sum_init = _identity_sum_kernel(h) if identity else nn.initializers.normal(c.init_std)
+        bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+        if c.compressor_type == "mlp":
+            first_init = _identity_kernel if identity else nn.initializers.normal(c.init_std)
+            x = nn.Dense(2 * h, dtype=dt, param_dtype=pdt, name="fc1",
+                         kernel_init=nn.with_logical_partitioning(first_init, ("embed", "mlp")),
+                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+            x = nn.silu(x)
+            return nn.Dense(h, dtype=dt, param_dtype=pdt, name="fc2",
+                            kernel_init=nn.with_logical_partitioning(sum_init, ("mlp", "embed")),
+                            bias_init=bias_init)(x)
+        return nn.Dense(h, dtype=dt, param_dtype=pdt, name="fc",
+                        kernel_init=nn.with_logical_partitioning(sum_init, ("mlp", "embed")),
+                        bias_init=bias_init)(x)
+
+
+class MTPHead(nn.Module):
+    """``fc([RMSNorm_e(e(token1)); RMSNorm_h(h)])`` → one decoder layer → final RMSNorm."""
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        c = self.cfg
+        pdt = dtype_of(c.param_dtype)
+        self.norm_emb = RMSNorm(c.rms_eps, "embed", pdt)
+        self.norm_hidden = RMSNorm(c.rms_eps, "embed", pdt)
+        self.fc = nn.Dense(c.d_model, use_bias=False, dtype=dtype_of(c.dtype), param_dtype=pdt,
+                           kernel_init=dense_init(c, ("mlp", "embed")))
+        self.layer = DecoderLayer(c)
+        self.final_norm = RMSNorm(c.rms_eps, "embed", pdt)
+
+    def _input(self, h: Array, e_tok1: Array) -> Array:
+        return self.fc(jnp.concatenate([self.norm_emb(e_tok1), self.norm_hidden(h)], axis=-1))
+
+    def __call__(self, h_BxLxH: Array, e_tok1_BxLxH: Array, positions_BxL: Array,
+                 key_valid_BxL: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """Whole sequence → (m B×L×H post-norm, (k, v) B×L×K×D)."""
+        x, kv = self.layer(self._input(h_BxLxH, e_tok1_BxLxH), positions_BxL, key_valid_BxL)
+        return self.final_norm(x), kv
+
+    def decode(self, h_Bx1xH: Array, e_tok1_Bx1xH: Array, positions_B: Array, k_cache: Array,
+               v_cache: Array, cache_valid_BxS: Array) -> tuple[Array, tuple[Array, Array]]:
+        """One position against the MTP layer's own cache → (m B×1×H, (k, v) B×1×K×D)."""
+        x, kv = self.layer.decode(self._input(h_Bx1xH, e_tok1_Bx1xH), positions_B, k_cache,
+                                  v_cache, cache_valid_BxS)
+        return self.final_norm(x), kv
+
+
+class ConfidenceHead(nn.Module):
+    """``RMSNorm(2H) → Dense(2H→H) → SiLU → Dense(H→1)`` on ``[h; m]`` → a logit."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h: Array, m: Array) -> Array:
+        """``h, m [..., H]`` → logits ``[...]`` (float32)."""
+        c = self.cfg
+        pdt, dt = dtype_of(c.param_dtype), dtype_of(c.dtype)
+        x = RMSNorm(c.rms_eps, "mlp", pdt, name="norm")(jnp.concatenate([h, m], axis=-1))
+        x = nn.Dense(c.d_model, use_bias=False, dtype=dt, param_dtype=pdt, name="fc1",
+                     kernel_init=dense_init(c, ("mlp", "embed")))(x)
+        x = nn.Dense(1, use_bias=False, dtype=dt, param_dtype=pdt, name="fc2",
+                     kernel_init=dense_init(c, ("embed", "unmodeled")))(nn.silu(x))
+        return x[..., 0].astype(jnp.float32)
+
+
+class PipoLM(nn.Module):
+    """PIPO (``pipo=True``) or the AR baseline (``pipo=False``) on the same backbone.
+
+    ``__call__`` is the teacher-forced training forward. Decode uses the submodules through
+    ``pipo_jax.decoding`` (``model.apply(..., method=...)`` and per-layer applies).
+    """
+
+    cfg: ModelConfig
+    pipo: bool = True
+
+    def setup(self) -> None:
+        self.embedder = Embedder(self.cfg)
+        self.backbone = Backbone(self.cfg)
+        if self.pipo:
+            self.compressor = Compressor(self.cfg)
+            self.mtp_head = MTPHead(self.cfg)
+            self.confidence_head = ConfidenceHead(self.cfg)
+
+    def compress(self, tokens_BxT: Array) -> Array:
+        """Pairs of tokens → latents ``B×T/2×H``."""
+        e = self.embedder(tokens_BxT)
+        return self.compressor(e[:, 0::2], e[:, 1::2])
+
+    def __call__(self, tokens_BxT: Array, detach_confidence_inputs: bool = True) -> dict[str, Array]:
+        """Teacher-forced forward.
+
+        PIPO returns ``h`` B×(L-1)×H (predicting ``t_{2i+2}``), ``m`` B×(L-1)×H (predicting
+        ``t_{2i+3}``) and ``conf_logits`` B×(L-1). The AR model returns ``h`` B×(T-1)×H
+        (predicting ``t_{j+1}``). The last latent/token has no target and is dropped.
+        """
+        b, t = tokens_BxT.shape
+        if not self.pipo:
+            positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+            h, _ = self.backbone(self.embedder(tokens_BxT), positions)
+            return {"h": h[:, :-1]}
+        if t % 2:
+            raise ValueError(f"PIPO sequences must have even length, got {t}")
+        n_latents = t // 2
+        positions = jnp.broadcast_to(jnp.arange(n_latents)[None], (b, n_latents))
+        h, _ = self.backbone(self.compress(tokens_BxT), positions)
+        h = h[:, :-1]
+        tok1 = tokens_BxT[:, 2::2]  # the known first token of the next pair
+        m, _ = self.mtp_head(h, self.embedder(tok1), positions[:, :-1])
+        h_c, m_c = (jax.lax.stop_gradient(h), jax.lax.stop_gradient(m)) \
+            if detach_confidence_inputs else (h, m)
+        return {"h": h, "m": m, "conf_logits": self.confidence_head(h_c, m_c)}
+
+    def logits(self, h: Array) -> Array:
+        return self.embedder.attend(h)
+
+
+def init_params(cfg: ModelConfig, pipo: bool, rng: Array) -> dict:
+    """Boxed (logically partitioned) parameters; ``nn.unbox`` them for use."""
+    model = PipoLM(cfg, pipo)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    return model.init(rng, tokens)["params"]
+
+
+def pipo_from_ar(cfg: ModelConfig, ar_params: dict, rng: Array) -> dict:
+    """Builds PIPO parameters from an AR checkpoint (the ``sft`` stage's start).
+
+    Embedder and backbone are copied; the compressor gets its configured init (identity-sum by
+    default); the MTP layer starts as a copy of the last backbone layer and its final norm as the
+    backbone's final norm when ``mtp_init == "last_layer"``, with its fc set to the identity-sum
+    ``[I; I]`` so the layer first sees ``norm(e(token1)) + norm(h)``; the confidence head is fresh.
+    """
+    fresh = nn.unbox(init_params(cfg, True, rng))
+    params = dict(fresh)
+    params["embedder"] = ar_params["embedder"]
+    params["backbone"] = ar_params["backbone"]
+    if cfg.mtp_init == "last_layer":
+        mtp = dict(fresh["mtp_head"])
+        mtp["layer"] = jax.tree.map(lambda x: x[-1], ar_params["backbone"]["layers"]["layer"])
+        mtp["final_norm"] = ar_params["backbone"]["final_norm"]
+        kernel = mtp["fc"]["kernel"]
+        mtp["fc"] = {"kernel": _identity_sum_kernel(cfg.d_model)(rng, kernel.shape, kernel.dtype)}
+        params["mtp_head"] = mtp
+    return params

@@ -1,0 +1,273 @@
+"""Tests for pipo_jax.checkpoint: round trips, pruning, error messages and crash safety."""
+
+from __future__ import annotations
+
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pipo_jax import checkpoint as ck
+from pipo_jax.config import Config, config_from_json, from_dict
+
+# A restore that fails inside orbax leaves tensorstore callbacks that fire after orbax closed its
+# event loop; Python reports them as "unraisable" at some later garbage collection. They are
+# harmless (the failure itself is raised as CheckpointError) and not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARDING = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def make_state(seed: int = 0, d: int = 64) -> dict:
+    """A train-state-like pytree: params, Adam state (namedtuples, EmptyState) and a step.
+
+    64x64 float32 arrays (16 KiB) are larger than OCDBT's inline limit, so their bytes live in
+    separate data files that the corruption tests can damage.
+    """
+    key = jax.random.key(seed)
+    params = {"dense": {"kernel": jax.random.normal(key, (d, d)),
+                        "bias": jnp.full((d,), float(seed), jnp.bfloat16)},
+              "embed": jax.random.normal(jax.random.fold_in(key, 1), (16, d))}
+    opt_state = optax.adamw(1e-3).init(params)
+    return {"params": params, "opt_state": opt_state, "step": jnp.asarray(seed, jnp.int32)}
+
+
+def abstract_of(state: dict) -> dict:
+    return ck.abstract_target(jax.eval_shape(lambda: state), SHARDING)
+
+
+def small_config(steps: int = 7) -> Config:
+    return from_dict({"sft": {"steps": steps}, "run_dir": "runs/test"})
+
+
+def save_steps(stage_dir: Path, steps: list[int], keep: int = 5) -> dict[int, dict]:
+    states = {s: make_state(s) for s in steps}
+    with ck.open_manager(stage_dir, keep=keep) as manager:
+        for s in steps:
+            assert ck.save(manager, s, states[s], small_config(s))
+    return states
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_save_restore_roundtrip_and_config_json(tmp_path):
+    stage = tmp_path / "run" / "sft"
+    states = save_steps(stage, [1, 2])
+    restored, cfg = ck.restore(stage, abstract_of(states[2]))
+    chex.assert_trees_all_equal(restored, states[2])
+    assert int(restored["step"]) == 2
+    assert restored["params"]["dense"]["bias"].dtype == jnp.bfloat16
+    assert all(leaf.sharding == SHARDING for leaf in jax.tree.leaves(restored))
+    assert cfg == small_config(2)
+    # config.json beside the checkpoints is the one of the latest save, and no tmp is left.
+    assert config_from_json(stage / ck.CONFIG_FILE) == small_config(2)
+    assert sorted(p.name for p in stage.iterdir()) == [ck.CHECKPOINT_SUBDIR, ck.CONFIG_FILE]
+    assert ck.restore_config(stage, step=1) == small_config(1)
+
+
+def test_keep_n_prunes_oldest(tmp_path):
+    save_steps(tmp_path, [10, 20, 30, 40], keep=2)
+    assert ck.all_steps(tmp_path) == [30, 40]
+    assert ck.latest_step(tmp_path) == 40
+
+
+def test_restore_explicit_step_and_unknown_step(tmp_path):
+    states = save_steps(tmp_path, [1, 2, 3])
+    restored, cfg = ck.restore(tmp_path, abstract_of(states[1]), step=2)
+    chex.assert_trees_all_equal(restored, states[2])
+    assert cfg.sft.steps == 2
+    with pytest.raises(ck.CheckpointError, match=r"no checkpoint for step=5.*\[1, 2, 3\]"):
+        ck.restore(tmp_path, abstract_of(states[1]), step=5)
+
+
+def test_restore_params_only(tmp_path):
+    states = save_steps(tmp_path, [4])
+    params, cfg = ck.restore_params(tmp_path, abstract_of(states[4])["params"])
+    chex.assert_trees_all_equal(params, states[4]["params"])
+    assert cfg == small_config(4)
+
+
+def test_restore_casts_to_target_dtype(tmp_path):
+    states = save_steps(tmp_path, [1])
+    target = abstract_of(states[1])
+    kernel = target["params"]["dense"]["kernel"]
+    target["params"]["dense"]["kernel"] = jax.ShapeDtypeStruct(kernel.shape, jnp.bfloat16,
+                                                               sharding=SHARDING)
+    restored, _ = ck.restore(tmp_path, target)
+    assert restored["params"]["dense"]["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(restored["params"]["dense"]["kernel"], np.float32),
+        np.asarray(states[1]["params"]["dense"]["kernel"]), rtol=1e-2)
+
+
+def test_save_every_force_and_existing_step(tmp_path):
+    state = make_state()
+    with ck.open_manager(tmp_path, keep=3, save_every=10) as manager:
+        assert not ck.save(manager, 5, state, small_config())
+        assert ck.save(manager, 10, state, small_config(), wait=True)
+        assert ck.save(manager, 13, state, small_config(), force=True, wait=True)
+        # Re-saving a committed step (a run resumed exactly there) is a no-op, not an error.
+        assert not ck.save(manager, 13, state, small_config(), force=True)
+    assert ck.all_steps(tmp_path) == [10, 13]
+
+
+def test_open_manager_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="keep"):
+        ck.open_manager(tmp_path, keep=0)
+    with pytest.raises(ValueError, match="save_every"):
+        ck.open_manager(tmp_path, keep=1, save_every=0)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_run_directory(tmp_path):
+    missing = tmp_path / "nope" / "sft"
+    assert ck.latest_step(missing) is None
+    with pytest.raises(ck.CheckpointError, match=r"no such run directory.*python train\.py"):
+        ck.restore(missing, abstract_of(make_state()))
+
+
+@pytest.mark.parametrize("with_subdir", [False, True])
+def test_empty_run_directory(tmp_path, with_subdir):
+    if with_subdir:
+        (tmp_path / ck.CHECKPOINT_SUBDIR).mkdir()
+    assert ck.latest_step(tmp_path) is None
+    with pytest.raises(ck.CheckpointError, match=r"python train\.py"):
+        ck.restore(tmp_path, abstract_of(make_state()))
+    with pytest.raises(ck.CheckpointError, match=r"python train\.py"):
+        ck.restore_config(tmp_path)
+
+
+def _data_files(step_dir: Path) -> list[Path]:
+    return [p for p in (step_dir / "state").rglob("*")
+            if p.is_file() and p.parent.name == "d"]
+
+
+def _truncate_data(step_dir: Path) -> None:
+    for p in _data_files(step_dir):
+        p.write_bytes(p.read_bytes()[:64])
+
+
+def _delete_data(step_dir: Path) -> None:
+    for p in _data_files(step_dir):
+        p.unlink()
+
+
+def _garbage_metadata(step_dir: Path) -> None:
+    (step_dir / "state" / "_METADATA").write_text("{not json")
+
+
+def _garbage_config(step_dir: Path) -> None:
+    (step_dir / "config" / "metadata").write_text("{not json")
+
+
+@pytest.mark.parametrize("damage", [_truncate_data, _delete_data, _garbage_metadata,
+                                    _garbage_config])
+def test_corrupt_checkpoint_names_step_and_fallback(tmp_path, damage):
+    states = save_steps(tmp_path, [1, 2])
+    step_dir = tmp_path / ck.CHECKPOINT_SUBDIR / "2"
+    assert _data_files(step_dir), "expected out-of-line array data files"
+    damage(step_dir)
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.restore(tmp_path, abstract_of(states[2]))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "step 2" in message and "corrupt" in message
+    assert str(step_dir) in message and "fall back to step 1" in message and "step=" in message
+    # The earlier checkpoint is still usable, as the message promises.
+    restored, _ = ck.restore(tmp_path, abstract_of(states[1]), step=1)
+    chex.assert_trees_all_equal(restored, states[1])
+
+
+def test_structure_mismatch_is_reported_as_config_change(tmp_path):
+    save_steps(tmp_path, [1])
+    with pytest.raises(ck.CheckpointError, match=r"different model.*shape mismatch.*kernel"):
+        ck.restore(tmp_path, abstract_of(make_state(d=32)))
+    extra = make_state()
+    extra["params"]["head"] = jnp.zeros((3,))
+    extra["opt_state"] = optax.adamw(1e-3).init(extra["params"])
+    with pytest.raises(ck.CheckpointError, match=r"different model.*not in checkpoint.*head"):
+        ck.restore(tmp_path, abstract_of(extra))
+    with pytest.raises(ck.CheckpointError, match=r"different model.*shape mismatch"):
+        ck.restore_params(tmp_path, abstract_of(make_state(d=32))["params"])
+
+
+def test_abstract_target_must_carry_shardings(tmp_path):
+    save_steps(tmp_path, [1])
+    with pytest.raises(TypeError, match="abstract_target"):
+        ck.restore(tmp_path, jax.eval_shape(make_state))
+
+
+# --------------------------------------------------------------------------- crash safety
+
+# The child starts a save of step 2 and blocks at a chosen point inside orbax's save, so the
+# parent's SIGKILL is guaranteed to land mid-save rather than racing the write.
+_CHILD = """
+import asyncio, sys
+import jax
+jax.config.update("jax_platforms", "cpu")
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path import atomicity
+from pipo_jax import checkpoint as ck
+from pipo_jax.config import Config
+
+stage, hang_in = sys.argv[1], sys.argv[2]
+
+async def hang(*args, **kwargs):
+    print("HANGING", flush=True)
+    await asyncio.sleep(3600)
+
+if hang_in == "commit":  # every file written, only the rename to the final name is missing
+    atomicity.AtomicRenameTemporaryPath.finalize = hang
+else:  # tmp directory created, array data not yet written
+    ocp.StandardCheckpointHandler.async_save = hang
+manager = ck.open_manager(stage, keep=3)
+ck.save(manager, 2, {"w": jnp.full((256, 256), 2.0)}, Config(), wait=True)
+print("SAVE FINISHED", flush=True)
+"""
+
+
+@pytest.mark.parametrize("hang_in", ["commit", "write"])
+def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, hang_in):
+    stage = tmp_path / "sft"
+    target = ck.abstract_target(jax.ShapeDtypeStruct((256, 256), jnp.float32), SHARDING)
+    with ck.open_manager(stage, keep=3) as manager:
+        ck.save(manager, 1, {"w": jnp.full((256, 256), 1.0)}, Config())
+
+    with open(tmp_path / "child.log", "w") as log:
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(stage), hang_in], cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            ready, _, _ = select.select([child.stdout], [], [], 120)
+            line = child.stdout.readline() if ready else ""
+            assert line.strip() == "HANGING", (tmp_path / "child.log").read_text()[-3000:]
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            child.stdout.close()
+
+    ckpt_root = stage / ck.CHECKPOINT_SUBDIR
+    leftovers = [p.name for p in ckpt_root.iterdir() if "tmp" in p.name]
+    assert leftovers, sorted(p.name for p in ckpt_root.iterdir())
+    assert ck.latest_step(stage) == 1
+    restored, _ = ck.restore(stage, {"w": target})
+    np.testing.assert_array_equal(restored["w"], 1.0)
+
+    # Training resumes: the next manager clears the leftover and saving step 2 again works.
+    with ck.open_manager(stage, keep=3) as manager:
+        assert ck.save(manager, 2, {"w": jnp.full((256, 256), 3.0)}, Config())
+    assert sorted(p.name for p in ckpt_root.iterdir()) == ["1", "2"]
+    restored, _ = ck.restore(stage, {"w": target})
+    np.testing.assert_array_equal(restored["w"], 3.0)

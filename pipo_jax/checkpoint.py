@@ -189,12 +189,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, cfg: Config,
          force: bool = False, wait: bool = False) -> bool:
     """Saves ``state`` and ``cfg`` as checkpoint ``step``; returns whether a save was started.
 
-    Skipped (returns False) when ``step`` is not a multiple of the manager's ``save_every`` (unless
-    ``force``) or when a checkpoint of ``step`` already exists: a run resumed from ``step`` has
-    exactly that state, and orbax refuses to overwrite a committed step.
+    Skipped (returns False) unless ``force`` when ``step`` is not a multiple of the manager's
+    ``save_every`` or not newer than the latest checkpoint, and always when a checkpoint of
+    ``step`` already exists: a run resumed from ``step`` has exactly that state, and orbax
+    refuses to overwrite a committed step.
 
     The save is asynchronous; pass ``wait=True`` (or close the manager) to block until it is
-    committed. ``config.json`` in the stage directory is rewritten on every save.
+    committed. ``config.json`` in the stage directory is rewritten by every save that starts.
     """
     if step in manager.all_steps():
         return False

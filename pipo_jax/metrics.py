@@ -10,6 +10,11 @@ tensorflow``) from the package ``__init__``, and its other event-file writer,
 request upstream (google/CommonLoopUtils PR #358, "lazy import tensorflow"). Neither framework is
 otherwise needed here.
 
+Events go through tensorboardX's synchronous ``EventsWriter`` rather than its ``SummaryWriter``:
+the latter hands events to a background thread through a queue, and its ``flush()`` does not
+drain that queue, so recent points could be missing after ``flush()`` or lost in a crash. A few
+scalars every ``log_every`` steps cost nothing to write synchronously.
+
 Only one process should write metrics; in a multi-host run, construct the writer on process 0.
 """
 
@@ -17,13 +22,17 @@ from __future__ import annotations
 
 import json
 import math
+import time
+import uuid
 import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import summary as tb_summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2, summary_pb2
 
 JSONL_FILE = "metrics.jsonl"
 
@@ -49,13 +58,12 @@ class MetricWriter:
     from the resumed run.
     """
 
-    def __init__(self, log_dir: str | Path, prefix: str = "", flush_secs: int = 30) -> None:
-        """Opens the writers.
+    def __init__(self, log_dir: str | Path, prefix: str = "") -> None:
+        """Opens the writers; every write is flushed to disk before it returns.
 
         Args:
           log_dir: directory for ``metrics.jsonl`` and the event files (created if missing).
           prefix: TensorBoard tag prefix, usually the stage name (``"sft"``).
-          flush_secs: how often tensorboardX flushes event files in the background.
         """
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -63,12 +71,18 @@ class MetricWriter:
         self._prefix = prefix.rstrip("/")
         # A process killed mid-write can leave a final line without its newline; start on a
         # fresh line so the first new record is not glued to that fragment.
-        needs_newline = (self.jsonl_path.exists() and self.jsonl_path.stat().st_size > 0
-                         and not self.jsonl_path.read_bytes().endswith(b"\n"))
+        needs_newline = False
+        if self.jsonl_path.exists() and self.jsonl_path.stat().st_size > 0:
+            with self.jsonl_path.open("rb") as f:
+                f.seek(-1, 2)
+                needs_newline = f.read(1) != b"\n"
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
         if needs_newline:
             self._jsonl.write("\n")
-        self._tb = SummaryWriter(logdir=str(self.log_dir), flush_secs=flush_secs)
+        # Event file names only carry the time in whole seconds; the suffix keeps a writer
+        # reopened within the same second (a quick resume) from truncating the previous file.
+        self._tb = EventsWriter(str(self.log_dir / "events"),
+                                filename_suffix=f".{uuid.uuid4().hex[:8]}")
         self._closed = False
 
     def _tag(self, name: str) -> str:
@@ -87,20 +101,26 @@ class MetricWriter:
         values = {name: _to_float(name, value) for name, value in scalars.items()}
         record: dict[str, Any] = {"step": step}
         record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
-        # Flushing each line keeps the JSONL complete up to the last logged step after a crash;
-        # it is written only every log_every steps, so the cost is negligible.
+        # Flushing each record keeps both logs complete up to the last logged step after a
+        # crash; they are written only every log_every steps, so the cost is negligible.
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
-        for name, value in values.items():
-            self._tb.add_scalar(self._tag(name), value, global_step=step)
+        self._write_event(step, [v for name, value in values.items()
+                                 for v in tb_summary.scalar(self._tag(name), value).value])
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         """Logs a text sample (e.g. a decoded generation) to TensorBoard only."""
         self._check_open()
-        self._tb.add_text(self._tag(tag), text, global_step=int(step))
+        self._write_event(int(step), list(tb_summary.text(self._tag(tag), text).value))
+
+    def _write_event(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
+        event = event_pb2.Event(wall_time=time.time(), step=step,
+                                summary=summary_pb2.Summary(value=values))
+        self._tb.write_event(event)
+        self._tb.flush()
 
     def flush(self) -> None:
-        """Forces both the JSONL file and the event files to disk."""
+        """Flushes both files (each write already does; kept for the writer protocol)."""
         self._check_open()
         self._jsonl.flush()
         self._tb.flush()

@@ -203,6 +203,15 @@ def test_structure_mismatch_is_reported_as_config_change(tmp_path):
         ck.restore_params(tmp_path, abstract_of(make_state(d=32))["params"])
 
 
+def test_saved_config_that_no_longer_validates(tmp_path):
+    states = save_steps(tmp_path, [1])
+    (tmp_path / ck.CHECKPOINT_SUBDIR / "1" / "config" / "metadata").write_text('{"bogus": 1}')
+    with pytest.raises(ck.CheckpointError, match=r"config saved with checkpoint step 1.*bogus"):
+        ck.restore(tmp_path, abstract_of(states[1]))
+    with pytest.raises(ck.CheckpointError, match=r"does not fit"):
+        ck.restore_config(tmp_path)
+
+
 def test_abstract_target_must_carry_shardings(tmp_path):
     save_steps(tmp_path, [1])
     with pytest.raises(TypeError, match="abstract_target"):
@@ -215,6 +224,7 @@ def test_abstract_target_must_carry_shardings(tmp_path):
 # parent's SIGKILL is guaranteed to land mid-save rather than racing the write.
 _CHILD = """
 import asyncio, sys
+from pathlib import Path
 import jax
 jax.config.update("jax_platforms", "cpu")
 import jax.numpy as jnp
@@ -226,6 +236,13 @@ from pipo_jax.config import Config
 stage, hang_in = sys.argv[1], sys.argv[2]
 
 async def hang(*args, **kwargs):
+    # Orbax may create the tmp step directory concurrently with the item writes; wait for it
+    # (yielding to the event loop) so the kill always lands with the directory on disk.
+    root = Path(stage) / "checkpoints"
+    for _ in range(1000):
+        if any("tmp" in p.name for p in root.iterdir()):
+            break
+        await asyncio.sleep(0.01)
     print("HANGING", flush=True)
     await asyncio.sleep(3600)
 

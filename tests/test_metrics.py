@@ -67,8 +67,7 @@ def test_text_and_unprefixed_tags(tmp_path):
     with MetricWriter(tmp_path) as writer:
         writer.write_scalars(1, {"loss": 1.0})
         writer.write_text(1, "sample", "12+34=<think>46")
-        writer.flush()
-        # flush() makes everything readable while the writer is still open.
+        # Every write is on disk at once, while the writer is still open.
         assert scalar_events(tmp_path) == {"loss": [(1, 1.0)]}
     tags = {v.tag for e in read_events(tmp_path) for v in e.summary.value}
     assert any(tag.startswith("sample") for tag in tags), tags
@@ -84,6 +83,9 @@ def test_reopen_appends_and_survives_torn_line(tmp_path):
     with pytest.warns(UserWarning, match="unparsable"):
         records = read_jsonl(tmp_path)
     assert records == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    # Each writer gets its own event file, even when reopened within the same second.
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    assert sorted(scalar_events(tmp_path)["loss"]) == [(1, 1.0), (2, 0.5)]
 
 
 def test_rejects_misuse(tmp_path):
@@ -92,7 +94,10 @@ def test_rejects_misuse(tmp_path):
         writer.write_scalars(0, {"step": 1.0})
     with pytest.raises(ValueError, match="scalar"):
         writer.write_scalars(0, {"loss": np.ones(2)})
+    writer.flush()
     writer.close()
     writer.close()
     with pytest.raises(RuntimeError, match="closed"):
         writer.write_scalars(1, {"loss": 1.0})
+    # The rejected writes left no partial record behind.
+    assert read_jsonl(tmp_path) == []

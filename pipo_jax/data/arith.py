@@ -26,7 +26,7 @@ import re
 
 import numpy as np
 
-SYSTEM_PROMPT = "Solve step by step. Put the answer in \\boxed{}."
+SYSTEM_PROMPT = "Solve step by step."
 
 SPLITS = ("train", "test")
 # One operand pair in TEST_ONE_IN goes to the test split; the rest are training problems.

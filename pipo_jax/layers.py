@@ -98,15 +98,19 @@ class Attention(nn.Module):
                  key_valid_BxL: Array | None) -> tuple[Array, tuple[Array, Array]]:
         """Causal self-attention over a whole sequence → (out B×L×H, (k, v) B×L×K×D)."""
         q, k, v = self._qkv(x_BxLxH, positions_BxL)
-        qg = self._grouped(q) * (self.cfg.head_dim ** -0.5)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+        groups = self.cfg.n_heads // self.cfg.n_kv_heads
+        # Head-major 4-D matmuls: on CPU they run several times faster than a grouped 5-D einsum.
+        q_t = (q * (self.cfg.head_dim ** -0.5)).transpose(0, 2, 1, 3)  # B x N x L x D
+        k_t = jnp.repeat(k, groups, axis=2).transpose(0, 2, 3, 1)  # B x N x D x L
+        v_t = jnp.repeat(v, groups, axis=2).transpose(0, 2, 1, 3)  # B x N x L x D
+        scores = jnp.matmul(q_t, k_t, preferred_element_type=jnp.float32)  # B x N x L x L
         length = x_BxLxH.shape[1]
         allowed = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
         if key_valid_BxL is not None:
             allowed = allowed & key_valid_BxL[:, None, :]
-        scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
+        scores = jnp.where(allowed[:, None], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(q.shape)
+        out = jnp.matmul(probs, v_t).transpose(0, 2, 1, 3)  # B x L x N x D
         return self.o_proj(out), (k, v)
 
     def decode(self, x_Bx1xH: Array, positions_B: Array, k_cache_BxSxKxD: Array,

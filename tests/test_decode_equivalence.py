@@ -2,7 +2,10 @@
 
 Checked in float32 for the backbone, MTP and confidence logits (PIPO, pairs with and without PAD)
 and for the AR baseline, on a randomly initialised micro model with every PIPO module non-trivial.
+Every step function is jitted once per module (eager flax applies are very slow on CPU).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +22,43 @@ CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2
                   mlp_dim=64, max_context=64, compressor_init="random", init_std=0.2)
 
 
-def _perturb(params, key):
-    """Random norm scales too, so that no module is the identity by accident."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in
-                                     zip(leaves, keys)])
+def _random_params(pipo, seed):
+    """Random parameters of the shapes ``init_params`` gives, built in numpy (no XLA compile).
+
+    Same distribution as ``init_std=0.2`` normal init perturbed by ``0.1 · N(0, 1)``: kernels and
+    embeddings ``N(0, 0.2²) + 0.1·N``, norm scales ``1 + 0.1·N``, biases ``0.1·N`` (random norm
+    scales too, so that no module is the identity by accident).
+    """
+    shapes = jax.eval_shape(lambda k: nn.unbox(init_params(CFG, pipo, k)), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = jax.tree_util.keystr(path[-1:])
+        base = {"['scale']": 1.0, "['bias']": 0.0}.get(name)
+        x = rng.normal(size=s.shape) * 0.1
+        x = x + (base if base is not None else rng.normal(size=s.shape) * CFG.init_std)
+        return jnp.asarray(x, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 @pytest.fixture(scope="module")
 def params():
-    return {pipo: _perturb(nn.unbox(init_params(CFG, pipo, jax.random.key(0))), jax.random.key(1))
+    return {pipo: _random_params(pipo, seed) for seed, pipo in enumerate((True, False))}
+
+
+# Jitted step functions (one compilation per shape for the whole module).
+_forward = {pipo: jax.jit(lambda p, t, pipo=pipo: PipoLM(CFG, pipo).apply({"params": p}, t))
             for pipo in (True, False)}
+_logits = jax.jit(functools.partial(dec.lm_logits, CFG))
+_embed = jax.jit(functools.partial(dec.embed, CFG))
+_compress = jax.jit(lambda p, x: dec._apply(CFG, p, lambda m, y: m.compress(y), x))
+_prefill_backbone = jax.jit(functools.partial(dec.prefill_backbone, CFG),
+                            static_argnames=("slots", "pipo"))
+_prefill_mtp = jax.jit(functools.partial(dec.prefill_mtp, CFG))
+_backbone_step = jax.jit(functools.partial(dec.backbone_step, CFG))
+_mtp_step = jax.jit(functools.partial(dec.mtp_step, CFG))
+_advance = jax.jit(dec.advance)
 
 
 def _tokens(with_pad: bool, left_pad: int = 0):
@@ -46,34 +74,33 @@ def _tokens(with_pad: bool, left_pad: int = 0):
 def test_pipo_forced_decode_matches_teacher_forced(params, with_pad, left_pad):
     p = params[True]
     t = _tokens(with_pad)
-    model = PipoLM(CFG, True)
-    ref = model.apply({"params": p}, jnp.asarray(t)[None])
-    ref_bb = np.asarray(model.apply({"params": p}, ref["h"], method=PipoLM.logits))[0]
-    ref_mtp = np.asarray(model.apply({"params": p}, ref["m"], method=PipoLM.logits))[0]
+    ref = _forward[True](p, jnp.asarray(t)[None])
+    ref_bb = np.asarray(_logits(p, ref["h"]))[0]
+    ref_mtp = np.asarray(_logits(p, ref["m"]))[0]
     ref_conf = np.asarray(ref["conf_logits"])[0]
 
     prompt_len = 8  # 4 prompt latents; the rest is decoded pair by pair with forced tokens
     prompt = np.concatenate([np.full(left_pad, PAD, np.int32), t[:prompt_len]])[None]
     valid = np.concatenate([np.zeros(left_pad, bool), np.ones(prompt_len, bool)])[None]
-    latents = dec._apply(CFG, p, lambda m, x: m.compress(x), jnp.asarray(prompt))
+    latents = _compress(p, jnp.asarray(prompt))
     lv = jnp.asarray(valid[:, 0::2])
-    h_all, cache, pos = dec.prefill_backbone(CFG, p, latents, lv, 32, True)
+    h_all, cache, pos = _prefill_backbone(p, latents, lv, slots=32, pipo=True)
     l0 = prompt_len // 2
     tok1_seq = jnp.concatenate([prompt[:, 2::2], t[None, prompt_len:prompt_len + 1]], axis=1)
-    m_last, conf, cache = dec.prefill_mtp(CFG, p, cache, h_all, tok1_seq, lv)
+    m_last, conf, cache = _prefill_mtp(p, cache, h_all, tok1_seq, lv)
     tol = dict(rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dec.lm_logits(CFG, p, h_all[0, left_pad // 2:]), ref_bb[:l0], **tol)
-    np.testing.assert_allclose(dec.lm_logits(CFG, p, m_last)[0], ref_mtp[l0 - 1], **tol)
+    np.testing.assert_allclose(_logits(p, h_all[0, left_pad // 2:]), ref_bb[:l0], **tol)
+    np.testing.assert_allclose(_logits(p, m_last)[0], ref_mtp[l0 - 1], **tol)
     np.testing.assert_allclose(conf[0], ref_conf[l0 - 1], **tol)
     for i in range(l0, len(t) // 2 - 1):
         pair = jnp.asarray(t[None, 2 * i: 2 * i + 2])
-        latent = dec._apply(CFG, p, lambda m, x: m.compress(x), pair)
-        h, cache = dec.backbone_step(CFG, p, cache, latent, pos)
-        m, conf, cache = dec.mtp_step(CFG, p, cache, h, jnp.asarray(t[None, 2 * i + 2]), pos)
-        cache = dec.advance(cache, jnp.ones((1,), bool))
+        latent = _compress(p, pair)
+        h, cache = _backbone_step(p, cache, latent, pos)
+        m, conf, cache = _mtp_step(p, cache, h, jnp.asarray(t[None, 2 * i + 2]), pos)
+        cache = _advance(cache, jnp.ones((1,), bool))
         pos = pos + 1
-        np.testing.assert_allclose(dec.lm_logits(CFG, p, h)[0], ref_bb[i], **tol)
-        np.testing.assert_allclose(dec.lm_logits(CFG, p, m)[0], ref_mtp[i], **tol)
+        np.testing.assert_allclose(_logits(p, h)[0], ref_bb[i], **tol)
+        np.testing.assert_allclose(_logits(p, m)[0], ref_mtp[i], **tol)
         np.testing.assert_allclose(conf[0], ref_conf[i], **tol)
 
 
@@ -81,19 +108,16 @@ def test_pipo_forced_decode_matches_teacher_forced(params, with_pad, left_pad):
 def test_ar_forced_decode_matches_teacher_forced(params, left_pad):
     p = params[False]
     t = _tokens(False)
-    model = PipoLM(CFG, False)
-    ref = np.asarray(model.apply({"params": p}, model.apply({"params": p}, jnp.asarray(t)[None])["h"],
-                                 method=PipoLM.logits))[0]
+    ref = np.asarray(_logits(p, _forward[False](p, jnp.asarray(t)[None])["h"]))[0]
     prompt_len = 5
     prompt = np.concatenate([np.full(left_pad, PAD, np.int32), t[:prompt_len]])[None]
     valid = np.concatenate([np.zeros(left_pad, bool), np.ones(prompt_len, bool)])[None]
-    x = dec.embed(CFG, p, jnp.asarray(prompt))
-    h_all, cache, pos = dec.prefill_backbone(CFG, p, x, jnp.asarray(valid), 40, False)
+    x = _embed(p, jnp.asarray(prompt))
+    h_all, cache, pos = _prefill_backbone(p, x, jnp.asarray(valid), slots=40, pipo=False)
     tol = dict(rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dec.lm_logits(CFG, p, h_all[0, left_pad:]), ref[:prompt_len], **tol)
+    np.testing.assert_allclose(_logits(p, h_all[0, left_pad:]), ref[:prompt_len], **tol)
     for j in range(prompt_len, len(t) - 1):
-        h, cache = dec.backbone_step(CFG, p, cache, dec.embed(CFG, p, jnp.asarray(t[None, j:j + 1])),
-                                     pos)
-        cache = dec.advance(cache, jnp.ones((1,), bool))
+        h, cache = _backbone_step(p, cache, _embed(p, jnp.asarray(t[None, j:j + 1])), pos)
+        cache = _advance(cache, jnp.ones((1,), bool))
         pos = pos + 1
-        np.testing.assert_allclose(dec.lm_logits(CFG, p, h)[0], ref[j], **tol)
+        np.testing.assert_allclose(_logits(p, h)[0], ref[j], **tol)

@@ -1,0 +1,36 @@
+"""Helpers shared by the benchmarks: output files and plain-text tables."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import jax
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict[str, Any]:
+    return {"jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "machine": platform.machine(),
+            "python": platform.python_version()}
+
+
+def _cell(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """Formats ``rows`` with ``columns`` = [(key, format spec)] as a fixed-width table."""
+    head = "".join(f"{k:>18}" for k, _ in columns)
+    body = ["".join(f"{_cell(r.get(k), f):>18}" for k, f in columns) for r in rows]
+    return "\n".join([head, *body])
+
+
+def write(name: str, payload: dict[str, Any], out: str | None) -> Path:
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    return path

@@ -1,0 +1,201 @@
+"""Notebook / library API: ``pipo_jax.load(run_dir)`` → a ``PipoRunner`` that generates text.
+
+    runner = pipo_jax.load("runs/default")
+    outs = runner.generate(["What is 123 + 989?"], threshold=0.7)
+    outs[0].text, outs[0].stats        # stats: tokens, backbone passes, commit rate, …
+
+``generate(..., model="ar")`` runs the autoregressive baseline of the same run (same backbone,
+one token per pass), so every speed claim is a ratio measured on the same machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from pipo_jax import checkpoint as ckpt
+from pipo_jax import decoding as dec
+from pipo_jax.config import Config, DecodeConfig, validate_threshold
+from pipo_jax.data.arith import SYSTEM_PROMPT
+from pipo_jax.model import init_params
+from pipo_jax.tokenizer import ByteTokenizer, Tokenizer
+
+Prompt = str | Sequence[dict[str, str]] | Sequence[int]
+PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this many tokens (fewer compiles)
+
+
+@dataclasses.dataclass
+class Generation:
+    """One request's output: ``text`` (PAD and EOS removed), its ``tokens`` and ``stats``."""
+
+    text: str
+    tokens: list[int]
+    stats: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock seconds of one batch: ``prefill`` (first token) and ``decode`` (the rest)."""
+
+    prefill: float
+    decode: float
+
+
+def _abstract_params(cfg: Config, pipo: bool) -> Any:
+    shapes = nn.unbox(jax.eval_shape(lambda: init_params(cfg.model, pipo, jax.random.key(0))))
+    return ckpt.abstract_target(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def load_params(stage_dir: str | Path, pipo: bool, step: int | None = None) -> tuple[Any, Config]:
+    """Parameters (and the config saved with them) of one training stage."""
+    cfg = ckpt.restore_config(stage_dir, step)
+    return ckpt.restore_params(stage_dir, _abstract_params(cfg, pipo), step)
+
+
+class PipoRunner:
+    """A trained run: config, PIPO parameters, the AR baseline's parameters and the tokenizer."""
+
+    def __init__(self, config: Config, params: Any, ar_params: Any | None,
+                 tokenizer: Tokenizer | None = None, system_prompt: str = SYSTEM_PROMPT) -> None:
+        self.config = config
+        self.params = params
+        self.ar_params = ar_params
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.system_prompt = system_prompt
+
+    # -------------------------------------------------------------------------------- prompts
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """A user message (str), a chat (list of messages) or token ids → prompt ids.
+
+        Text and chats get the chat template, the run's system prompt (when the chat has none)
+        and the ``<think>\\n`` prefix that opens the reasoning, as in training.
+        """
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise dec.PromptError("empty prompt: give a question to answer")
+            messages = [{"role": "user", "content": prompt}]
+        elif len(prompt) and all(isinstance(m, dict) for m in prompt):
+            messages = list(prompt)  # type: ignore[arg-type]
+        else:
+            ids = [int(i) for i in prompt]  # type: ignore[union-attr]
+            if not ids:
+                raise dec.PromptError("empty prompt: give at least one token")
+            return ids
+        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return tok.chat_prompt(messages) + tok.think_prefix()
+
+    # ----------------------------------------------------------------------------- generation
+
+    def _options(self, overrides: dict[str, Any]) -> DecodeConfig:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(DecodeConfig)}
+        if unknown:
+            raise TypeError(f"unknown generate() option(s) {sorted(unknown)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self.config.decode, **given)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], *, model: str = "pipo",
+                 seeds: Sequence[int] | None = None, return_timing: bool = False,
+                 **options: Any) -> list[Generation] | tuple[list[Generation], list[Timing]]:
+        """Generates a response for each prompt.
+
+        Args:
+          prompts: one prompt or a list (see ``encode_prompt``).
+          model: ``"pipo"`` or ``"ar"`` (the autoregressive baseline).
+          seeds: one sampling seed per prompt (default ``decode.seed + i``): a request's
+            samples depend only on its own seed.
+          return_timing: also return per-batch ``Timing``.
+          **options: any ``DecodeConfig`` field (threshold, max_new_tokens, temperature, top_k,
+            top_p, presence_penalty, batch_size), overriding the run's ``decode`` config.
+        """
+        if model not in ("pipo", "ar"):
+            raise ValueError(f"model must be 'pipo' or 'ar', got {model!r}")
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], dict)):
+            prompts = [prompts]  # type: ignore[list-item]
+        opts = self._options(options)
+        validate_threshold(opts.threshold)
+        ids = [self.encode_prompt(p) for p in prompts]  # type: ignore[arg-type]
+        seeds = list(seeds) if seeds is not None else [opts.seed + i for i in range(len(ids))]
+        if len(seeds) != len(ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(ids)} prompts")
+        pipo = model == "pipo"
+        if not pipo and self.ar_params is None:
+            raise ValueError("this run has no AR baseline (no <run_dir>/ar checkpoint)")
+        outs: list[Generation] = []
+        timings: list[Timing] = []
+        for start in range(0, len(ids), opts.batch_size):
+            batch = ids[start:start + opts.batch_size]
+            gens, timing = self._generate_batch(batch, seeds[start:start + opts.batch_size], opts,
+                                                pipo)
+            outs.extend(gens)
+            timings.append(timing)
+        return (outs, timings) if return_timing else outs
+
+    def _generate_batch(self, ids: list[list[int]], seeds: list[int], opts: DecodeConfig,
+                        pipo: bool) -> tuple[list[Generation], Timing]:
+        tok, cfg = self.tokenizer, self.config
+        tokens, valid = dec.prepare_prompts(ids, pipo, tok.pad_id, PROMPT_BUCKET,
+                                            opts.max_new_tokens, cfg.model.max_context)
+        sp = dec.SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.presence_penalty)
+        keys = dec.request_keys(seeds)
+        static = dict(cfg=cfg.model, sp=sp, budget=opts.max_new_tokens, pad_id=tok.pad_id,
+                      eos_id=tok.eos_id)
+        t0 = time.perf_counter()
+        if pipo:
+            thr = np.float32(opts.threshold)
+            use_mtp = opts.threshold < 1.0
+            state = dec.pipo_prefill(self.params, tokens, valid, keys, thr, use_mtp=use_mtp,
+                                     **static)
+            jax.block_until_ready(state.out)
+            t1 = time.perf_counter()
+            state = dec.pipo_decode_loop(self.params, state, thr, use_mtp=use_mtp, **static)
+        else:
+            state = dec.ar_prefill(self.ar_params, tokens, valid, keys, **static)
+            jax.block_until_ready(state.out)
+            t1 = time.perf_counter()
+            state = dec.ar_decode_loop(self.ar_params, state, **static)
+        host = jax.device_get({k: getattr(state, k) for k in
+                               ("out", "n_tokens", "n_passes", "n_drafts", "n_commits", "done")})
+        t2 = time.perf_counter()
+        gens = []
+        for i in range(len(ids)):
+            emitted = [int(t) for t in host["out"][i] if t != tok.pad_id]
+            finished = tok.eos_id in emitted
+            text_ids = emitted[:emitted.index(tok.eos_id)] if finished else emitted
+            n_tokens, passes = int(host["n_tokens"][i]), int(host["n_passes"][i])
+            drafts, commits = int(host["n_drafts"][i]), int(host["n_commits"][i])
+            gens.append(Generation(
+                text=tok.decode(text_ids), tokens=text_ids,
+                stats={"tokens": n_tokens, "backbone_passes": passes, "drafts": drafts,
+                       "commits": commits,
+                       "commit_rate": commits / drafts if drafts else 0.0,
+                       "tokens_per_pass": n_tokens / max(passes, 1), "finished": finished,
+                       "prompt_tokens": len(ids[i])}))
+        return gens, Timing(prefill=t1 - t0, decode=t2 - t1)
+
+
+def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | None = None,
+         system_prompt: str = SYSTEM_PROMPT) -> PipoRunner:
+    """Loads a run directory written by ``train.py``: PIPO from ``sft/``, AR from ``ar/``.
+
+    Raises ``CheckpointError`` with what to do when the directory or its checkpoints are missing
+    or corrupt. ``step`` selects a PIPO checkpoint (default: the latest).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ckpt.CheckpointError(
+            f"{run_dir} does not exist: train a run first with `python train.py run_dir={run_dir}`")
+    params, cfg = load_params(run_dir / "sft", True, step)
+    ar_params = None
+    if ckpt.latest_step(run_dir / "ar") is not None:
+        ar_params, _ = load_params(run_dir / "ar", False)
+    return PipoRunner(cfg, params, ar_params, tokenizer, system_prompt)

@@ -1,0 +1,25 @@
+"""Shared command-line plumbing: bad input becomes a one-line error and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from pipo_jax.checkpoint import CheckpointError
+from pipo_jax.config import ConfigError
+from pipo_jax.decoding import PromptError
+from pipo_jax.trainer import TrainingError
+
+USER_ERRORS = (ConfigError, CheckpointError, TrainingError, PromptError)
+
+
+def run_main(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
+    """Runs ``main``; a user error prints ``error: <message>`` on stderr and exits with 2."""
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last committed checkpoint is intact", file=sys.stderr)
+        return 130

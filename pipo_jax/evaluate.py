@@ -1,0 +1,133 @@
+"""Evaluation of PIPO against its AR baseline on the embedded task's test split.
+
+Both models answer the same prompts with the same sampling settings and the same budget of
+real (non-PAD) tokens. Accuracy is pass@1 (mean over samples) and pass@k with the unbiased
+estimator; speed is time to first token (TTFT) and time per output token (TPOT), measured at
+batch 1 after a warm-up call so that compilation is not timed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pipo_jax.api import PipoRunner
+from pipo_jax.data.arith import to_messages, verify
+
+MODELS = ("pipo", "ar")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples with ``c`` correct (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _accuracy(runner: PipoRunner, examples: Sequence[dict], model: str, samples: int,
+              options: dict[str, Any], progress: bool) -> dict[str, Any]:
+    prompts = [to_messages(ex) for ex in examples for _ in range(samples)]
+    seeds = [options.get("seed", 0) + 1000 * i + s for i in range(len(examples))
+             for s in range(samples)]
+    bs = options.get("batch_size") or runner.config.decode.batch_size
+    outs = []
+    chunks = range(0, len(prompts), bs)
+    for start in tqdm(chunks, desc=f"{model} accuracy", disable=not progress, unit="batch"):
+        outs.extend(runner.generate(prompts[start:start + bs], model=model,
+                                    seeds=seeds[start:start + bs], **options))
+    correct = [verify(o.text, ex["answer"]) for o, ex in
+               zip(outs, [ex for ex in examples for _ in range(samples)], strict=True)]
+    per_q = [sum(correct[i * samples:(i + 1) * samples]) for i in range(len(examples))]
+    tokens = sum(o.stats["tokens"] for o in outs)
+    passes = sum(o.stats["backbone_passes"] for o in outs)
+    drafts = sum(o.stats["drafts"] for o in outs)
+    commits = sum(o.stats["commits"] for o in outs)
+    return {
+        "pass@1": statistics.fmean(c / samples for c in per_q),
+        f"pass@{samples}": statistics.fmean(pass_at_k(samples, c, samples) for c in per_q),
+        "mean_tokens": tokens / len(outs),
+        "tokens_per_pass": tokens / max(passes, 1),
+        "commit_rate": commits / drafts if drafts else 0.0,
+        "finished_rate": statistics.fmean(o.stats["finished"] for o in outs),
+        "samples": [{"question": examples[i // samples]["question"], "text": o.text,
+                     "correct": correct[i], **o.stats} for i, o in enumerate(outs)],
+    }
+
+
+def _timing(runner: PipoRunner, examples: Sequence[dict], model: str, options: dict[str, Any],
+            progress: bool) -> dict[str, float]:
+    """TTFT and TPOT at batch 1 (median over problems), after one untimed warm-up."""
+    opts = dict(options, batch_size=1)
+    runner.generate(to_messages(examples[0]), model=model, **opts)  # compile
+    ttft, tpot = [], []
+    for ex in tqdm(examples, desc=f"{model} timing", disable=not progress, unit="prompt"):
+        (gen,), (t,) = runner.generate(to_messages(ex), model=model, return_timing=True, **opts)
+        ttft.append(t.prefill)
+        if gen.stats["tokens"] > 1:
+            tpot.append(t.decode / (gen.stats["tokens"] - 1))
+    return {"ttft_ms": 1e3 * statistics.median(ttft),
+            "tpot_ms": 1e3 * statistics.median(tpot) if tpot else float("nan")}
+
+
+def evaluate(runner: PipoRunner, examples: Sequence[dict], *, samples: int = 1,
+             timing_problems: int = 8, models: Sequence[str] = MODELS, progress: bool = True,
+             **options: Any) -> dict[str, Any]:
+    """Accuracy and speed of each model on ``examples``, plus PIPO/AR ratios.
+
+    ``options`` are ``DecodeConfig`` fields (threshold, temperature, top_k, top_p,
+    presence_penalty, max_new_tokens, batch_size, seed).
+    """
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    result: dict[str, Any] = {"num_problems": len(examples), "samples": samples,
+                              "options": {k: v for k, v in options.items() if v is not None}}
+    for model in models:
+        res = _accuracy(runner, examples, model, samples, options, progress)
+        if timing_problems > 0:
+            res.update(_timing(runner, examples[:timing_problems], model, options, progress))
+        result[model] = res
+    if "pipo" in result and "ar" in result and timing_problems > 0:
+        p, a = result["pipo"], result["ar"]
+        result["ratios"] = {"tpot_speedup": a["tpot_ms"] / p["tpot_ms"],
+                            "ttft_speedup": a["ttft_ms"] / p["ttft_ms"],
+                            "pass@1_diff_points": 100 * (p["pass@1"] - a["pass@1"])}
+    return result
+
+
+ROWS = (("pass@1", "{:.3f}"), ("pass@k", "{:.3f}"), ("commit_rate", "{:.3f}"),
+        ("tokens_per_pass", "{:.2f}"), ("mean_tokens", "{:.1f}"), ("ttft_ms", "{:.2f}"),
+        ("tpot_ms", "{:.3f}"))
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of ``evaluate``'s result (PIPO, AR and PIPO/AR)."""
+    k = result["samples"]
+    models = [m for m in MODELS if m in result]
+    lines = [f"{'metric':<18}" + "".join(f"{m.upper():>12}" for m in models)
+             + (f"{'PIPO/AR':>12}" if len(models) == 2 else "")]
+    for name, fmt in ROWS:
+        key = f"pass@{k}" if name == "pass@k" else name
+        if (name == "pass@k" and k == 1) or not all(key in result[m] for m in models):
+            continue
+        vals = [result[m][key] for m in models]
+        row = f"{key:<18}" + "".join(f"{fmt.format(v):>12}" for v in vals)
+        if len(models) == 2:
+            if name in ("ttft_ms", "tpot_ms"):
+                row += f"{vals[1] / vals[0]:>11.2f}x"  # speed-up: AR time / PIPO time
+            elif name == "tokens_per_pass":
+                row += f"{vals[0] / vals[1]:>11.2f}x"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")

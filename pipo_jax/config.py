@@ -46,7 +46,8 @@ class ModelConfig:
     mtp_init: Literal["last_layer", "random"] = "last_layer"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
-    remat_policy: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    remat_policy: Literal["none", "full", "dots_saveable",
+                          "dots_with_no_batch_dims_saveable"] = "none"
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -175,7 +176,8 @@ class DecodeConfig:
 def validate_threshold(threshold: float) -> None:
     if not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
         raise ConfigError(
-            f"threshold must be in [-1, 1] (-1 commits every draft, 1 commits none), got {threshold}")
+            "threshold must be in [-1, 1] (-1 commits every draft, 1 commits none), "
+            f"got {threshold}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +217,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Checks ``value`` against the annotation ``tp``; converts lists to tuples and ints to floats."""
+    """Checks ``value`` against the annotation ``tp``; lists become tuples, ints floats."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -304,7 +306,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         cls: Any = Config
         node = raw
         for i, part in enumerate(parts):
-            names = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+            names = ({f.name: f for f in dataclasses.fields(cls)}
+                     if dataclasses.is_dataclass(cls) else {})
             if part not in names:
                 where = ".".join(parts[:i]) or "the top level"
                 raise ConfigError(

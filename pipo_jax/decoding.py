@@ -116,8 +116,12 @@ def request_keys(seeds: Sequence[int]) -> Array:
 
 
 def sample(logits_BxV: Array, keys_B: Array, seen_BxV: Array, sp: SamplingParams,
-           forbid: int | None) -> Array:
-    """Samples one token per row (greedy when ``temperature == 0``); ``forbid`` is never drawn."""
+           forbid: int | None, step: Array | int = 0, slot: int = 0) -> Array:
+    """Samples one token per row (greedy when ``temperature == 0``); ``forbid`` is never drawn.
+
+    Row ``b`` draws with ``fold_in(fold_in(keys_B[b], step), slot)``, so a request's samples
+    depend only on its own key and position in the output.
+    """
     logits = logits_BxV.astype(jnp.float32)
     if sp.presence_penalty:
         logits = logits - sp.presence_penalty * seen_BxV.astype(jnp.float32)
@@ -137,11 +141,15 @@ def sample(logits_BxV: Array, keys_B: Array, seen_BxV: Array, sp: SamplingParams
         n_keep = jnp.maximum(jnp.sum(mass_before < sp.top_p, axis=-1, keepdims=True), 1)
         cutoff = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.vmap(jax.random.categorical)(keys_B, logits).astype(jnp.int32)
+    keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, step), slot))(keys_B)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
-def _step_keys(keys_B: Array, step: Array, slot: int) -> Array:
-    return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, step), slot))(keys_B)
+def _mark_seen(seen_BxV: Array, tokens_B: Array, mask_B: Array, sp: SamplingParams) -> Array:
+    """Records emitted tokens for the presence penalty (skipped when it is off)."""
+    if not sp.presence_penalty:
+        return seen_BxV
+    return seen_BxV.at[jnp.arange(tokens_B.shape[0]), tokens_B].max(mask_B)
 
 
 # ------------------------------------------------------------------------------ model pieces
@@ -246,9 +254,10 @@ def mtp_step(cfg: ModelConfig, params: Params, cache: KVCache, h_BxH: Array, tok
 
     m_out, (k, v), conf = _apply(cfg, params, run, h_BxH, token1_B)
     idx = cache.index
+    dt = cache.mtp_k.dtype
     cache = cache.replace(
-        mtp_k=jax.lax.dynamic_update_slice(cache.mtp_k, k.astype(cache.mtp_k.dtype), (0, idx, 0, 0)),
-        mtp_v=jax.lax.dynamic_update_slice(cache.mtp_v, v.astype(cache.mtp_v.dtype), (0, idx, 0, 0)))
+        mtp_k=jax.lax.dynamic_update_slice(cache.mtp_k, k.astype(dt), (0, idx, 0, 0)),
+        mtp_v=jax.lax.dynamic_update_slice(cache.mtp_v, v.astype(dt), (0, idx, 0, 0)))
     return m_out, conf, cache
 
 
@@ -276,7 +285,7 @@ def accept_pair(conf_B: Array, token2_B: Array, threshold: Array, pad_id: int) -
 
 
 def _emit_pair(state: DecodeState, token1: Array, token2: Array, drafted: bool, slot: Array,
-               eos_id: int, pad_id: int, budget: int) -> DecodeState:
+               eos_id: int, pad_id: int, budget: int, sp: SamplingParams) -> DecodeState:
     """Writes one step's (token1, token2-or-PAD) for the rows still running and updates counts."""
     active = ~state.done
     t1_eos = token1 == eos_id
@@ -290,8 +299,7 @@ def _emit_pair(state: DecodeState, token1: Array, token2: Array, drafted: bool, 
     n_tokens = n1 + committed
     done = state.done | (active & (t1_eos | (committed & (token2 == eos_id))
                                    | (n_tokens >= budget)))
-    b = jnp.arange(token1.shape[0])
-    seen = state.seen.at[b, token1].max(active).at[b, token2].max(committed)
+    seen = _mark_seen(_mark_seen(state.seen, token1, active, sp), token2, committed, sp)
     return state.replace(
         out=out, done=done, n_tokens=n_tokens, seen=seen,
         n_drafts=state.n_drafts + (draft_ok if drafted else 0),
@@ -320,14 +328,13 @@ def pipo_prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Ar
     h_last = h_all[:, -1]
     seen = jnp.zeros((b, cfg.vocab_size), bool)
     step0 = jnp.int32(0)
-    token1 = sample(lm_logits(cfg, params, h_last), _step_keys(keys_B, step0, 0), seen, sp, pad_id)
+    token1 = sample(lm_logits(cfg, params, h_last), keys_B, seen, sp, pad_id, step0, 0)
     token2 = jnp.full((b,), pad_id, jnp.int32)
     if use_mtp:
         tok1_seq = jnp.concatenate([prompt_BxP[:, 2::2], token1[:, None]], axis=1)
         m_last, conf_logit, cache = prefill_mtp(cfg, params, cache, h_all, tok1_seq, latent_valid)
-        seen1 = seen.at[jnp.arange(b), token1].set(True)
-        draft = sample(lm_logits(cfg, params, m_last), _step_keys(keys_B, step0, 1), seen1, sp,
-                       None)
+        seen1 = _mark_seen(seen, token1, jnp.ones((b,), bool), sp)
+        draft = sample(lm_logits(cfg, params, m_last), keys_B, seen1, sp, None, step0, 1)
         token2 = accept_pair(jax.nn.sigmoid(conf_logit), draft, threshold, pad_id)
     state = DecodeState(
         cache=cache, last=jnp.zeros((b, 2), jnp.int32), positions=positions,
@@ -335,7 +342,8 @@ def pipo_prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Ar
         done=jnp.zeros((b,), bool), n_tokens=jnp.zeros((b,), jnp.int32),
         n_passes=jnp.ones((b,), jnp.int32), n_drafts=jnp.zeros((b,), jnp.int32),
         n_commits=jnp.zeros((b,), jnp.int32), seen=seen, keys=keys_B)
-    return _emit_pair(state, token1, token2, use_mtp, jnp.int32(0), eos_id, pad_id, budget)
+    return _emit_pair(state, token1, token2, use_mtp, jnp.int32(0), eos_id, pad_id, budget,
+                      sp)
 
 
 def pipo_step(params: Params, state: DecodeState, threshold: Array, *, cfg: ModelConfig,
@@ -346,18 +354,16 @@ def pipo_step(params: Params, state: DecodeState, threshold: Array, *, cfg: Mode
     step = state.step + 1
     latent = _apply(cfg, params, lambda m, t: m.compress(t), state.last)
     h, cache = backbone_step(cfg, params, state.cache, latent, state.positions)
-    token1 = sample(lm_logits(cfg, params, h), _step_keys(state.keys, step, 0), state.seen, sp,
-                    pad_id)
+    token1 = sample(lm_logits(cfg, params, h), state.keys, state.seen, sp, pad_id, step, 0)
     token2 = jnp.full_like(token1, pad_id)
     if use_mtp:  # static: threshold >= 1 skips the MTP forward entirely
         m, conf_logit, cache = mtp_step(cfg, params, cache, h, token1, state.positions)
-        seen1 = state.seen.at[jnp.arange(token1.shape[0]), token1].set(True)
-        draft = sample(lm_logits(cfg, params, m), _step_keys(state.keys, step, 1), seen1, sp,
-                       None)
+        seen1 = _mark_seen(state.seen, token1, ~state.done, sp)
+        draft = sample(lm_logits(cfg, params, m), state.keys, seen1, sp, None, step, 1)
         token2 = accept_pair(jax.nn.sigmoid(conf_logit), draft, threshold, pad_id)
     state = state.replace(cache=advance(cache, active), positions=state.positions + 1, step=step,
                           n_passes=state.n_passes + active)
-    return _emit_pair(state, token1, token2, use_mtp, 2 * step, eos_id, pad_id, budget)
+    return _emit_pair(state, token1, token2, use_mtp, 2 * step, eos_id, pad_id, budget, sp)
 
 
 def _loop(step_fn: Callable[[DecodeState], DecodeState], state: DecodeState,
@@ -380,13 +386,13 @@ def pipo_decode_loop(params: Params, state: DecodeState, threshold: Array, *, cf
 
 
 def _emit_token(state: DecodeState, token: Array, slot: Array, eos_id: int, pad_id: int,
-                budget: int) -> DecodeState:
+                budget: int, sp: SamplingParams) -> DecodeState:
     active = ~state.done
     token = jnp.where(active, token, pad_id)
     out = jax.lax.dynamic_update_slice(state.out, token[:, None], (0, slot))
     n_tokens = state.n_tokens + active
     done = state.done | (active & ((token == eos_id) | (n_tokens >= budget)))
-    seen = state.seen.at[jnp.arange(token.shape[0]), token].max(active)
+    seen = _mark_seen(state.seen, token, active, sp)
     return state.replace(out=out, done=done, n_tokens=n_tokens, seen=seen, last=token[:, None])
 
 
@@ -399,14 +405,13 @@ def ar_prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Arra
     x = embed(cfg, params, prompt_BxP)
     h_all, cache, positions = prefill_backbone(cfg, params, x, valid_BxP, p + budget, False)
     seen = jnp.zeros((b, cfg.vocab_size), bool)
-    token = sample(lm_logits(cfg, params, h_all[:, -1]), _step_keys(keys_B, jnp.int32(0), 0), seen,
-                   sp, pad_id)
+    token = sample(lm_logits(cfg, params, h_all[:, -1]), keys_B, seen, sp, pad_id)
     zeros = jnp.zeros((b,), jnp.int32)
     state = DecodeState(cache=cache, last=jnp.zeros((b, 1), jnp.int32), positions=positions,
                         out=jnp.full((b, budget), pad_id, jnp.int32), step=jnp.int32(0),
                         done=jnp.zeros((b,), bool), n_tokens=zeros, n_passes=zeros + 1,
                         n_drafts=zeros, n_commits=zeros, seen=seen, keys=keys_B)
-    return _emit_token(state, token, jnp.int32(0), eos_id, pad_id, budget)
+    return _emit_token(state, token, jnp.int32(0), eos_id, pad_id, budget, sp)
 
 
 def ar_step(params: Params, state: DecodeState, *, cfg: ModelConfig, sp: SamplingParams,
@@ -416,11 +421,10 @@ def ar_step(params: Params, state: DecodeState, *, cfg: ModelConfig, sp: Samplin
     step = state.step + 1
     h, cache = backbone_step(cfg, params, state.cache, embed(cfg, params, state.last),
                              state.positions)
-    token = sample(lm_logits(cfg, params, h), _step_keys(state.keys, step, 0), state.seen, sp,
-                   pad_id)
+    token = sample(lm_logits(cfg, params, h), state.keys, state.seen, sp, pad_id, step, 0)
     state = state.replace(cache=advance(cache, active), positions=state.positions + 1, step=step,
                           n_passes=state.n_passes + active)
-    return _emit_token(state, token, step, eos_id, pad_id, budget)
+    return _emit_token(state, token, step, eos_id, pad_id, budget, sp)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sp", "budget", "pad_id", "eos_id"),

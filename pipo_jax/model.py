@@ -170,7 +170,8 @@ class PipoLM(nn.Module):
         e = self.embedder(tokens_BxT)
         return self.compressor(e[:, 0::2], e[:, 1::2])
 
-    def __call__(self, tokens_BxT: Array, detach_confidence_inputs: bool = True) -> dict[str, Array]:
+    def __call__(self, tokens_BxT: Array,
+                 detach_confidence_inputs: bool = True) -> dict[str, Array]:
         """Teacher-forced forward.
 
         PIPO returns ``h`` B×(L-1)×H (predicting ``t_{2i+2}``), ``m`` B×(L-1)×H (predicting

@@ -12,12 +12,14 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def assert_pad_at_odd(tokens: Sequence[int] | np.ndarray, pad_id: int, length: int | None = None) -> None:
+def assert_pad_at_odd(tokens: Sequence[int] | np.ndarray, pad_id: int,
+                      length: int | None = None) -> None:
     """Raises if a PAD sits at an even position among the first ``length`` tokens."""
     arr = np.asarray(tokens)[: length if length is not None else None]
     even_pads = np.flatnonzero(arr[0::2] == pad_id) * 2
     if even_pads.size:
-        raise AssertionError(f"PAD at even position(s) {even_pads[:8].tolist()}: pair invariant broken")
+        raise AssertionError(
+            f"PAD at even position(s) {even_pads[:8].tolist()}: pair invariant broken")
 
 
 def parity_pad(ids: Sequence[int], pad_id: int) -> list[int]:

@@ -45,8 +45,9 @@ def build_mesh(mesh_cfg: MeshConfig, devices: list[jax.Device] | None = None) ->
             raise ConfigError(f"{len(devices)} devices cannot be split into mesh axes {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
-                          f"devices but {len(devices)} are available")
+        shape = dict(zip(MESH_AXES, sizes, strict=True))
+        raise ConfigError(f"mesh {shape} needs {int(np.prod(sizes))} devices but "
+                          f"{len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

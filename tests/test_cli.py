@@ -36,8 +36,11 @@ class Proc:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     cache = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
+    # No GPU memory preallocation: on an accelerator the pytest process and several scripts
+    # (the bad-input cases run concurrently) share one device.
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1",
+                XLA_PYTHON_CLIENT_PREALLOCATE="false")
 
 
 def run_script(env: dict[str, str], script: str, *args: str, timeout: float = 300) -> Proc:

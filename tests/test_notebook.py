@@ -98,6 +98,9 @@ def executed(run_dir: Path, compilation_cache_dir: Path,
         # The kernel inherits the environment: it reuses compiled decode functions too.
         mp.setenv("JAX_COMPILATION_CACHE_DIR", str(compilation_cache_dir))
         mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        # On an accelerator this process already holds device memory; don't let the kernel
+        # try to preallocate most of it as well.
+        mp.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         client = NotebookClient(nb, kernel_name=KERNEL, timeout=300,
                                 resources={"metadata": {"path": str(REPO)}})
         client.execute()  # raises CellExecutionError, with the traceback, if a cell fails

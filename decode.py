@@ -46,6 +46,8 @@ def main(argv: list[str]) -> int:
         validate_threshold(args.threshold)
     if args.num_problems < 1:
         raise ConfigError(f"--num-problems must be >= 1, got {args.num_problems}")
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or set(models) - {"pipo", "ar"}:
         raise ConfigError(f"--models must be a subset of pipo,ar, got {args.models!r}")
@@ -64,6 +66,10 @@ def main(argv: list[str]) -> int:
             (gen,) = runner.generate(args.prompt, model=model, **options)
             print(f"--- {model}\n{gen.text}\n{json.dumps(gen.stats)}")
         return 0
+    if args.num_problems > runner.config.data.num_test:
+        raise ConfigError(
+            f"--num-problems asks for {args.num_problems} test examples but the run's test "
+            f"split has {runner.config.data.num_test} (data.num_test); ask for fewer")
     examples = test_examples(runner.config, args.num_problems)
     result = evaluate(runner, examples, samples=args.samples, models=models,
                       timing_problems=args.timing_problems, progress=not args.no_progress,

@@ -275,11 +275,13 @@ def accept_pair(conf_B: Array, token2_B: Array, threshold: Array, pad_id: int) -
     """Commits each row's draft when its confidence reaches the threshold, else PAD.
 
     A ``lax.cond`` per sequence, vmapped over the batch (XLA turns it into a select). With
-    ``threshold < 0`` every draft is committed, since a confidence is never negative.
+    ``threshold < 0`` every draft is committed, since a confidence is never negative; with
+    ``threshold >= 1`` none is, even where the sigmoid rounds to exactly 1.
     """
 
     def one(c: Array, t: Array) -> Array:
-        return jax.lax.cond(c >= threshold, lambda: t, lambda: jnp.int32(pad_id))
+        commit = (c >= threshold) & (threshold < 1.0)
+        return jax.lax.cond(commit, lambda: t, lambda: jnp.int32(pad_id))
 
     return jax.vmap(one)(conf_B, token2_B)
 

@@ -141,7 +141,9 @@ def _init_state(cfg: Config, stage: str, tx: optax.GradientTransformation, shard
             ar_params, _ = ckpt.restore_params(
                 ar_dir, ckpt.abstract_target(ar_abstract.params, ar_shardings.params))
         except ckpt.CheckpointError as e:
-            raise TrainingError(f"the sft stage starts from the AR model in {ar_dir}: {e}") from e
+            raise TrainingError(
+                f"the sft stage starts from the AR model in {ar_dir}, which is not usable; "
+                f"train the ar stage first (stages=[ar, sft]). Details: {e}") from e
         params = jax.jit(functools.partial(pipo_from_ar, cfg.model),
                          out_shardings=shardings.params)(ar_params, rng)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)

@@ -122,9 +122,6 @@ def test_override_value_parsing():
     assert cfg.ar.steps == C.TrainConfig().steps
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PyYAML (YAML 1.1) reads '1e-3' (no dot, or no exponent sign) as a string, so "
-    "'sft.learning_rate=1e-3' or 'learning_rate: 1e-4' in a file is rejected as not a number"))
 def test_float_override_in_exponent_notation():
     assert C.load_config(None, ["sft.learning_rate=1e-3"]).sft.learning_rate == 1e-3
 

@@ -222,9 +222,6 @@ def test_accept_pair():
         np.testing.assert_array_equal(got, want, err_msg=str(thr))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "accept_pair commits at threshold 1.0 when sigmoid(conf) saturates to exactly 1.0; SPEC §6 "
-    "says threshold >= 1 never commits. Only use_mtp=False (chosen by the caller) enforces it."))
 def test_accept_pair_threshold_one_never_commits():
     got = dec.accept_pair(jax.nn.sigmoid(jnp.asarray([20.0])), jnp.asarray([7], jnp.int32),
                           jnp.float32(1.0), PAD)

@@ -26,7 +26,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--run", required=True, help="run directory written by train.py")
     p.add_argument("--threshold", type=float, help="confidence threshold in [-1, 1] "
                    "(-1 commits every draft, 1 commits none and skips the MTP head)")
-    p.add_argument("--num-problems", type=int, default=200, help="test problems to evaluate")
+    p.add_argument("--num-problems", type=int,
+                   help="test problems to evaluate (default: min(200, data.num_test))")
     p.add_argument("--samples", type=int, default=1, help="samples per problem (pass@k, k = this)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int)
@@ -44,7 +45,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.threshold is not None:
         validate_threshold(args.threshold)
-    if args.num_problems < 1:
+    if args.num_problems is not None and args.num_problems < 1:
         raise ConfigError(f"--num-problems must be >= 1, got {args.num_problems}")
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
@@ -66,6 +67,8 @@ def main(argv: list[str]) -> int:
             (gen,) = runner.generate(args.prompt, model=model, **options)
             print(f"--- {model}\n{gen.text}\n{json.dumps(gen.stats)}")
         return 0
+    if args.num_problems is None:
+        args.num_problems = min(200, runner.config.data.num_test)
     if args.num_problems > runner.config.data.num_test:
         raise ConfigError(
             f"--num-problems asks for {args.num_problems} test examples but the run's test "

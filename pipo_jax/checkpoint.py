@@ -234,7 +234,9 @@ def all_steps(stage_dir: str | Path) -> list[int]:
 
 
 def _open_reader(root: Path, state_handler: ocp.CheckpointHandler) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    # create=False without read_only: a reader never saves, and read_only only adds two warning
+    # lines per open (every `pipo_jax.load` opens several readers).
+    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
     return ocp.CheckpointManager(root, options=options,
                                  item_handlers=_item_handlers(state_handler))
 

@@ -189,14 +189,16 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
         arrays = {k: jax.device_put(b[k], batch_sh) for k in ("tokens", "loss_mask")}
         return arrays, float(b["pad_ratio"])
 
-    writer = MetricWriter(stage_dir, prefix=stage)
     final: dict[str, float] = {}
     t0 = time.time()
     tokens_seen = 0
-    bar = tqdm(total=tc.steps, initial=start, desc=stage, disable=not progress, unit="step",
-               dynamic_ncols=True)
     pending: tuple[int, dict[str, jax.Array], float] | None = None
-    with ckpt.open_manager(stage_dir, tc.keep_checkpoints) as manager:
+    # Context managers close the metric files, the bar and the checkpoint manager (waiting for
+    # an in-flight save) also when a step raises.
+    with MetricWriter(stage_dir, prefix=stage) as writer, \
+            tqdm(total=tc.steps, initial=start, desc=stage, disable=not progress, unit="step",
+                 dynamic_ncols=True) as bar, \
+            ckpt.open_manager(stage_dir, tc.keep_checkpoints) as manager:
         save_config(cfg, Path(cfg.run_dir) / "config.json")
 
         def finish(step: int, metrics: dict[str, jax.Array], pad_ratio: float) -> None:
@@ -229,8 +231,6 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
                 ckpt.save(manager, step + 1, state, cfg, force=True)
         if pending is not None:
             finish(*pending)
-    bar.close()
-    writer.close()
     return StageResult(stage_dir, tc.steps, final, time.time() - t0)
 
 

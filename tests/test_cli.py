@@ -176,20 +176,11 @@ BAD_INPUTS = {
     "empty_prompt": ("decode.py", ["--run", "{run}", "--prompt", ""], r"empty prompt"),
     "prompt_too_long": ("decode.py", ["--run", "{run}", "--prompt", "9" * 2000],
                         r"context of 512 tokens"),
-    # Known bugs (xfail below): both end in a ValueError traceback today.
+    # These two used to end in a ValueError traceback; decode.py now rejects them up front.
     "too_many_problems": ("decode.py", ["--run", "{run}", "--num-problems", "50"],
                           r"50 test examples.*20.*data\.num_test"),
     "zero_samples": ("decode.py", ["--run", "{run}", "--samples", "0", "--num-problems", "2"],
                      r"samples must be >= 1"),
-}
-KNOWN_BUGS = {
-    "too_many_problems": (
-        "pipo_jax.data.loader.test_examples raises a plain ValueError, which pipo_jax.cli does not "
-        "treat as a user error: `decode.py --num-problems N` beyond data.num_test (and plain "
-        "`decode.py --run <micro run>`, default 200 > 20) ends in a traceback"),
-    "zero_samples": (
-        "decode.py passes --samples 0 to evaluate(), whose ValueError ends in a traceback; "
-        "decode.py should reject it with ConfigError like --num-problems"),
 }
 
 
@@ -222,9 +213,7 @@ def bad_runs(trained: TrainedRun, corrupt_run: Path, env: dict[str, str],
     return BadRuns(procs, paths, before, digests())
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case]))
-    if case in KNOWN_BUGS else case for case in BAD_INPUTS])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_a_one_line_error(case, bad_runs):
     p, paths = bad_runs.procs[case], bad_runs.paths
     assert p.returncode == 2, describe(p)

@@ -163,9 +163,10 @@ class PipoRunner:
             jax.block_until_ready(state.out)
             t1 = time.perf_counter()
             state = dec.ar_decode_loop(self.ar_params, state, **static)
+        jax.block_until_ready(state.out)
+        t2 = time.perf_counter()
         host = jax.device_get({k: getattr(state, k) for k in
                                ("out", "n_tokens", "n_passes", "n_drafts", "n_commits", "done")})
-        t2 = time.perf_counter()
         gens = []
         for i in range(len(ids)):
             emitted = [int(t) for t in host["out"][i] if t != tok.pad_id]

@@ -25,6 +25,7 @@ from pipo_jax import decoding as dec
 from pipo_jax.config import Config, DecodeConfig, validate_threshold
 from pipo_jax.data.arith import SYSTEM_PROMPT
 from pipo_jax.model import init_params
+from pipo_jax.pairs import assert_pad_at_odd
 from pipo_jax.tokenizer import ByteTokenizer, Tokenizer
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
@@ -169,6 +170,8 @@ class PipoRunner:
                                ("out", "n_tokens", "n_passes", "n_drafts", "n_commits", "done")})
         gens = []
         for i in range(len(ids)):
+            if pipo:  # the pair invariant over the slots this row actually used
+                assert_pad_at_odd(host["out"][i], tok.pad_id, 2 * int(host["n_passes"][i]))
             emitted = [int(t) for t in host["out"][i] if t != tok.pad_id]
             finished = tok.eos_id in emitted
             text_ids = emitted[:emitted.index(tok.eos_id)] if finished else emitted

@@ -49,8 +49,9 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(stage_dir: str | Path) -> Path:
-    """The directory holding the orbax step directories of ``stage_dir``."""
-    return Path(stage_dir) / CHECKPOINT_SUBDIR
+    """The directory holding the orbax step directories of ``stage_dir`` (absolute: orbax
+    refuses relative paths, and run directories are usually given relative to the cwd)."""
+    return Path(stage_dir).absolute() / CHECKPOINT_SUBDIR
 
 
 def abstract_target(tree: Any, shardings: jax.sharding.Sharding | Any) -> Any:

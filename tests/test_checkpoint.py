@@ -75,6 +75,15 @@ def test_save_restore_roundtrip_and_config_json(tmp_path):
     assert ck.restore_config(stage, step=1) == small_config(1)
 
 
+def test_relative_run_directory(tmp_path, monkeypatch):
+    """Run directories are usually relative (runs/default); orbax itself needs absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    states = save_steps(Path("runs/default/ar"), [3])
+    assert ck.latest_step("runs/default/ar") == 3
+    restored, _ = ck.restore("runs/default/ar", abstract_of(states[3]))
+    chex.assert_trees_all_equal(restored, states[3])
+
+
 def test_keep_n_prunes_oldest(tmp_path):
     save_steps(tmp_path, [10, 20, 30, 40], keep=2)
     assert ck.all_steps(tmp_path) == [30, 40]

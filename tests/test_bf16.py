@@ -1,0 +1,52 @@
+"""bfloat16 compute (the accelerator configs) runs end to end on a micro model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from pipo_jax import decoding as dec
+from pipo_jax.config import ModelConfig, TrainConfig, load_config
+from pipo_jax.losses import sft_loss
+from pipo_jax.model import PipoLM, init_params
+from pipo_jax.trainer import TrainState, make_optimizer, train_step
+
+CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  mlp_dim=64, max_context=64, dtype="bfloat16")
+
+
+def test_accelerator_config_uses_bfloat16_compute():
+    cfg = load_config("configs/accelerator.yaml")
+    assert cfg.model.dtype == "bfloat16" and cfg.model.param_dtype == "float32"
+
+
+def test_bf16_train_step_and_decode():
+    params = nn.unbox(init_params(CFG, True, jax.random.key(0)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 1, CFG.vocab_size)
+    out = PipoLM(CFG, True).apply({"params": params}, tokens)
+    assert out["h"].dtype == jnp.bfloat16 and out["conf_logits"].dtype == jnp.float32
+    tc = TrainConfig(steps=4, loss_chunk=8)
+    tx = make_optimizer(tc)
+    st = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+    batch = {"tokens": tokens, "loss_mask": jnp.ones_like(tokens, bool)}
+    step = jax.jit(lambda s, b: train_step(s, b, mcfg=CFG, tc=tc, pipo=True, tx=tx))
+    losses = []
+    for _ in range(3):
+        st, metrics = step(st, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(st.params))
+    loss, _ = sft_loss(out, params["embedder"]["embedding"], tokens,
+                       jnp.ones_like(tokens, bool), tc)
+    assert np.isfinite(float(loss))
+
+    prompts, valid = dec.prepare_prompts([[3, 4, 5], [6, 7]], True, 0, 8, 8, CFG.max_context)
+    state = dec.pipo_prefill(st.params, prompts, valid, dec.request_keys([0, 1]),
+                             np.float32(-1.0), cfg=CFG, sp=dec.SamplingParams(),
+                             use_mtp=True, budget=8, pad_id=0, eos_id=1)
+    state = dec.pipo_decode_loop(st.params, state, np.float32(-1.0), cfg=CFG,
+                                 sp=dec.SamplingParams(), use_mtp=True, budget=8, pad_id=0,
+                                 eos_id=1)
+    assert state.cache.k.dtype == jnp.bfloat16
+    assert np.all(np.asarray(state.n_tokens) == 8)

@@ -10,13 +10,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import jax
 import nbformat
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from nbclient import NotebookClient
 
 from pipo_jax.config import load_config
@@ -48,25 +45,6 @@ def test_notebook_is_stored_clean():
     # The parameters cell is the first code cell and holds nothing but RUN_DIR.
     assert code[0] is parameters_cell(nb)
     assert code[0].source.strip() == 'RUN_DIR = "runs/default"'
-
-
-@pytest.fixture(scope="module")
-def compilation_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The session's persistent compilation cache (also used by the other test modules).
-
-    With the same settings as tests/test_cli.py's train.py run, the train steps compiled there
-    are loaded from here instead of being compiled again.
-    """
-    path = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    compilation_cache.reset_cache()
-    yield path
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

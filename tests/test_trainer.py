@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ import chex
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 import pipo_jax
 from pipo_jax import checkpoint as ckpt
@@ -34,7 +32,8 @@ from pipo_jax.trainer import TrainingError, train_stage
 
 # A failed restore can leave tensorstore callbacks that Python reports later as "unraisable";
 # they are harmless (see tests/test_checkpoint.py).
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.usefixtures("compilation_cache_dir")]
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = REPO / "configs" / "micro.yaml"
@@ -55,25 +54,6 @@ def micro_config(run_dir: Path, data_dir: Path, *overrides: str) -> Config:
     return load_config(MICRO, [f"run_dir={run_dir}", f"data.data_dir={data_dir}",
                                "data.num_train=8", "data.max_len=128", *stage_overrides,
                                *overrides])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A persistent compilation cache for this module (shared by the session's test modules).
-
-    Each ``train_stage`` call jits a fresh step function; with the cache, a run whose config
-    matches an earlier one loads the compiled step instead of compiling it again.
-    """
-    path = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    compilation_cache.reset_cache()
-    yield path
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 @dataclasses.dataclass

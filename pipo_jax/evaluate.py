@@ -60,7 +60,7 @@ def _accuracy(runner: PipoRunner, examples: Sequence[dict], model: str, samples:
     }
 
 
-def _timing(runner: PipoRunner, examples: Sequence[dict], model: str, options: dict[str, Any],
+def time_requests(runner: PipoRunner, examples: Sequence[dict], model: str, options: dict[str, Any],
             progress: bool, repeats: int) -> dict[str, float]:
     """TTFT and TPOT at batch 1, after one untimed warm-up.
 
@@ -98,7 +98,7 @@ def evaluate(runner: PipoRunner, examples: Sequence[dict], *, samples: int = 1,
     for model in models:
         res = _accuracy(runner, examples, model, samples, options, progress)
         if timing_problems > 0:
-            res.update(_timing(runner, examples[:timing_problems], model, options, progress,
+            res.update(time_requests(runner, examples[:timing_problems], model, options, progress,
                                timing_repeats))
         result[model] = res
     if "pipo" in result and "ar" in result and timing_problems > 0:

@@ -9,15 +9,15 @@ indices written out literally, so an off-by-one in ``losses`` cannot hide in bot
 from __future__ import annotations
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from pipo_jax import losses, pairs
 from pipo_jax.config import ModelConfig, TrainConfig
-from pipo_jax.model import PipoLM, init_params
+from pipo_jax.model import PipoLM
 
 PAD = 0
 CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -26,21 +26,7 @@ H = CFG.d_model
 
 
 def random_params(pipo: bool, seed: int) -> dict:
-    """Random parameters of ``init_params``' shapes, built in numpy (no XLA compile for init).
-
-    Kernels/embeddings ``N(0, 0.2²)``, norm scales ``1 + 0.1·N``, biases ``0.1·N``: every module,
-    the compressor included, is far from the identity.
-    """
-    shapes = jax.eval_shape(lambda k: nn.unbox(init_params(CFG, pipo, k)), jax.random.key(0))
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        x = rng.normal(size=s.shape)
-        x = 1.0 + 0.1 * x if name == "scale" else (0.1 * x if name == "bias" else 0.2 * x)
-        return jnp.asarray(x, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
+    return helpers.random_params(CFG, pipo, seed)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,15 @@ Every step function is jitted once per module (eager flax applies are very slow 
 
 import functools
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from pipo_jax import decoding as dec
 from pipo_jax.config import ModelConfig
-from pipo_jax.model import PipoLM, init_params
+from pipo_jax.model import PipoLM
 
 PAD = 0
 CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -23,23 +23,8 @@ CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2
 
 
 def _random_params(pipo, seed):
-    """Random parameters of the shapes ``init_params`` gives, built in numpy (no XLA compile).
-
-    Same distribution as ``init_std=0.2`` normal init perturbed by ``0.1 · N(0, 1)``: kernels and
-    embeddings ``N(0, 0.2²) + 0.1·N``, norm scales ``1 + 0.1·N``, biases ``0.1·N`` (random norm
-    scales too, so that no module is the identity by accident).
-    """
-    shapes = jax.eval_shape(lambda k: nn.unbox(init_params(CFG, pipo, k)), jax.random.key(0))
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = jax.tree_util.keystr(path[-1:])
-        base = {"['scale']": 1.0, "['bias']": 0.0}.get(name)
-        x = rng.normal(size=s.shape) * 0.1
-        x = x + (base if base is not None else rng.normal(size=s.shape) * CFG.init_std)
-        return jnp.asarray(x, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
+    """Random parameters, norm scales and biases included, so no module is the identity."""
+    return helpers.random_params(CFG, pipo, seed, std=CFG.init_std)
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,15 @@ from __future__ import annotations
 import functools
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from pipo_jax import decoding as dec
 from pipo_jax.config import ModelConfig
-from pipo_jax.model import PipoLM, init_params
+from pipo_jax.model import PipoLM
 
 PAD = 0
 CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -36,16 +36,7 @@ def random_params(seed: int) -> dict:
     logits is positive: greedy decoding never emits EOS and rows run to the budget (one static
     EOS id for every test keeps the number of compiled decode programs down).
     """
-    shapes = jax.eval_shape(lambda k: nn.unbox(init_params(CFG, True, k)), jax.random.key(0))
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        x = rng.normal(size=s.shape)
-        name = path[-1].key
-        x = 1.0 + 0.1 * x if name == "scale" else (0.1 * x if name == "bias" else 0.3 * x)
-        return jnp.asarray(x, jnp.float32)
-
-    params = jax.tree_util.tree_map_with_path(leaf, shapes)
+    params = helpers.random_params(CFG, True, seed, std=0.3)
     emb = params["embedder"]["embedding"]
     return {**params, "embedder": {"embedding": emb.at[EOS].set(0.0)}}
 

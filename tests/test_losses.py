@@ -5,15 +5,15 @@ from __future__ import annotations
 import functools
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from pipo_jax import losses
 from pipo_jax.config import ModelConfig, TrainConfig
-from pipo_jax.model import PipoLM, init_params
+from pipo_jax.model import PipoLM
 
 N, HD, V = 13, 16, 37
 
@@ -121,15 +121,7 @@ CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2
 
 
 def _random_params(seed: int) -> dict:
-    shapes = jax.eval_shape(lambda k: nn.unbox(init_params(CFG, True, k)), jax.random.key(0))
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        x = rng.normal(size=s.shape)
-        x = 1.0 + 0.1 * x if path[-1].key == "scale" else 0.2 * x
-        return jnp.asarray(x, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
+    return helpers.random_params(CFG, True, seed, std=0.2, bias_std=0.2)
 
 
 def _batch():

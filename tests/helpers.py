@@ -1,0 +1,30 @@
+"""Helpers shared by the test modules (importable because pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from pipo_jax.config import ModelConfig
+from pipo_jax.model import init_params
+
+
+def random_params(cfg: ModelConfig, pipo: bool, seed: int, std: float = 0.2,
+                  bias_std: float = 0.1, scale_std: float = 0.1) -> dict:
+    """Random parameters of ``init_params``' shapes, built in numpy (no XLA compile for init).
+
+    Kernels and embeddings ``N(0, std²)``, norm scales ``1 + scale_std·N``, biases
+    ``bias_std·N``: every module, compressor and norms included, is far from the identity.
+    """
+    shapes = jax.eval_shape(lambda k: nn.unbox(init_params(cfg, pipo, k)), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def leaf(path: tuple, s: jax.ShapeDtypeStruct) -> jax.Array:
+        x = rng.normal(size=s.shape)
+        name = path[-1].key
+        x = 1.0 + scale_std * x if name == "scale" else (bias_std if name == "bias" else std) * x
+        return jnp.asarray(x, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)

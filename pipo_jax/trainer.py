@@ -46,26 +46,21 @@ class TrainState:
     opt_state: Any
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup + cosine decay and global-norm clipping.
-
-    Weight decay skips vectors (norm scales, biases).
-    """
-    warmup = int(tc.warmup_frac * tc.steps)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, tc.learning_rate, max(warmup, 1), max(tc.steps, warmup + 1),
-        end_value=tc.learning_rate * tc.end_lr_frac)
-    return optax.chain(
-        optax.clip_by_global_norm(tc.clip_norm),
-        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
-                    mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
-
-
-def learning_rate(tc: TrainConfig, step: jax.Array) -> jax.Array:
+def make_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warmup over ``warmup_frac`` of the steps, then cosine decay to ``end_lr_frac``."""
     warmup = int(tc.warmup_frac * tc.steps)
     return optax.warmup_cosine_decay_schedule(
         0.0, tc.learning_rate, max(warmup, 1), max(tc.steps, warmup + 1),
-        end_value=tc.learning_rate * tc.end_lr_frac)(step)
+        end_value=tc.learning_rate * tc.end_lr_frac)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW on ``make_schedule`` with global-norm clipping; weight decay skips vectors (norm
+    scales, biases)."""
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
+                    mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
 
 
 def state_shardings(mcfg: ModelConfig, pipo: bool, tx: optax.GradientTransformation,
@@ -101,7 +96,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelCon
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                   learning_rate=learning_rate(tc, state.step))
+                   learning_rate=make_schedule(tc)(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

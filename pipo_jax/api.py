@@ -18,15 +18,15 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import linen as nn
 
 from pipo_jax import checkpoint as ckpt
 from pipo_jax import decoding as dec
-from pipo_jax.config import Config, DecodeConfig, validate_threshold
+from pipo_jax.config import Config, DecodeConfig, MeshConfig, validate_threshold
 from pipo_jax.data.arith import SYSTEM_PROMPT
-from pipo_jax.model import init_params
 from pipo_jax.pairs import assert_pad_at_odd
+from pipo_jax.sharding import build_mesh
 from pipo_jax.tokenizer import ByteTokenizer, Tokenizer
+from pipo_jax.trainer import abstract_params
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this many tokens (fewer compiles)
@@ -49,15 +49,11 @@ class Timing:
     decode: float
 
 
-def _abstract_params(cfg: Config, pipo: bool) -> Any:
-    shapes = nn.unbox(jax.eval_shape(lambda: init_params(cfg.model, pipo, jax.random.key(0))))
-    return ckpt.abstract_target(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-
-
 def load_params(stage_dir: str | Path, pipo: bool, step: int | None = None) -> tuple[Any, Config]:
-    """Parameters (and the config saved with them) of one training stage."""
+    """Parameters (and the config saved with them) of one training stage, on one device."""
     cfg = ckpt.restore_config(stage_dir, step)
-    return ckpt.restore_params(stage_dir, _abstract_params(cfg, pipo), step)
+    mesh = build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    return ckpt.restore_params(stage_dir, abstract_params(cfg.model, pipo, mesh), step)
 
 
 class PipoRunner:

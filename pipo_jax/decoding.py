@@ -164,6 +164,11 @@ def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
     return _apply(cfg, params, lambda m, t: m.embedder(t), tokens, pipo=False)
 
 
+def compress(cfg: ModelConfig, params: Params, tokens_BxT: Array) -> Array:
+    """Token pairs → latents ``B×T/2×H`` (PIPO's input side)."""
+    return _apply(cfg, params, lambda m, t: m.compress(t), tokens_BxT)
+
+
 def lm_logits(cfg: ModelConfig, params: Params, h: Array) -> Array:
     return _apply(cfg, params, lambda m, x: m.logits(x), h, pipo=False)
 
@@ -324,7 +329,7 @@ def pipo_prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Ar
     """
     b, p = prompt_BxP.shape
     latent_valid = valid_BxP[:, 0::2]
-    latents = _apply(cfg, params, lambda m, t: m.compress(t), prompt_BxP)
+    latents = compress(cfg, params, prompt_BxP)
     slots = p // 2 + budget
     h_all, cache, positions = prefill_backbone(cfg, params, latents, latent_valid, slots, True)
     h_last = h_all[:, -1]
@@ -354,7 +359,7 @@ def pipo_step(params: Params, state: DecodeState, threshold: Array, *, cfg: Mode
     """One decode step: one backbone pass emits one pair (SPEC §6)."""
     active = ~state.done
     step = state.step + 1
-    latent = _apply(cfg, params, lambda m, t: m.compress(t), state.last)
+    latent = compress(cfg, params, state.last)
     h, cache = backbone_step(cfg, params, state.cache, latent, state.positions)
     token1 = sample(lm_logits(cfg, params, h), state.keys, state.seen, sp, pad_id, step, 0)
     token2 = jnp.full_like(token1, pad_id)

@@ -32,7 +32,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def _accuracy(runner: PipoRunner, examples: Sequence[dict], model: str, samples: int,
               options: dict[str, Any], progress: bool) -> dict[str, Any]:
-    prompts = [to_messages(ex) for ex in examples for _ in range(samples)]
+    requests = [ex for ex in examples for _ in range(samples)]
+    prompts = [to_messages(ex) for ex in requests]
     seeds = [options.get("seed", 0) + 1000 * i + s for i in range(len(examples))
              for s in range(samples)]
     bs = options.get("batch_size") or runner.config.decode.batch_size
@@ -41,8 +42,7 @@ def _accuracy(runner: PipoRunner, examples: Sequence[dict], model: str, samples:
     for start in tqdm(chunks, desc=f"{model} accuracy", disable=not progress, unit="batch"):
         outs.extend(runner.generate(prompts[start:start + bs], model=model,
                                     seeds=seeds[start:start + bs], **options))
-    correct = [verify(o.text, ex["answer"]) for o, ex in
-               zip(outs, [ex for ex in examples for _ in range(samples)], strict=True)]
+    correct = [verify(o.text, ex["answer"]) for o, ex in zip(outs, requests, strict=True)]
     per_q = [sum(correct[i * samples:(i + 1) * samples]) for i in range(len(examples))]
     tokens = sum(o.stats["tokens"] for o in outs)
     passes = sum(o.stats["backbone_passes"] for o in outs)

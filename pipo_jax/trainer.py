@@ -74,6 +74,12 @@ def state_shardings(mcfg: ModelConfig, pipo: bool, tx: optax.GradientTransformat
     return nn.unbox(boxed_state), shardings
 
 
+def abstract_params(mcfg: ModelConfig, pipo: bool, mesh: Mesh) -> Any:
+    """Abstract (unboxed) parameters that carry their mesh shardings: a restore target."""
+    boxed = jax.eval_shape(lambda: init_params(mcfg, pipo, jax.random.key(0)))
+    return ckpt.abstract_target(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelConfig,
                tc: TrainConfig, pipo: bool,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -130,11 +136,8 @@ def _init_state(cfg: Config, stage: str, tx: optax.GradientTransformation, shard
                          out_shardings=shardings.params)(rng)
     else:
         ar_dir = Path(cfg.run_dir) / "ar"
-        ar_abstract, ar_shardings = state_shardings(cfg.model, False, make_optimizer(cfg.ar),
-                                                    mesh)
         try:
-            ar_params, _ = ckpt.restore_params(
-                ar_dir, ckpt.abstract_target(ar_abstract.params, ar_shardings.params))
+            ar_params, _ = ckpt.restore_params(ar_dir, abstract_params(cfg.model, False, mesh))
         except ckpt.CheckpointError as e:
             raise TrainingError(
                 f"the sft stage starts from the AR model in {ar_dir}, which is not usable; "

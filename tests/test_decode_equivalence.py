@@ -37,7 +37,7 @@ _forward = {pipo: jax.jit(lambda p, t, pipo=pipo: PipoLM(CFG, pipo).apply({"para
             for pipo in (True, False)}
 _logits = jax.jit(functools.partial(dec.lm_logits, CFG))
 _embed = jax.jit(functools.partial(dec.embed, CFG))
-_compress = jax.jit(lambda p, x: dec._apply(CFG, p, lambda m, y: m.compress(y), x))
+_compress = jax.jit(lambda p, x: dec.compress(CFG, p, x))
 _prefill_backbone = jax.jit(functools.partial(dec.prefill_backbone, CFG),
                             static_argnames=("slots", "pipo"))
 _prefill_mtp = jax.jit(functools.partial(dec.prefill_mtp, CFG))

@@ -127,7 +127,7 @@ def check_invariants(res: dict, eos: int, pipo: bool = True) -> None:
 @jax.jit
 def _prompt_logits(params, tokens, valid):
     """Backbone logits at every prompt latent (the prefill's hidden states)."""
-    latents = dec._apply(CFG, params, lambda m, x: m.compress(x), tokens)
+    latents = dec.compress(CFG, params, tokens)
     h_all, _, _ = dec.prefill_backbone(CFG, params, latents, valid[:, 0::2], 16, True)
     return dec.lm_logits(CFG, params, h_all)
 
@@ -137,7 +137,7 @@ def _replay_prefill(params, tokens, valid, token1, slots):
     """Prefill pieces forced to the emitted ``token1`` → (backbone logits, MTP logits, conf
     logit, cache, positions) at the last prompt latent."""
     lv = valid[:, 0::2]
-    latents = dec._apply(CFG, params, lambda m, x: m.compress(x), tokens)
+    latents = dec.compress(CFG, params, tokens)
     h_all, cache, pos = dec.prefill_backbone(CFG, params, latents, lv, slots, True)
     tok1 = jnp.concatenate([tokens[:, 2::2], token1[:, None]], axis=1)
     m, conf, cache = dec.prefill_mtp(CFG, params, cache, h_all, tok1, lv)
@@ -148,7 +148,7 @@ def _replay_prefill(params, tokens, valid, token1, slots):
 @jax.jit
 def _replay_step(params, cache, pos, pair, token1, active):
     """One decode step forced to the emitted previous pair and ``token1``."""
-    latent = dec._apply(CFG, params, lambda m, x: m.compress(x), pair)
+    latent = dec.compress(CFG, params, pair)
     h, cache = dec.backbone_step(CFG, params, cache, latent, pos)
     m, conf, cache = dec.mtp_step(CFG, params, cache, h, token1, pos)
     return (dec.lm_logits(CFG, params, h), dec.lm_logits(CFG, params, m), conf,

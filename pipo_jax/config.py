@@ -33,17 +33,35 @@ class ModelConfig:
     n_kv_heads: int = 2
     head_dim: int = 32
     mlp_dim: int = 384
-    # One entry per backbone layer. Empty means all "full_attention"; a second layer type (linear
-    # attention) slots in here without restructuring the model.
+    # "qwen3": plain ``w·x̂`` RMSNorm, ungated attention. "qwen3_5": ``(1 + w)·x̂`` RMSNorm
+    # (weights stored as the offset from 1) and a sigmoid output gate on full attention.
+    family: Literal["qwen3", "qwen3_5"] = "qwen3"
+    # One entry per backbone layer, "full_attention" or "linear_attention" (Gated DeltaNet).
+    # Empty means all "full_attention". The stack is scanned over repeats of its shortest period
+    # (Qwen3.5: [linear, linear, linear, full]).
     layer_types: tuple[str, ...] = ()
     rope_theta: float = 10000.0
+    # Fraction of each head's dims that RoPE rotates (Qwen3.5: 0.25; the rest pass through).
+    partial_rotary_factor: float = 1.0
     rms_eps: float = 1e-6
+    # False: a separate LM head matrix (Qwen3.5-9B); True: logits through the embedding.
+    tie_embeddings: bool = True
+    # Gated DeltaNet (linear attention) sizes: q/k heads, v heads (a multiple of the q/k heads),
+    # their head dims, the causal conv width and the chunk of the chunk-parallel form.
+    linear_n_key_heads: int = 2
+    linear_n_value_heads: int = 4
+    linear_key_head_dim: int = 16
+    linear_value_head_dim: int = 16
+    linear_conv_kernel: int = 4
+    linear_chunk: int = 64
     # Longest token context (prompt + response) the decode caches are sized for.
     max_context: int = 2048
     compressor_type: Literal["linear", "mlp"] = "mlp"
     compressor_init: Literal["identity", "random"] = "identity"
-    # How the MTP layer starts when a PIPO model is built from an AR checkpoint.
-    mtp_init: Literal["last_layer", "random"] = "last_layer"
+    # How the MTP layer starts when a PIPO model is built from an AR checkpoint: a copy of the
+    # last full-attention backbone layer, random, or "native" (a checkpoint's own MTP module,
+    # set by ``python -m pipo_jax.convert hf-to-pipo``).
+    mtp_init: Literal["last_layer", "random", "native"] = "last_layer"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat_policy: Literal["none", "full", "dots_saveable",
@@ -52,15 +70,26 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "mlp_dim", "max_context"):
+                     "mlp_dim", "max_context", "linear_n_key_heads", "linear_n_value_heads",
+                     "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel",
+                     "linear_chunk"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
                 f"({self.n_kv_heads}) for grouped-query attention")
-        if self.head_dim % 2:
-            raise ConfigError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ConfigError("model.partial_rotary_factor must be in (0, 1], got "
+                              f"{self.partial_rotary_factor}")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ConfigError(
+                f"model.head_dim × model.partial_rotary_factor = {self.rotary_dim} rotary dims; "
+                "RoPE needs a positive even number")
+        if self.linear_n_value_heads % self.linear_n_key_heads:
+            raise ConfigError(
+                f"model.linear_n_value_heads ({self.linear_n_value_heads}) must be a multiple of "
+                f"model.linear_n_key_heads ({self.linear_n_key_heads})")
         if self.max_context % 2:
             raise ConfigError(f"model.max_context must be even (pairs), got {self.max_context}")
         if self.layer_types:
@@ -73,12 +102,50 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.layer_types has unsupported types {unknown}; supported: {LAYER_TYPES}")
 
+        if "full_attention" not in self.resolved_layer_types:
+            raise ConfigError("model.layer_types needs at least one full_attention layer (the MTP "
+                              "head is a full-attention layer of the backbone's kind)")
+
     @property
     def resolved_layer_types(self) -> tuple[str, ...]:
         return self.layer_types or ("full_attention",) * self.n_layers
 
+    @property
+    def layer_pattern(self) -> tuple[str, ...]:
+        """The shortest period of ``layer_types``; the backbone scans over its repeats."""
+        types_ = self.resolved_layer_types
+        for period in range(1, self.n_layers + 1):
+            if self.n_layers % period == 0 and all(
+                    t == types_[i % period] for i, t in enumerate(types_)):
+                return types_[:period]
+        raise AssertionError("unreachable: the whole stack is a period")
 
-LAYER_TYPES = ("full_attention",)
+    @property
+    def n_blocks(self) -> int:
+        """Repeats of ``layer_pattern`` (the length of the scanned stack)."""
+        return self.n_layers // len(self.layer_pattern)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def norm_offset(self) -> bool:
+        """Qwen3.5 norms compute ``(1 + w)·x̂`` with ``w`` stored as the offset from 1."""
+        return self.family == "qwen3_5"
+
+    @property
+    def attn_output_gate(self) -> bool:
+        return self.family == "qwen3_5"
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """Channels of the Gated DeltaNet's q|k|v projection and causal conv."""
+        return (2 * self.linear_n_key_heads * self.linear_key_head_dim
+                + self.linear_n_value_heads * self.linear_value_head_dim)
+
+
+LAYER_TYPES = ("full_attention", "linear_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +260,9 @@ class MeshConfig:
 class Config:
     run_dir: str = "runs/default"
     stages: tuple[str, ...] = ("ar", "sft")
+    # "byte" (the embedded ByteTokenizer) or a directory holding a Hugging Face tokenizer.json;
+    # a relative path is looked up in the run directory first (where hf-to-pipo copies it).
+    tokenizer: str = "byte"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()

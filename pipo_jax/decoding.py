@@ -24,7 +24,7 @@ import numpy as np
 from flax import struct
 
 from pipo_jax.config import ModelConfig
-from pipo_jax.layers import DecoderLayer, RMSNorm
+from pipo_jax.layers import DecoderLayer, norm, slot_name
 from pipo_jax.model import PipoLM
 from pipo_jax.pairs import parity_pad
 
@@ -48,10 +48,17 @@ class SamplingParams:
 
 @struct.dataclass
 class KVCache:
-    """Backbone (and MTP layer) keys/values; ``valid`` marks slots a query may attend to."""
+    """Backbone (and MTP layer) decode state; ``valid`` marks slots a query may attend to.
 
-    k: Array  # n_layers × B × S × K × D
-    v: Array
+    ``layers[j]`` holds pattern slot ``j`` of the backbone (``ModelConfig.layer_pattern``),
+    stacked over its ``n_blocks`` repeats:
+    * full attention: ``(k, v)``, each n_blocks × B × S × K × D, written one row per step;
+    * Gated DeltaNet: ``(conv, state)``: the last ``kernel-1`` projected inputs
+      n_blocks × B × (kernel-1) × C and the recurrent state n_blocks × B × N × dk × dv (fp32),
+      replaced every step. Their size does not grow with the context.
+    """
+
+    layers: tuple[tuple[Array, Array], ...]
     valid: Array  # B × S bool
     index: Array  # int32 scalar: the next slot to write
     mtp_k: Array | None = None  # B × S × K × D (PIPO only)
@@ -178,11 +185,21 @@ def _latent_positions(valid_BxL: Array) -> Array:
 
 
 def _empty_cache(cfg: ModelConfig, batch: int, slots: int, pipo: bool, dtype: Any) -> KVCache:
-    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
-    mtp = jnp.zeros(shape[1:], dtype) if pipo else None
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   valid=jnp.zeros((batch, slots), bool), index=jnp.int32(0), mtp_k=mtp,
-                   mtp_v=mtp)
+    """A cache with zero keys/values, conv and recurrent states."""
+    nb = cfg.n_blocks
+    layers = []
+    for layer_type in cfg.layer_pattern:
+        if layer_type == "full_attention":
+            kv = jnp.zeros((nb, batch, slots, cfg.n_kv_heads, cfg.head_dim), dtype)
+            layers.append((kv, kv))
+        else:
+            conv = jnp.zeros((nb, batch, cfg.linear_conv_kernel - 1, cfg.linear_conv_dim), dtype)
+            state = jnp.zeros((nb, batch, cfg.linear_n_value_heads, cfg.linear_key_head_dim,
+                               cfg.linear_value_head_dim), jnp.float32)
+            layers.append((conv, state))
+    mtp = jnp.zeros((batch, slots, cfg.n_kv_heads, cfg.head_dim), dtype) if pipo else None
+    return KVCache(layers=tuple(layers), valid=jnp.zeros((batch, slots), bool),
+                   index=jnp.int32(0), mtp_k=mtp, mtp_v=mtp)
 
 
 def prefill_backbone(cfg: ModelConfig, params: Params, inputs_BxLxH: Array, valid_BxL: Array,
@@ -193,12 +210,21 @@ def prefill_backbone(cfg: ModelConfig, params: Params, inputs_BxLxH: Array, vali
     """
     b, length, _ = inputs_BxLxH.shape
     positions = _latent_positions(valid_BxL)
-    h, (k, v) = _apply(cfg, params, lambda m, x, p, kv: m.backbone(x, p, kv), inputs_BxLxH,
-                       positions, valid_BxL, pipo=pipo)
-    cache = _empty_cache(cfg, b, slots, pipo, k.dtype)
+    h, made = _apply(cfg, params, lambda m, x, p, kv: m.backbone(x, p, kv), inputs_BxLxH,
+                     positions, valid_BxL, pipo=pipo)
+    cache = _empty_cache(cfg, b, slots, pipo, h.dtype)
+    layers = []
+    for layer_type, (empty_a, empty_b), (a, b_) in zip(cfg.layer_pattern, cache.layers, made,
+                                                       strict=True):
+        if layer_type == "full_attention":
+            layers.append((jax.lax.dynamic_update_slice(empty_a, a.astype(empty_a.dtype),
+                                                        (0, 0, 0, 0, 0)),
+                           jax.lax.dynamic_update_slice(empty_b, b_.astype(empty_b.dtype),
+                                                        (0, 0, 0, 0, 0))))
+        else:
+            layers.append((a.astype(empty_a.dtype), b_.astype(jnp.float32)))
     cache = cache.replace(
-        k=jax.lax.dynamic_update_slice(cache.k, k, (0, 0, 0, 0, 0)),
-        v=jax.lax.dynamic_update_slice(cache.v, v, (0, 0, 0, 0, 0)),
+        layers=tuple(layers),
         valid=jax.lax.dynamic_update_slice(cache.valid, valid_BxL, (0, 0)),
         index=jnp.int32(length))
     return h, cache, positions[:, -1] + 1
@@ -228,24 +254,35 @@ def backbone_step(cfg: ModelConfig, params: Params, cache: KVCache, x_Bx1xH: Arr
                   positions_B: Array) -> tuple[Array, KVCache]:
     """One backbone pass for one new latent (PIPO) or token (AR) → (h B×H, cache).
 
-    Layers run under ``lax.scan`` over the stacked parameters and the read-only cache; the new
-    key/value rows of all layers are written into the cache once, in place.
+    Blocks of the layer pattern run under ``lax.scan`` over the stacked parameters and the
+    read-only cache. The new key/value rows of all full-attention layers are written into the
+    cache once, in place; DeltaNet layers return their whole (fixed-size) new states.
     """
-    layer = DecoderLayer(cfg)
+    layers = [DecoderLayer(cfg, t) for t in cfg.layer_pattern]
+    stacked = params["backbone"]["layers"]
 
-    def body(x: Array, layer_in: tuple[Params, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
-        p_l, k_l, v_l = layer_in
-        return layer.apply({"params": p_l}, x, positions_B, k_l, v_l, cache.valid,
-                           method=DecoderLayer.decode)
+    def body(x: Array, block: tuple[tuple[Params, ...], tuple[Any, ...]]) -> tuple[Array, Any]:
+        block_params, block_cache = block
+        new = []
+        for layer, p_l, c_l in zip(layers, block_params, block_cache, strict=True):
+            x, made = layer.apply({"params": p_l}, x, positions_B, c_l, cache.valid,
+                                  method=DecoderLayer.decode)
+            new.append(made)
+        return x, tuple(new)
 
-    x, (k_rows, v_rows) = jax.lax.scan(
-        body, x_Bx1xH, (params["backbone"]["layers"]["layer"], cache.k, cache.v))
-    h = RMSNorm(cfg.rms_eps).apply({"params": params["backbone"]["final_norm"]}, x)
+    block_params = tuple(stacked[slot_name(j)] for j in range(len(layers)))
+    x, made = jax.lax.scan(body, x_Bx1xH, (block_params, cache.layers))
+    h = norm(cfg).apply({"params": params["backbone"]["final_norm"]}, x)
     idx = cache.index
-    cache = cache.replace(
-        k=jax.lax.dynamic_update_slice(cache.k, k_rows.astype(cache.k.dtype), (0, 0, idx, 0, 0)),
-        v=jax.lax.dynamic_update_slice(cache.v, v_rows.astype(cache.v.dtype), (0, 0, idx, 0, 0)))
-    return h[:, 0], cache
+    new_layers = []
+    for layer_type, (a, b), (ma, mb) in zip(cfg.layer_pattern, cache.layers, made, strict=True):
+        if layer_type == "full_attention":
+            new_layers.append(
+                (jax.lax.dynamic_update_slice(a, ma.astype(a.dtype), (0, 0, idx, 0, 0)),
+                 jax.lax.dynamic_update_slice(b, mb.astype(b.dtype), (0, 0, idx, 0, 0))))
+        else:
+            new_layers.append((ma.astype(a.dtype), mb.astype(b.dtype)))
+    return h[:, 0], cache.replace(layers=tuple(new_layers))
 
 
 def mtp_step(cfg: ModelConfig, params: Params, cache: KVCache, h_BxH: Array, token1_B: Array,

@@ -1,13 +1,19 @@
-"""Qwen-style decoder building blocks: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""Qwen3 / Qwen3.5 decoder building blocks: RMSNorm, RoPE, (gated) grouped-query attention,
+Gated DeltaNet linear attention, SwiGLU, and the scanned hybrid stack.
 
 Every parameter carries logical axis names (``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``,
 ``layers``); ``pipo_jax.sharding`` maps them onto a device mesh with one rules table.
 
-Attention has two modes with the same parameters:
-* ``DecoderLayer.__call__``: a whole sequence (training, prefill); returns the keys/values it made
-  so prefill can fill a cache.
+Every mixer has two modes with the same parameters:
+* ``DecoderLayer.__call__``: a whole sequence (training, prefill); returns what a cache needs:
+  keys/values B×L×K×D (full attention) or (conv state B×(k-1)×C, recurrent state B×N×dk×dv)
+  (Gated DeltaNet).
 * ``DecoderLayer.decode``: one new position against a cache it only reads; returns the new
-  key/value row so the caller writes it in place (the cache never travels through the layer).
+  key/value row (written in place by the caller) or the new DeltaNet states.
+
+Norm conventions (QWEN3_5.md §2.1): ``family: qwen3`` norms are ``w·x̂`` with ``w`` initialised
+to ones; ``qwen3_5`` norms are ``(1 + w)·x̂`` with ``w`` stored as the offset and initialised to
+zeros. The DeltaNet's gated output norm is ``w·x̂·silu(z)`` in both.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from pipo_jax import deltanet
 from pipo_jax.config import ModelConfig
 
 Array = jax.Array
@@ -30,45 +37,65 @@ def dense_init(cfg: ModelConfig, axes: tuple[str, ...]) -> nn.initializers.Initi
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
 
 
+def _rms(x32: Array, eps: float) -> Array:
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
-    """``x / rms(x) · scale`` over the last axis, computed in float32."""
+    """``x / rms(x) · scale`` (or ``· (1 + scale)`` with ``offset``) over the last axis, in fp32."""
 
     eps: float = 1e-6
     axis_name: str = "embed"
     param_dtype: jnp.dtype = jnp.float32
+    offset: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                                 (self.axis_name,)),
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)),
                            (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+        w = scale.astype(jnp.float32) + (1.0 if self.offset else 0.0)
+        return (_rms(x.astype(jnp.float32), self.eps) * w).astype(x.dtype)
 
 
-def apply_rope(x_BxLxNxD: Array, positions_BxL: Array, theta: float) -> Array:
-    """Rotary embedding with the half-split (``rotate_half``) convention of Qwen/Llama."""
+def norm(cfg: ModelConfig, axis_name: str = "embed", name: str | None = None) -> RMSNorm:
+    """The family's RMSNorm (plain scale for Qwen3, ``1 + w`` for Qwen3.5)."""
+    return RMSNorm(cfg.rms_eps, axis_name, dtype_of(cfg.param_dtype), cfg.norm_offset, name=name)
+
+
+def apply_rope(x_BxLxNxD: Array, positions_BxL: Array, theta: float,
+               rotary_dim: int | None = None) -> Array:
+    """Rotary embedding, half-split (``rotate_half``) convention of Qwen/Llama.
+
+    Only the first ``rotary_dim`` dims of each head rotate (Qwen3.5's partial RoPE), with
+    frequencies ``theta^(-2j/rotary_dim)``; the rest pass through unchanged.
+    """
     d = x_BxLxNxD.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # B x L x D/2
+    rd = d if rotary_dim is None else rotary_dim
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
+    angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # B x L x rd/2
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x32 = x_BxLxNxD.astype(jnp.float32)
-    x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    x1, x2, rest = x32[..., : rd // 2], x32[..., rd // 2: rd], x32[..., rd:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.astype(x_BxLxNxD.dtype)
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with per-head q/k RMSNorm and RoPE (Qwen3)."""
+    """Grouped-query attention with per-head q/k RMSNorm before RoPE (Qwen3).
+
+    With ``cfg.attn_output_gate`` (Qwen3.5) ``q_proj`` emits ``2·head_dim`` per head: the query,
+    then a gate; the attention output is multiplied by ``sigmoid(gate)`` before ``o_proj``.
+    """
 
     cfg: ModelConfig
 
     def setup(self) -> None:
         c = self.cfg
         pdt, dt = dtype_of(c.param_dtype), dtype_of(c.dtype)
-        self.q_proj = nn.DenseGeneral((c.n_heads, c.head_dim), use_bias=False, dtype=dt,
+        q_width = c.head_dim * (2 if c.attn_output_gate else 1)
+        self.q_proj = nn.DenseGeneral((c.n_heads, q_width), use_bias=False, dtype=dt,
                                       param_dtype=pdt,
                                       kernel_init=dense_init(c, ("embed", "heads", "head_dim")))
         self.k_proj = nn.DenseGeneral((c.n_kv_heads, c.head_dim), use_bias=False, dtype=dt,
@@ -80,14 +107,24 @@ class Attention(nn.Module):
         self.o_proj = nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=dt,
                                       param_dtype=pdt,
                                       kernel_init=dense_init(c, ("heads", "head_dim", "embed")))
-        self.q_norm = RMSNorm(c.rms_eps, "head_dim", pdt)
-        self.k_norm = RMSNorm(c.rms_eps, "head_dim", pdt)
+        self.q_norm = norm(c, "head_dim")
+        self.k_norm = norm(c, "head_dim")
 
-    def _qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
-        theta = self.cfg.rope_theta
-        q = apply_rope(self.q_norm(self.q_proj(x)), positions, theta)
-        k = apply_rope(self.k_norm(self.k_proj(x)), positions, theta)
-        return q, k, self.v_proj(x)
+    def _qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array, Array | None]:
+        c = self.cfg
+        q = self.q_proj(x)
+        gate = None
+        if c.attn_output_gate:
+            q, gate = q[..., : c.head_dim], q[..., c.head_dim:]
+        q = apply_rope(self.q_norm(q), positions, c.rope_theta, c.rotary_dim)
+        k = apply_rope(self.k_norm(self.k_proj(x)), positions, c.rope_theta, c.rotary_dim)
+        return q, k, self.v_proj(x), gate
+
+    def _out(self, attn_BxLxNxD: Array, gate: Array | None) -> Array:
+        if gate is not None:
+            attn_BxLxNxD = attn_BxLxNxD * jax.nn.sigmoid(gate.astype(jnp.float32)).astype(
+                attn_BxLxNxD.dtype)
+        return self.o_proj(attn_BxLxNxD)
 
     def _grouped(self, q_BxLxNxD: Array) -> Array:
         b, length, _, d = q_BxLxNxD.shape
@@ -97,7 +134,7 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxH: Array, positions_BxL: Array,
                  key_valid_BxL: Array | None) -> tuple[Array, tuple[Array, Array]]:
         """Causal self-attention over a whole sequence → (out B×L×H, (k, v) B×L×K×D)."""
-        q, k, v = self._qkv(x_BxLxH, positions_BxL)
+        q, k, v, gate = self._qkv(x_BxLxH, positions_BxL)
         groups = self.cfg.n_heads // self.cfg.n_kv_heads
         # Head-major 4-D matmuls: on CPU they run several times faster than a grouped 5-D einsum.
         q_t = (q * (self.cfg.head_dim ** -0.5)).transpose(0, 2, 1, 3)  # B x N x L x D
@@ -111,7 +148,7 @@ class Attention(nn.Module):
         scores = jnp.where(allowed[:, None], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.matmul(probs, v_t).transpose(0, 2, 1, 3)  # B x L x N x D
-        return self.o_proj(out), (k, v)
+        return self._out(out, gate), (k, v)
 
     def decode(self, x_Bx1xH: Array, positions_B: Array, k_cache_BxSxKxD: Array,
                v_cache_BxSxKxD: Array, cache_valid_BxS: Array) -> tuple[Array, tuple[Array, Array]]:
@@ -120,7 +157,7 @@ class Attention(nn.Module):
         ``cache_valid`` marks the cache slots this position may attend to (the new position
         itself is attended to directly, so it need not be in the cache yet).
         """
-        q, k, v = self._qkv(x_Bx1xH, positions_B[:, None])
+        q, k, v, gate = self._qkv(x_Bx1xH, positions_B[:, None])
         qg = self._grouped(q)[:, 0] * (self.cfg.head_dim ** -0.5)  # B x K x G x D
         s_cache = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache_BxSxKxD,
                              preferred_element_type=jnp.float32)
@@ -131,7 +168,124 @@ class Attention(nn.Module):
         out = (jnp.einsum("bkgs,bskd->bkgd", probs[..., :-1], v_cache_BxSxKxD)
                + probs[..., -1:] * v[:, 0, :, None, :])
         out = out.reshape(x_Bx1xH.shape[0], 1, self.cfg.n_heads, self.cfg.head_dim)
-        return self.o_proj(out), (k, v)
+        return self._out(out, gate), (k, v)
+
+
+class GatedDeltaNet(nn.Module):
+    """Qwen3.5's linear-attention mixer (QWEN3_5.md §2.4).
+
+    ``x → in_proj_qkv → causal depthwise conv → silu → (q, k, v)``; ``β = sigmoid(in_proj_b x)``;
+    ``g = −exp(A_log)·softplus(in_proj_a x + dt_bias)``; q/k L2-normed (q also scaled by
+    ``dk^-½``) and repeated to the value heads; the gated delta rule (``pipo_jax.deltanet``);
+    a gated RMSNorm ``w·x̂·silu(z)`` with ``z = in_proj_z x``; ``out_proj``.
+    """
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        c = self.cfg
+        pdt, dt = dtype_of(c.param_dtype), dtype_of(c.dtype)
+        nv, dv = c.linear_n_value_heads, c.linear_value_head_dim
+
+        def dense(features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+            return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=pdt,
+                            kernel_init=dense_init(c, axes), name=name)
+
+        self.in_proj_qkv = dense(c.linear_conv_dim, ("embed", "mlp"), "in_proj_qkv")
+        self.in_proj_z = dense(nv * dv, ("embed", "mlp"), "in_proj_z")
+        self.in_proj_b = dense(nv, ("embed", "unmodeled"), "in_proj_b")
+        self.in_proj_a = dense(nv, ("embed", "unmodeled"), "in_proj_a")
+        self.out_proj = dense(c.d_model, ("mlp", "embed"), "out_proj")
+        # Torch's Conv1d layout with the singleton dim squeezed: C × kernel, tap k-1 = newest.
+        self.conv1d = self.param(
+            "conv1d", dense_init(c, ("mlp", "unmodeled")),
+            (c.linear_conv_dim, c.linear_conv_kernel), pdt)
+
+        def a_log_init(key: Array, shape: tuple[int, ...], dtype: jnp.dtype) -> Array:
+            # Decay rates A ~ U(1, 16), as HF initialises them.
+            return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+
+        self.A_log = self.param(
+            "A_log", nn.with_logical_partitioning(a_log_init, ("unmodeled",)), (nv,), pdt)
+        self.dt_bias = self.param(
+            "dt_bias", nn.with_logical_partitioning(nn.initializers.ones, ("unmodeled",)),
+            (nv,), pdt)
+        # The gated norm is always a plain scale (initialised to ones), even in Qwen3.5.
+        self.norm = RMSNorm(c.rms_eps, "unmodeled", pdt, offset=False)
+
+    def _conv_out(self, window_BxTxC: Array, t: int) -> Array:
+        """Causal depthwise conv over a window holding ``kernel - 1`` extra leading columns."""
+        k = self.cfg.linear_conv_kernel
+        w = self.conv1d.astype(jnp.float32)
+        win = window_BxTxC.astype(jnp.float32)
+        out = sum(w[:, j] * win[:, j:j + t] for j in range(k))
+        return jax.nn.silu(out)
+
+    def _gates(self, x: Array) -> tuple[Array, Array]:
+        beta = jax.nn.sigmoid(self.in_proj_b(x).astype(jnp.float32))
+        a = self.in_proj_a(x).astype(jnp.float32)
+        g = -jnp.exp(self.A_log.astype(jnp.float32)) * jax.nn.softplus(
+            a + self.dt_bias.astype(jnp.float32))
+        return g, beta
+
+    def _split(self, u_BxTxC: Array) -> tuple[Array, Array, Array]:
+        """Conv output → q, k B×T×Nv×dk (L2-normed, repeated to value heads), v B×T×Nv×dv."""
+        c = self.cfg
+        b, t, _ = u_BxTxC.shape
+        nk, nv = c.linear_n_key_heads, c.linear_n_value_heads
+        dk, dv = c.linear_key_head_dim, c.linear_value_head_dim
+        q = u_BxTxC[..., : nk * dk].reshape(b, t, nk, dk)
+        k = u_BxTxC[..., nk * dk: 2 * nk * dk].reshape(b, t, nk, dk)
+        v = u_BxTxC[..., 2 * nk * dk:].reshape(b, t, nv, dv)
+
+        def l2(x: Array) -> Array:
+            return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
+
+        q, k = l2(q) * dk ** -0.5, l2(k)
+        groups = nv // nk
+        return jnp.repeat(q, groups, axis=2), jnp.repeat(k, groups, axis=2), v
+
+    def _output(self, o_BxTxNxV: Array, x: Array) -> Array:
+        c = self.cfg
+        b, t = x.shape[:2]
+        z = self.in_proj_z(x).reshape(b, t, c.linear_n_value_heads, c.linear_value_head_dim)
+        y = self.norm(o_BxTxNxV.astype(x.dtype))
+        y = (y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
+        return self.out_proj(y.reshape(b, t, -1))
+
+    def __call__(self, x_BxLxH: Array, key_valid_BxL: Array | None = None,
+                 use_scan: bool = False) -> tuple[Array, tuple[Array, Array]]:
+        """Whole sequence → (out B×L×H, (conv state B×(k-1)×C, recurrent state B×N×dk×dv)).
+
+        Positions where ``key_valid`` is False (left padding) are zeroed first, so they neither
+        decay nor write the state: a left-padded row ends in the state of its unpadded self.
+        ``use_scan`` runs the token-by-token reference instead of the chunked form.
+        """
+        c = self.cfg
+        if key_valid_BxL is not None:
+            x_BxLxH = x_BxLxH * key_valid_BxL[..., None].astype(x_BxLxH.dtype)
+        b, t, _ = x_BxLxH.shape
+        mixed = self.in_proj_qkv(x_BxLxH)
+        window = jnp.pad(mixed, ((0, 0), (c.linear_conv_kernel - 1, 0), (0, 0)))
+        q, k, v = self._split(self._conv_out(window, t))
+        g, beta = self._gates(x_BxLxH)
+        if use_scan:
+            o, state = deltanet.scan(q, k, v, g, beta)
+        else:
+            o, state = deltanet.chunked(q, k, v, g, beta, chunk=c.linear_chunk)
+        conv_state = window[:, t:]  # the last kernel-1 projected inputs
+        return self._output(o, x_BxLxH), (conv_state, state)
+
+    def decode(self, x_Bx1xH: Array, conv_state_BxKxC: Array,
+               state_BxNxKxV: Array) -> tuple[Array, tuple[Array, Array]]:
+        """One token → (out B×1×H, (new conv state, new recurrent state))."""
+        window = jnp.concatenate([conv_state_BxKxC, self.in_proj_qkv(x_Bx1xH).astype(
+            conv_state_BxKxC.dtype)], axis=1)
+        q, k, v = self._split(self._conv_out(window, 1))
+        g, beta = self._gates(x_Bx1xH)
+        o, state = deltanet.recurrent_step(q[:, 0], k[:, 0], v[:, 0].astype(jnp.float32),
+                                           g[:, 0], beta[:, 0], state_BxNxKxV)
+        return self._output(o[:, None], x_Bx1xH), (window[:, 1:], state)
 
 
 class SwiGLU(nn.Module):
@@ -150,30 +304,48 @@ class SwiGLU(nn.Module):
                             nn.silu(gate) * up)
 
 
+LayerCache = tuple[Array, Array]  # (k, v) for full attention; (conv, state) for DeltaNet
+
+
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``.
+
+    The mixer is gated/ungated full attention (``attn``) or a Gated DeltaNet (``linear_attn``),
+    per ``layer_type``; every layer has the dense SwiGLU MLP.
+    """
 
     cfg: ModelConfig
+    layer_type: str = "full_attention"
 
     def setup(self) -> None:
-        pdt = dtype_of(self.cfg.param_dtype)
-        self.input_norm = RMSNorm(self.cfg.rms_eps, "embed", pdt)
-        self.attn = Attention(self.cfg)
-        self.post_attn_norm = RMSNorm(self.cfg.rms_eps, "embed", pdt)
+        self.input_norm = norm(self.cfg)
+        if self.layer_type == "full_attention":
+            self.attn = Attention(self.cfg)
+        else:
+            self.linear_attn = GatedDeltaNet(self.cfg)
+        self.post_attn_norm = norm(self.cfg)
         self.mlp = SwiGLU(self.cfg)
 
     def __call__(self, x_BxLxH: Array, positions_BxL: Array,
-                 key_valid_BxL: Array | None) -> tuple[Array, tuple[Array, Array]]:
-        a, kv = self.attn(self.input_norm(x_BxLxH), positions_BxL, key_valid_BxL)
+                 key_valid_BxL: Array | None) -> tuple[Array, LayerCache]:
+        h = self.input_norm(x_BxLxH)
+        if self.layer_type == "full_attention":
+            a, cache = self.attn(h, positions_BxL, key_valid_BxL)
+        else:
+            a, cache = self.linear_attn(h, key_valid_BxL)
         x = x_BxLxH + a
-        return x + self.mlp(self.post_attn_norm(x)), kv
+        return x + self.mlp(self.post_attn_norm(x)), cache
 
-    def decode(self, x_Bx1xH: Array, positions_B: Array, k_cache: Array, v_cache: Array,
-               cache_valid_BxS: Array) -> tuple[Array, tuple[Array, Array]]:
-        a, kv = self.attn.decode(self.input_norm(x_Bx1xH), positions_B, k_cache, v_cache,
-                                 cache_valid_BxS)
+    def decode(self, x_Bx1xH: Array, positions_B: Array, cache: LayerCache,
+               cache_valid_BxS: Array) -> tuple[Array, LayerCache]:
+        """One position → (x, new k/v row B×1×K×D, or the new DeltaNet states)."""
+        h = self.input_norm(x_Bx1xH)
+        if self.layer_type == "full_attention":
+            a, new = self.attn.decode(h, positions_B, cache[0], cache[1], cache_valid_BxS)
+        else:
+            a, new = self.linear_attn.decode(h, cache[0], cache[1])
         x = x_Bx1xH + a
-        return x + self.mlp(self.post_attn_norm(x)), kv
+        return x + self.mlp(self.post_attn_norm(x)), new
 
 
 REMAT_POLICIES = {
@@ -183,37 +355,48 @@ REMAT_POLICIES = {
 }
 
 
+def slot_name(j: int) -> str:
+    """Parameter name of position ``j`` in the layer pattern (``backbone/layers/layer_j``)."""
+    return f"layer_{j}"
+
+
 class _ScanBody(nn.Module):
-    """Adapts ``DecoderLayer`` to ``nn.scan``'s ``(carry, x) → (carry, y)`` signature."""
+    """One repeat of the layer pattern, in ``nn.scan``'s ``(carry, x) → (carry, y)`` form."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x: Array, positions: Array,
-                 key_valid: Array | None) -> tuple[Array, tuple[Array, Array]]:
-        return DecoderLayer(self.cfg, name="layer")(x, positions, key_valid)
+                 key_valid: Array | None) -> tuple[Array, tuple[LayerCache, ...]]:
+        caches = []
+        for j, layer_type in enumerate(self.cfg.layer_pattern):
+            x, cache = DecoderLayer(self.cfg, layer_type, name=slot_name(j))(x, positions,
+                                                                            key_valid)
+            caches.append(cache)
+        return x, tuple(caches)
 
 
 class Backbone(nn.Module):
-    """The decoder stack, scanned over layers (``nn.scan``), plus the final norm.
+    """The decoder stack, scanned (``nn.scan``) over repeats of its layer pattern, + final norm.
 
-    Parameters are stacked along a leading ``layers`` axis, one checkpoint layout for both the
-    scanned training forward and the per-layer decode step in ``pipo_jax.model``.
+    Layer ``i`` is ``layers/layer_{i % P}`` at index ``i // P`` of the stacked leading axis, with
+    ``P = len(cfg.layer_pattern)`` (1 for an all-attention stack, 4 for Qwen3.5), so one
+    parameter layout serves the scanned forward and the per-block decode step.
     """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxLxH: Array, positions_BxL: Array,
-                 key_valid_BxL: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
-        """Returns the final-normed hidden states B×L×H and stacked (k, v) n_layers×B×L×K×D."""
+                 key_valid_BxL: Array | None = None) -> tuple[Array, tuple[LayerCache, ...]]:
+        """Returns the final-normed hidden states B×L×H and, per pattern slot, its caches
+        stacked over blocks (``n_blocks × …``)."""
         body: type[nn.Module] = _ScanBody
         if self.cfg.remat_policy != "none":
             body = nn.remat(body, policy=REMAT_POLICIES[self.cfg.remat_policy],
                             prevent_cse=False)
         scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, nn.broadcast), length=self.cfg.n_layers,
+                          in_axes=(nn.broadcast, nn.broadcast), length=self.cfg.n_blocks,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        x, kv = scanned(self.cfg, name="layers")(x_BxLxH, positions_BxL, key_valid_BxL)
-        h = RMSNorm(self.cfg.rms_eps, "embed", dtype_of(self.cfg.param_dtype), name="final_norm")(x)
-        return h, kv
+        x, caches = scanned(self.cfg, name="layers")(x_BxLxH, positions_BxL, key_valid_BxL)
+        return norm(self.cfg, name="final_norm")(x), caches

@@ -19,21 +19,24 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from pipo_jax.config import ModelConfig
-from pipo_jax.layers import Backbone, DecoderLayer, RMSNorm, dense_init, dtype_of
+from pipo_jax.layers import Backbone, DecoderLayer, dense_init, dtype_of, norm, slot_name
 
 Array = jax.Array
 
 
 class Embedder(nn.Module):
-    """Token embedding table, tied with the LM head."""
+    """Token embedding table and the LM head: tied (logits through the embedding) or, with
+    ``tie_embeddings: false``, a separate ``lm_head`` matrix V×H (torch layout)."""
 
     cfg: ModelConfig
 
     def setup(self) -> None:
-        self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std),
-                                                      ("vocab", "embed")),
-            (self.cfg.vocab_size, self.cfg.d_model), dtype_of(self.cfg.param_dtype))
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std),
+                                            ("vocab", "embed"))
+        shape = (self.cfg.vocab_size, self.cfg.d_model)
+        pdt = dtype_of(self.cfg.param_dtype)
+        self.embedding = self.param("embedding", init, shape, pdt)
+        self.lm_head = None if self.cfg.tie_embeddings else self.param("lm_head", init, shape, pdt)
 
     def __call__(self, tokens: Array) -> Array:
         """tokens ``[...]`` int → embeddings ``[..., H]`` in the compute dtype."""
@@ -41,7 +44,8 @@ class Embedder(nn.Module):
 
     def attend(self, h: Array) -> Array:
         """hidden ``[..., H]`` → logits ``[..., V]`` in float32."""
-        return jnp.einsum("...h,vh->...v", h, self.embedding.astype(h.dtype),
+        head = self.embedding if self.lm_head is None else self.lm_head
+        return jnp.einsum("...h,vh->...v", h, head.astype(h.dtype),
                           preferred_element_type=jnp.float32)
 
 
@@ -98,19 +102,21 @@ class Compressor(nn.Module):
 
 
 class MTPHead(nn.Module):
-    """``fc([RMSNorm_e(e(token1)); RMSNorm_h(h)])`` → one decoder layer → final RMSNorm."""
+    """``fc([RMSNorm_e(e(token1)); RMSNorm_h(h)])`` → one full-attention decoder layer → final
+    RMSNorm; the structure of Qwen3.5's native MTP module (``mtp.*``), norms of the family's
+    convention."""
 
     cfg: ModelConfig
 
     def setup(self) -> None:
         c = self.cfg
-        pdt = dtype_of(c.param_dtype)
-        self.norm_emb = RMSNorm(c.rms_eps, "embed", pdt)
-        self.norm_hidden = RMSNorm(c.rms_eps, "embed", pdt)
-        self.fc = nn.Dense(c.d_model, use_bias=False, dtype=dtype_of(c.dtype), param_dtype=pdt,
+        self.norm_emb = norm(c)
+        self.norm_hidden = norm(c)
+        self.fc = nn.Dense(c.d_model, use_bias=False, dtype=dtype_of(c.dtype),
+                           param_dtype=dtype_of(c.param_dtype),
                            kernel_init=dense_init(c, ("mlp", "embed")))
-        self.layer = DecoderLayer(c)
-        self.final_norm = RMSNorm(c.rms_eps, "embed", pdt)
+        self.layer = DecoderLayer(c, "full_attention")
+        self.final_norm = norm(c)
 
     def _input(self, h: Array, e_tok1: Array) -> Array:
         return self.fc(jnp.concatenate([self.norm_emb(e_tok1), self.norm_hidden(h)], axis=-1))
@@ -124,8 +130,8 @@ class MTPHead(nn.Module):
     def decode(self, h_Bx1xH: Array, e_tok1_Bx1xH: Array, positions_B: Array, k_cache: Array,
                v_cache: Array, cache_valid_BxS: Array) -> tuple[Array, tuple[Array, Array]]:
         """One position against the MTP layer's own cache → (m B×1×H, (k, v) B×1×K×D)."""
-        x, kv = self.layer.decode(self._input(h_Bx1xH, e_tok1_Bx1xH), positions_B, k_cache,
-                                  v_cache, cache_valid_BxS)
+        x, kv = self.layer.decode(self._input(h_Bx1xH, e_tok1_Bx1xH), positions_B,
+                                  (k_cache, v_cache), cache_valid_BxS)
         return self.final_norm(x), kv
 
 
@@ -139,7 +145,7 @@ class ConfidenceHead(nn.Module):
         """``h, m [..., H]`` → logits ``[...]`` (float32)."""
         c = self.cfg
         pdt, dt = dtype_of(c.param_dtype), dtype_of(c.dtype)
-        x = RMSNorm(c.rms_eps, "mlp", pdt, name="norm")(jnp.concatenate([h, m], axis=-1))
+        x = norm(c, "mlp", name="norm")(jnp.concatenate([h, m], axis=-1))
         x = nn.Dense(c.d_model, use_bias=False, dtype=dt, param_dtype=pdt, name="fc1",
                      kernel_init=dense_init(c, ("mlp", "embed")))(x)
         x = nn.Dense(1, use_bias=False, dtype=dt, param_dtype=pdt, name="fc2",
@@ -206,21 +212,38 @@ def init_params(cfg: ModelConfig, pipo: bool, rng: Array) -> dict:
     return model.init(rng, tokens)["params"]
 
 
-def pipo_from_ar(cfg: ModelConfig, ar_params: dict, rng: Array) -> dict:
+def backbone_layer(cfg: ModelConfig, backbone_params: dict, i: int) -> dict:
+    """Parameters of backbone layer ``i`` (un-stacked from its scanned pattern slot)."""
+    period = len(cfg.layer_pattern)
+    return jax.tree.map(lambda x: x[i // period],
+                        backbone_params["layers"][slot_name(i % period)])
+
+
+def pipo_from_ar(cfg: ModelConfig, ar_params: dict, rng: Array,
+                 native_mtp: dict | None = None) -> dict:
     """Builds PIPO parameters from an AR checkpoint (the ``sft`` stage's start).
 
     Embedder and backbone are copied; the compressor gets its configured init (identity-sum by
-    default); the MTP layer starts as a copy of the last backbone layer and its final norm as the
-    backbone's final norm when ``mtp_init == "last_layer"``, with its fc set to the identity-sum
-    ``[I; I]`` so the layer first sees ``norm(e(token1)) + norm(h)``; the confidence head is fresh.
+    default); the confidence head is fresh. The MTP head depends on ``cfg.mtp_init``:
+    * ``native``: ``native_mtp``, a checkpoint's own MTP module (Qwen3.5's ``mtp.*``);
+    * ``last_layer``: the layer is a copy of the last full-attention backbone layer and the final
+      norm the backbone's, with fc the identity-sum ``[I; I]`` so the layer first sees
+      ``norm(e(token1)) + norm(h)``;
+    * ``random``: fresh.
     """
     fresh = nn.unbox(init_params(cfg, True, rng))
     params = dict(fresh)
     params["embedder"] = ar_params["embedder"]
     params["backbone"] = ar_params["backbone"]
-    if cfg.mtp_init == "last_layer":
+    if cfg.mtp_init == "native":
+        if native_mtp is None:
+            raise ValueError("mtp_init is 'native' but no native MTP parameters were given")
+        params["mtp_head"] = native_mtp
+    elif cfg.mtp_init == "last_layer":
         mtp = dict(fresh["mtp_head"])
-        mtp["layer"] = jax.tree.map(lambda x: x[-1], ar_params["backbone"]["layers"]["layer"])
+        types_ = cfg.resolved_layer_types
+        last_full = max(i for i, t in enumerate(types_) if t == "full_attention")
+        mtp["layer"] = backbone_layer(cfg, ar_params["backbone"], last_full)
         mtp["final_norm"] = ar_params["backbone"]["final_norm"]
         kernel = mtp["fc"]["kernel"]
         mtp["fc"] = {"kernel": _identity_sum_kernel(cfg.d_model)(rng, kernel.shape, kernel.dtype)}

@@ -48,5 +48,5 @@ def test_bf16_train_step_and_decode():
     state = dec.pipo_decode_loop(st.params, state, np.float32(-1.0), cfg=CFG,
                                  sp=dec.SamplingParams(), use_mtp=True, budget=8, pad_id=0,
                                  eos_id=1)
-    assert state.cache.k.dtype == jnp.bfloat16
+    assert state.cache.layers[0][0].dtype == jnp.bfloat16
     assert np.all(np.asarray(state.n_tokens) == 8)

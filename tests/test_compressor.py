@@ -126,9 +126,9 @@ def test_pipo_from_ar_last_layer():
     chex.assert_trees_all_equal(pipo["embedder"], ar["embedder"])
     chex.assert_trees_all_equal(pipo["backbone"], ar["backbone"])
     # MTP layer = the last backbone layer; its final norm = the backbone's final norm.
-    last = jax.tree.map(lambda x: x[-1], ar["backbone"]["layers"]["layer"])
+    last = jax.tree.map(lambda x: x[-1], ar["backbone"]["layers"]["layer_0"])
     chex.assert_trees_all_equal(pipo["mtp_head"]["layer"], last)
-    first = jax.tree.map(lambda x: x[0], ar["backbone"]["layers"]["layer"])
+    first = jax.tree.map(lambda x: x[0], ar["backbone"]["layers"]["layer_0"])
     assert not np.array_equal(pipo["mtp_head"]["layer"]["attn"]["q_proj"]["kernel"],
                               first["attn"]["q_proj"]["kernel"])
     chex.assert_trees_all_equal(pipo["mtp_head"]["final_norm"], ar["backbone"]["final_norm"])
@@ -168,6 +168,6 @@ def test_pipo_from_ar_random_mtp():
     chex.assert_trees_all_equal(pipo["embedder"], ar["embedder"])
     chex.assert_trees_all_equal(pipo["backbone"], ar["backbone"])
     chex.assert_trees_all_equal(pipo["mtp_head"], fresh["mtp_head"])
-    last = jax.tree.map(lambda x: x[-1], ar["backbone"]["layers"]["layer"])
+    last = jax.tree.map(lambda x: x[-1], ar["backbone"]["layers"]["layer_0"])
     assert not np.array_equal(pipo["mtp_head"]["layer"]["attn"]["q_proj"]["kernel"],
                               last["attn"]["q_proj"]["kernel"])

@@ -57,7 +57,7 @@ def steered(params: dict, token: int, boost: float = 50.0) -> dict:
     emb = p["embedder"]["embedding"]
     emb[:, 0] += 3.0
     emb[token, 0] += boost
-    layer = p["backbone"]["layers"]["layer"]
+    layer = p["backbone"]["layers"]["layer_0"]
     layer["attn"]["o_proj"]["kernel"][...] = 0.0
     layer["mlp"]["down_proj"]["kernel"][...] = 0.0
     eye = np.eye(H, dtype=np.float32)

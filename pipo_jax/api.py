@@ -25,7 +25,7 @@ from pipo_jax.config import Config, DecodeConfig, MeshConfig, validate_threshold
 from pipo_jax.data.arith import SYSTEM_PROMPT
 from pipo_jax.pairs import assert_pad_at_odd
 from pipo_jax.sharding import build_mesh
-from pipo_jax.tokenizer import ByteTokenizer, Tokenizer
+from pipo_jax.tokenizer import ByteTokenizer, Tokenizer, run_tokenizer
 from pipo_jax.trainer import abstract_params
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
@@ -198,4 +198,6 @@ def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | No
     ar_params = None
     if ckpt.latest_step(run_dir / "ar") is not None:
         ar_params, _ = load_params(run_dir / "ar", False)
+    if tokenizer is None:
+        tokenizer = run_tokenizer(cfg.tokenizer, run_dir, cfg.model.vocab_size)
     return PipoRunner(cfg, params, ar_params, tokenizer, system_prompt)

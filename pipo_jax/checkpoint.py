@@ -378,6 +378,23 @@ def restore_params(stage_dir: str | Path, abstract_params: Any,
         return restored[_STATE]["params"], _config_of(manager, step, restored[_CONFIG])
 
 
+def saved_keys(stage_dir: str | Path, step: int | None = None) -> set[str]:
+    """Top-level keys of the saved state of checkpoint ``step`` (default: the latest).
+
+    A full train state has ``params``, ``opt_state`` and ``step``; a params-only checkpoint
+    (an imported model, ``python -m pipo_jax.convert hf-to-pipo``) has no ``opt_state``.
+    """
+    stage_dir = Path(stage_dir)
+    with _open_for_restore(stage_dir, ocp.PyTreeCheckpointHandler()) as manager:
+        step = _resolve_step(manager, stage_dir, step)
+        try:
+            metadata = manager.item_metadata(step)[_STATE]
+            tree = getattr(metadata, "tree", metadata)
+            return {str(k) for k in tree}
+        except Exception as e:
+            raise _corrupt(manager, step, e) from e
+
+
 def restore_config(stage_dir: str | Path, step: int | None = None) -> Config:
     """The config saved with checkpoint ``step`` (default: the latest), without any arrays.
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:  # the ``tokenizers`` package is only needed for HFTokenizer
     import tokenizers
 
+from pipo_jax.config import ConfigError
+
 # Chat roles, in the order the template writes them.
 ROLES = ("system", "user", "assistant")
 
@@ -320,3 +322,13 @@ def load_tokenizer(spec: str, run_dir: str | os.PathLike[str] | None = None,
     raise FileNotFoundError(f"tokenizer {spec!r} not found; tried "
                             + ", ".join(str(p) for p in tried)
                             + ": give 'byte' or a directory holding tokenizer.json")
+
+
+def run_tokenizer(spec: str, run_dir: str | os.PathLike[str] | None,
+                  model_vocab_size: int) -> Tokenizer:
+    """``load_tokenizer`` for a run's config: failures become a ``ConfigError`` naming the
+    ``tokenizer`` key, so the command-line tools report them as one line."""
+    try:
+        return load_tokenizer(spec, run_dir, model_vocab_size)
+    except (ValueError, OSError, ImportError) as e:
+        raise ConfigError(f"tokenizer {spec!r} cannot be used: {e}") from e

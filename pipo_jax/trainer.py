@@ -32,7 +32,7 @@ from pipo_jax.data import make_train_dataset
 from pipo_jax.losses import ar_loss, sft_loss
 from pipo_jax.metrics import MetricWriter
 from pipo_jax.model import PipoLM, init_params, pipo_from_ar
-from pipo_jax.tokenizer import ByteTokenizer, Tokenizer
+from pipo_jax.tokenizer import Tokenizer, run_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -157,7 +157,7 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
     """Trains one stage to ``cfg.<stage>.steps``, resuming from its latest checkpoint."""
     tc: TrainConfig = getattr(cfg, stage)
     pipo = stage == "sft"
-    tokenizer = tokenizer or ByteTokenizer()
+    tokenizer = tokenizer or run_tokenizer(cfg.tokenizer, cfg.run_dir, cfg.model.vocab_size)
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise TrainingError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer has "
                             f"{tokenizer.vocab_size} tokens")
@@ -167,7 +167,14 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
     tx = make_optimizer(tc)
     abstract, shardings = state_shardings(cfg.model, pipo, tx, mesh)
     start = ckpt.latest_step(stage_dir)
-    if start is not None:
+    if start is not None and "opt_state" not in ckpt.saved_keys(stage_dir, start):
+        # A params-only checkpoint (an imported model): train from its weights with a fresh
+        # optimizer.
+        params, _ = ckpt.restore_params(stage_dir, ckpt.abstract_target(abstract.params,
+                                                                        shardings.params))
+        opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+        state = TrainState(step=jnp.int32(start), params=params, opt_state=opt_state)
+    elif start is not None:
         state, _ = ckpt.restore(stage_dir, ckpt.abstract_target(abstract, shardings))
         start = int(state.step)
     else:

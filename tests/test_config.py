@@ -157,9 +157,21 @@ def test_model_validation():
     with pytest.raises(ConfigError, match="layer_types"):
         ModelConfig(n_layers=3, layer_types=("full_attention",) * 2)
     with pytest.raises(ConfigError, match="unsupported"):
+        ModelConfig(n_layers=1, layer_types=("mamba",))
+    with pytest.raises(ConfigError, match="at least one full_attention"):
         ModelConfig(n_layers=1, layer_types=("linear_attention",))
-    with pytest.raises(ConfigError, match="head_dim"):
+    with pytest.raises(ConfigError, match="rotary"):
         ModelConfig(head_dim=7)
+    with pytest.raises(ConfigError, match="rotary"):
+        ModelConfig(head_dim=8, partial_rotary_factor=0.1)
+    with pytest.raises(ConfigError, match="partial_rotary_factor"):
+        ModelConfig(partial_rotary_factor=1.5)
+    with pytest.raises(ConfigError, match="linear_n_value_heads"):
+        ModelConfig(linear_n_key_heads=3, linear_n_value_heads=4)
+    with pytest.raises(ConfigError, match="linear_chunk"):
+        ModelConfig(linear_chunk=0)
+    with pytest.raises(ConfigError, match="family"):
+        C.load_config(None, ["model.family=llama"])
     with pytest.raises(ConfigError, match="d_model"):
         ModelConfig(d_model=0)
     with pytest.raises(ConfigError, match="n_kv_heads"):
@@ -167,6 +179,23 @@ def test_model_validation():
     m = ModelConfig(n_layers=2, layer_types=("full_attention",) * 2)
     assert m.resolved_layer_types == ("full_attention", "full_attention")
     assert ModelConfig(n_layers=3).resolved_layer_types == ("full_attention",) * 3
+
+
+def test_layer_pattern_is_the_shortest_period():
+    lin, full = "linear_attention", "full_attention"
+    qwen35 = ModelConfig(n_layers=8, layer_types=(lin, lin, lin, full) * 2)
+    assert qwen35.layer_pattern == (lin, lin, lin, full) and qwen35.n_blocks == 2
+    assert ModelConfig(n_layers=6).layer_pattern == (full,)
+    assert ModelConfig(n_layers=6).n_blocks == 6
+    odd = (lin, full, full)
+    irregular = ModelConfig(n_layers=3, layer_types=odd)
+    assert irregular.layer_pattern == odd and irregular.n_blocks == 1
+    m = ModelConfig(head_dim=32, partial_rotary_factor=0.25, linear_n_key_heads=2,
+                    linear_n_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8)
+    assert m.rotary_dim == 8 and m.linear_conv_dim == 2 * 2 * 16 + 4 * 8
+    q35 = ModelConfig(family="qwen3_5")
+    assert q35.norm_offset and q35.attn_output_gate
+    assert not ModelConfig(family="qwen3").norm_offset
 
 
 def test_other_section_validation():

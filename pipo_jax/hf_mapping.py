@@ -30,7 +30,7 @@ Path_ = tuple[str, ...]
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3")
 
 
-class MappingError(ValueError):
+class MappingError(ConfigError):
     """A checkpoint whose keys, shapes or config do not fit the model; the message says which."""
 
 
@@ -174,6 +174,12 @@ class Target:
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
     group: str  # "backbone", "mtp", "compressor", "confidence": what a missing key means
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        """The checkpoint tensor's shape (checked before any reshape, so that a transposed or
+        mis-sized tensor can never be reshaped into the right number of elements)."""
+        return tuple(self.to_torch(np.zeros(self.shape, np.int8)).shape)
 
 
 def _same(x: np.ndarray) -> np.ndarray:
@@ -321,15 +327,10 @@ def get_path(tree: dict, path: Path_) -> Any:
 
 def tensor_to_flax(target: Target, key: str, value: np.ndarray) -> np.ndarray:
     """Checks a checkpoint tensor's shape against the model and converts it."""
-    try:
-        out = target.to_flax(value)
-    except ValueError as e:
-        raise MappingError(f"{key}: shape {tuple(value.shape)} does not fit the model "
-                           f"(expected flax shape {target.shape}): {e}") from e
-    if tuple(out.shape) != target.shape:
-        raise MappingError(f"{key}: shape {tuple(value.shape)} does not fit the model "
-                           f"(→ {tuple(out.shape)}, expected {target.shape})")
-    return out
+    if tuple(value.shape) != target.torch_shape:
+        raise MappingError(f"{key}: shape {tuple(value.shape)} does not fit the model, which "
+                           f"expects {target.torch_shape}")
+    return target.to_flax(value)
 
 
 def iter_hf_tensors(cfg: ModelConfig, params: dict,
@@ -357,9 +358,15 @@ def load_into(cfg: ModelConfig, items: Iterable[tuple[str, np.ndarray]],
     table = key_table(cfg)
     seen: set[str] = set()
     unused: list[str] = []
+    tied_head: np.ndarray | None = None
     for key, value in items:
         name = canonical_key(cfg, key)
         if name is None:
+            continue
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            # A tied model's in-memory state_dict lists the head too; accept it only if it is
+            # the embedding (checked once both are read).
+            tied_head = np.asarray(value)
             continue
         target = table.get(name)
         if target is None:
@@ -378,6 +385,11 @@ def load_into(cfg: ModelConfig, items: Iterable[tuple[str, np.ndarray]],
         raise MappingError(
             f"{len(unused)} checkpoint key(s) have no place in the model (wrong config or "
             f"family?): {', '.join(sorted(unused)[:6])}{' ...' if len(unused) > 6 else ''}")
+    if tied_head is not None:
+        embedding = get_path(params, ("embedder", "embedding"))
+        if tied_head.shape != embedding.shape or not np.array_equal(tied_head, embedding):
+            raise MappingError("lm_head.weight differs from the embedding although "
+                               "tie_word_embeddings is true; fix the config.json")
     groups = set()
     for group in ("backbone", "mtp", "compressor", "confidence"):
         keys = [k for k, t in table.items() if t.group == group]

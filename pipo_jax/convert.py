@@ -1,0 +1,578 @@
+"""Hugging Face Qwen3 / Qwen3.5 checkpoints ↔ pipo-jax run directories.
+
+    python -m pipo_jax.convert hf-to-pipo --hf-dir DIR --out RUN_DIR [--param-dtype float32]
+        [--compressor-type mlp|linear] [--max-context N] [--seed S] [--force]
+    python -m pipo_jax.convert pipo-to-hf --run RUN_DIR --out DIR [--dtype float32|bfloat16]
+        [--step N] [--max-shard-size 2GB] [--force]
+
+``hf-to-pipo`` reads a local Hugging Face folder (config.json, ``*.safetensors`` with or without
+``model.safetensors.index.json``, tokenizer.json and tokenizer_config.json; nothing is fetched)
+and writes a run directory that ``pipo_jax.load`` and ``train.py`` start from::
+
+    <out>/config.json           the run's Config (stages: sft; tokenizer: "tokenizer")
+    <out>/hf_config.json        the source config.json, kept as is for the export
+    <out>/hf_dtypes.json        only for mixed-dtype checkpoints: tensors not in the main dtype
+    <out>/tokenizer/            tokenizer.json (+ tokenizer_config.json ...)
+    <out>/ar/checkpoints/0      params-only checkpoint of the AR model (embedder + backbone)
+    <out>/sft/checkpoints/0     params-only checkpoint of the PIPO model
+
+Tensors are read one at a time into a preallocated numpy tree of the model's final shapes
+(``hf_mapping.load_into``): reading never holds more than that one copy of the parameters plus
+a tensor (and the mapped pages of the shard being read). Saving it with orbax buffers about one
+more copy of what each checkpoint holds (OCDBT), so the peak is about two copies
+(``benchmarks/convert_memory.py``). Every key of the checkpoint must have a place in the model
+and every backbone key must be present. The MTP
+head is the checkpoint's own ``mtp.*`` module when it has one (``mtp_init: native``), else a
+copy of the last full-attention layer; the compressor and the confidence head come from the
+checkpoint when it is a PIPO export, else they are freshly initialised.
+
+``pipo-to-hf`` writes the PIPO (``sft``) parameters back in the reference key layout, streamed
+one tensor at a time into safetensors shards, with config.json (the imported one plus
+``compressor_type``) and the run's tokenizer files. HF → PIPO → HF is bit-exact for every text
+and MTP tensor; the vision tower of a VLM checkpoint is not carried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import json
+import re
+import resource
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import linen as nn
+
+from pipo_jax import checkpoint as ckpt
+from pipo_jax import hf_mapping as hm
+from pipo_jax.api import load_params
+from pipo_jax.cli import run_main
+from pipo_jax.config import Config, ConfigError, ModelConfig, save_config
+from pipo_jax.layers import slot_name
+from pipo_jax.model import init_params, pipo_from_ar
+from pipo_jax.tokenizer import HFTokenizer
+
+HF_CONFIG = "hf_config.json"  # the source config.json, in the run directory
+HF_DTYPES = "hf_dtypes.json"  # {key: dtype} of tensors stored in another dtype than the config's
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD = "2GB"
+# Module of the PIPO tree ← group of hf_mapping's key table.
+MODULES = {"mtp": "mtp_head", "compressor": "compressor", "confidence": "confidence_head"}
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "float16": np.dtype(np.float16)}
+_ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
+             np.dtype(np.float16): "F16", np.dtype(np.float64): "F64"}
+
+
+class ConvertError(ConfigError):
+    """An input folder, run directory or option that cannot be converted (a user error: the CLI
+    prints it as one ``error:`` line and exits with 2)."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ConvertError(f"{path} is missing: {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path} is not valid JSON ({e})") from e
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuses a non-empty ``out`` unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConvertError(f"--out {out} is not empty; choose a new directory or pass --force "
+                           "to replace the converted files in it")
+
+
+def _prepare_out(out: Path, force: bool, ours: Iterable[str]) -> None:
+    """Creates ``out``; ``force`` first deletes there only the files a conversion writes."""
+    _check_out(out, force)
+    if force and out.is_dir():
+        for name in ours:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _numpy_saved_in_place() -> Iterator[None]:
+    """Orbax deep-copies numpy leaves before an asynchronous save (in case the caller mutates
+    them meanwhile): a second full copy of the model. Our saves wait for the commit and never
+    mutate the tree, so for their duration numpy arrays are written in place."""
+    handlers = ocp.type_handlers
+    previous = handlers.get_type_handler(np.ndarray)
+    handlers.register_type_handler(
+        np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False), override=True)
+    try:
+        yield
+    finally:
+        handlers.register_type_handler(np.ndarray, previous, override=True)
+
+
+def _release_freed_memory() -> None:
+    """Returns freed heap pages to the OS (glibc only; elsewhere a no-op).
+
+    An orbax/OCDBT save buffers about one copy of what it writes; glibc keeps those pages
+    after the save, spread over per-thread arenas that the next save does not reliably reuse,
+    so two saves in a row could peak at three copies of the model instead of two.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"``, ``"500MiB"``, ``"1e6"`` or ``"4096"`` → bytes (GB = 10⁹ as in transformers)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]i?)?[bB]?\s*", text)
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    try:
+        value = float(m.group(1)) * units[(m.group(2) or "").lower()]  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        raise ConvertError(f"--max-shard-size {text!r} is not a size like 2GB, 500MB or 4096"
+                           ) from None
+    if value < 1:
+        raise ConvertError(f"--max-shard-size must be positive, got {text!r}")
+    return int(value)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(np.dtype(dtype), str(dtype))
+
+
+# ------------------------------------------------------------------------- reading safetensors
+
+
+def safetensors_files(hf_dir: Path) -> list[Path]:
+    """The checkpoint's shard files: those named by the index, else every ``*.safetensors``."""
+    index = hf_dir / INDEX
+    if index.is_file():
+        weight_map = _read_json(index, "").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConvertError(f"{index} has no weight_map")
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ConvertError(f"{index} names shard(s) missing from {hf_dir}: "
+                               f"{', '.join(missing)}")
+        return files
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ConvertError(f"no *.safetensors file in {hf_dir} (only safetensors checkpoints are "
+                           "read; convert .bin/.pth ones with transformers first)")
+    return files
+
+
+def iter_checkpoint(files: list[Path], wanted: Any = None, dtypes: dict[str, str] | None = None,
+                    keys: set[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields ``(key, array)`` of every tensor, reading one at a time (bf16 as ml_dtypes).
+
+    ``wanted(key)`` False skips a tensor without reading it; ``dtypes`` collects each yielded
+    key's stored dtype and ``keys`` every key of the files, skipped ones included.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                for key in f.keys():
+                    if keys is not None:
+                        keys.add(key)
+                    if wanted is not None and not wanted(key):
+                        continue
+                    value = f.get_tensor(key)
+                    if dtypes is not None:
+                        dtypes[key] = _dtype_name(value.dtype)
+                    yield key, value
+        except (SafetensorError, OSError) as e:
+            raise ConvertError(f"{file} is not a readable safetensors file ({e}); copy it again "
+                               "from the model's repository") from e
+
+
+def _check_index(hf_dir: Path, seen: set[str]) -> None:
+    """The index's weight_map must list exactly the tensors the shards hold."""
+    index = hf_dir / INDEX
+    if not index.is_file():
+        return
+    listed = set(_read_json(index, "")["weight_map"])
+    extra, absent = sorted(seen - listed), sorted(listed - seen)
+    if extra or absent:
+        raise ConvertError(
+            f"{index} does not match its shards: "
+            + "; ".join(p for p in (f"not listed: {', '.join(extra[:4])}" if extra else "",
+                                    f"listed but absent: {', '.join(absent[:4])}" if absent
+                                    else "") if p))
+
+
+# ------------------------------------------------------------------------- writing safetensors
+
+
+class SafetensorsWriter:
+    """Streams tensors into ``model.safetensors`` or ``model-0000i-of-0000N.safetensors``
+    shards of at most ``max_bytes`` (a larger tensor gets a shard of its own), one tensor in
+    memory at a time, plus ``model.safetensors.index.json`` when there are several shards.
+
+    Each shard's header space is reserved up front from ``all_keys`` (an upper bound), padded
+    with spaces as the format allows, and written once the shard's tensors are on disk.
+    """
+
+    def __init__(self, out_dir: Path, max_bytes: int, all_keys: Iterable[str]) -> None:
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        reserve = 64 + sum(len(json.dumps(k)) + 192 for k in all_keys)
+        self._reserve = -(-reserve // 8) * 8  # the data starts 8-byte aligned
+        self._shards: list[tuple[Path, dict[str, Any]]] = []  # (tmp path, header entries)
+        self._file: Any = None
+        self._offset = 0
+        self.total_bytes = 0
+
+    def _open(self) -> None:
+        path = self.out_dir / f".shard-{len(self._shards):05d}.tmp"
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in _close
+        self._file.seek(8 + self._reserve)
+        self._shards.append((path, {}))
+        self._offset = 0
+
+    def _close(self) -> None:
+        if self._file is None:
+            return
+        entries = self._shards[-1][1]
+        header = json.dumps({"__metadata__": {"format": "pt"}, **entries},
+                            separators=(",", ":")).encode()
+        if len(header) > self._reserve:  # pragma: no cover - the reserve is an upper bound
+            raise AssertionError(f"safetensors header of {len(header)} bytes exceeds its reserve")
+        self._file.seek(0)
+        self._file.write(self._reserve.to_bytes(8, "little"))
+        self._file.write(header + b" " * (self._reserve - len(header)))
+        self._file.close()
+        self._file = None
+
+    def add(self, key: str, value: np.ndarray) -> None:
+        value = np.ascontiguousarray(value)
+        if value.dtype not in _ST_DTYPE:
+            raise ConvertError(f"{key}: dtype {value.dtype} cannot be written to safetensors")
+        if self._file is not None and self._offset and \
+                self._offset + value.nbytes > self.max_bytes:
+            self._close()
+        if self._file is None:
+            self._open()
+        self._file.write(value.reshape(-1).view(np.uint8).data)
+        self._shards[-1][1][key] = {"dtype": _ST_DTYPE[value.dtype], "shape": list(value.shape),
+                                    "data_offsets": [self._offset, self._offset + value.nbytes]}
+        self._offset += value.nbytes
+        self.total_bytes += value.nbytes
+
+    def finish(self) -> list[Path]:
+        """Closes the last shard, names the files and writes the index; returns the files."""
+        self._close()
+        n = len(self._shards)
+        names = (["model.safetensors"] if n == 1 else
+                 [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        weight_map = {}
+        for (tmp, entries), name in zip(self._shards, names, strict=True):
+            tmp.replace(self.out_dir / name)
+            weight_map.update(dict.fromkeys(entries, name))
+        if n > 1:
+            _write_json(self.out_dir / INDEX, {"metadata": {"total_size": self.total_bytes},
+                                               "weight_map": weight_map})
+        return [self.out_dir / name for name in names]
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        for tmp, _ in self._shards:
+            tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------- hf → pipo
+
+
+def model_config(hf_config: dict[str, Any], param_dtype: str = "float32",
+                 compressor_type: str | None = None,
+                 max_context: int | None = None) -> ModelConfig:
+    """The ``ModelConfig`` of a config.json plus the converter's options."""
+    overrides: dict[str, Any] = {"param_dtype": param_dtype}
+    if compressor_type is not None:
+        saved = hf_config.get("compressor_type")
+        if saved is not None and saved != compressor_type:
+            raise ConvertError(f"--compressor-type {compressor_type} conflicts with this PIPO "
+                               f"export's compressor_type {saved!r} (its compressor weights "
+                               "would not fit); drop the option")
+        overrides["compressor_type"] = compressor_type
+    if max_context is not None:
+        overrides["max_context"] = max_context
+    try:
+        return hm.config_from_hf(hf_config, **overrides)
+    except hm.MappingError as e:
+        raise ConvertError(str(e)) from e
+
+
+def abstract_pipo_params(cfg: ModelConfig) -> Any:
+    """Shapes and dtypes of the (unboxed) PIPO parameter tree, without allocating it."""
+    return jax.eval_shape(lambda k: nn.unbox(init_params(cfg, True, k)), jax.random.key(0))
+
+
+def fresh_modules(cfg: ModelConfig, params: dict, modules: Iterable[str], seed: int) -> dict:
+    """The PIPO ``modules`` a checkpoint lacks, as ``model.pipo_from_ar`` builds them.
+
+    None of them depends on the vocabulary or on the depth, so ``pipo_from_ar`` runs on a
+    stand-in model of one layer pattern and a two-token vocabulary whose backbone is the last
+    full-attention layer of ``params`` (all the ``last_layer`` MTP init reads): no second copy
+    of the backbone or the embedding is ever built.
+    """
+    modules = tuple(modules)
+    if not modules:
+        return {}
+    pattern = cfg.layer_pattern
+    last_full = max(i for i, t in enumerate(cfg.resolved_layer_types) if t == "full_attention")
+    slot = slot_name(last_full % len(pattern))
+    layer = jax.tree.map(lambda x: x[last_full // len(pattern)][None],
+                         params["backbone"]["layers"][slot])
+    small = dataclasses.replace(
+        cfg, vocab_size=2, n_layers=len(pattern),
+        layer_types=pattern if cfg.layer_types else (),
+        mtp_init="random" if cfg.mtp_init == "native" else cfg.mtp_init)
+
+    @jax.jit  # one compile instead of one per op of the init
+    def build(layer: dict, final_norm: dict, rng: jax.Array) -> dict:
+        stand_in = {"embedder": None, "backbone": {"final_norm": final_norm,
+                                                   "layers": {slot: layer}}}
+        built = pipo_from_ar(small, stand_in, rng)
+        return {m: built[m] for m in modules}
+
+    built = build(layer, params["backbone"]["final_norm"], jax.random.key(seed))
+    return jax.tree.map(np.asarray, built)
+
+
+def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32",
+               compressor_type: str | None = None, max_context: int | None = None,
+               seed: int = 0, force: bool = False, log: Any = print) -> dict[str, Any]:
+    """Converts a local Hugging Face folder into a run directory; returns a summary dict."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise ConvertError(f"--hf-dir {hf_dir} is not a directory")
+    hf_config = _read_json(hf_dir / "config.json",
+                           "--hf-dir must be a Hugging Face model folder with its config.json")
+    if not isinstance(hf_config, dict):
+        raise ConvertError(f"{hf_dir / 'config.json'} is not a JSON object")
+    cfg = model_config(hf_config, param_dtype, compressor_type, max_context)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise ConvertError(f"no tokenizer.json in {hf_dir}: copy the model's tokenizer.json and "
+                           "tokenizer_config.json there")
+    try:
+        HFTokenizer.from_dir(hf_dir, cfg.vocab_size)
+    except (ValueError, OSError, ImportError) as e:
+        raise ConvertError(f"the tokenizer in {hf_dir} cannot be used: {e}") from e
+    files = safetensors_files(hf_dir)
+    _check_out(out, force)
+
+    # One preallocated numpy tree of the final shapes; untouched pages cost no memory.
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_pipo_params(cfg))
+    seen: dict[str, str] = {}  # key → dtype of the tensors read
+    stored: set[str] = set()  # every key of the files, the ignored vision tower's included
+    wanted = lambda key: hm.canonical_key(cfg, key) is not None
+    try:
+        groups = hm.load_into(cfg, iter_checkpoint(files, wanted, seen, stored), params)
+    except hm.MappingError as e:
+        raise ConvertError(f"{hf_dir}: {e}") from e
+    _check_index(hf_dir, stored)
+
+    cfg = dataclasses.replace(cfg, mtp_init="native" if "mtp" in groups else "last_layer")
+    missing = [MODULES[g] for g in ("mtp", "compressor", "confidence") if g not in groups]
+    for module, value in fresh_modules(cfg, params, missing, seed).items():
+        params[module] = jax.tree.map(lambda new, old: new.astype(old.dtype), value,
+                                      params[module])
+
+    config = Config(run_dir=str(out), stages=("sft",), tokenizer=TOKENIZER_DIR, model=cfg)
+    _prepare_out(out, force, ("ar", "sft", TOKENIZER_DIR, "config.json", HF_CONFIG, HF_DTYPES))
+    _copy_tokenizer(hf_dir, out / TOKENIZER_DIR)
+    shutil.copyfile(hf_dir / "config.json", out / HF_CONFIG)
+    main_dtype = _source_dtype(hf_config)
+    odd = {hm.canonical_key(cfg, k): d for k, d in seen.items() if d != main_dtype}
+    if odd:
+        _write_json(out / HF_DTYPES, odd)
+    save_config(config, out / "config.json")
+    step = np.int32(0)
+    ar_params = {"embedder": params["embedder"], "backbone": params["backbone"]}
+    with _numpy_saved_in_place():
+        for stage, tree in (("ar", ar_params), ("sft", params)):
+            with ckpt.open_manager(out / stage, getattr(config, stage).keep_checkpoints) as m:
+                ckpt.save(m, 0, {"step": step, "params": tree}, config, force=True, wait=True)
+            _release_freed_memory()
+
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    summary = {
+        "family": cfg.family, "n_layers": cfg.n_layers, "layer_pattern": list(cfg.layer_pattern),
+        "params": n_params, "param_dtype": cfg.param_dtype,
+        "from_checkpoint": sorted(groups), "initialised": missing, "mtp_init": cfg.mtp_init,
+        "compressor_type": cfg.compressor_type, "tensors_read": len(seen),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "run_dir": str(out)}
+    pattern = "/".join("full" if t == "full_attention" else "linear" for t in cfg.layer_pattern)
+    log(f"{hf_dir} → {out}\n"
+        f"  family {cfg.family}, {cfg.n_layers} layers ({cfg.n_blocks} × [{pattern}]), "
+        f"{n_params / 1e6:.2f}M params ({cfg.param_dtype})\n"
+        f"  from the checkpoint: {', '.join(sorted(groups))} ({len(seen)} tensors); "
+        f"initialised: {', '.join(missing) or 'nothing'} (mtp_init {cfg.mtp_init}, "
+        f"{cfg.compressor_type} compressor)\n"
+        f"  peak host RSS {summary['peak_rss_mb']:.0f} MB")
+    return summary
+
+
+def _source_dtype(hf_config: dict[str, Any]) -> str:
+    """The dtype a config.json records ("dtype", older "torch_dtype", or its text_config's)."""
+    for node in (hf_config, hf_config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(node.get(key), str) and node[key] in DTYPES:
+                return node[key]
+    return "float32"
+
+
+# ---------------------------------------------------------------------------------- pipo → hf
+
+
+def _run_tokenizer_dir(run: Path, spec: str) -> Path | None:
+    if spec == "byte" or not spec:
+        return None
+    path = Path(spec).expanduser()
+    for candidate in ([path] if path.is_absolute() else [run / path, Path.cwd() / path]):
+        if candidate.is_dir():
+            return candidate
+        if candidate.is_file():
+            return candidate.parent
+    return None
+
+
+def pipo_to_hf(run: str | Path, out: str | Path, dtype: str | None = None,
+               step: int | None = None, max_shard_size: str = DEFAULT_SHARD,
+               force: bool = False, log: Any = print) -> dict[str, Any]:
+    """Exports a run's PIPO (``sft``) parameters as a Hugging Face folder; returns a summary."""
+    run, out = Path(run), Path(out)
+    max_bytes = parse_size(max_shard_size)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    base = _read_json(run / HF_CONFIG, "") if (run / HF_CONFIG).is_file() else None
+    per_key: dict[str, str] = {}
+    if dtype is None:
+        dtype = _source_dtype(base) if base is not None else "float32"
+        if (run / HF_DTYPES).is_file():
+            per_key = _read_json(run / HF_DTYPES, "")
+    _check_out(out, force)
+    params, config = load_params(run / "sft", True, step)
+    cfg = config.model
+    _prepare_out(out, force, ("config.json", INDEX, *TOKENIZER_FILES))
+    for stale in out.glob("*.safetensors"):
+        stale.unlink()
+
+    writer = SafetensorsWriter(out, max_bytes, hm.key_table(cfg))
+    try:
+        for key, value in hm.iter_hf_tensors(cfg, params):
+            writer.add(key, value.astype(DTYPES[per_key.get(key, dtype)], copy=False))
+        files = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    hf_config = hm.hf_config_from_model(cfg, base, dtype)
+    if base is not None and dtype != _source_dtype(base):
+        for node in (hf_config, hf_config.get("text_config") or {}):
+            for key in ("dtype", "torch_dtype"):
+                if key in node:
+                    node[key] = dtype
+    _write_json(out / "config.json", hf_config)
+    tok_dir = _run_tokenizer_dir(run, config.tokenizer)
+    copied = _copy_tokenizer(tok_dir, out) if tok_dir is not None else []
+
+    summary = {"files": [f.name for f in files], "bytes": writer.total_bytes, "dtype": dtype,
+               "tokenizer_files": copied, "peak_rss_mb": round(peak_rss_mb(), 1),
+               "out": str(out)}
+    note = ""
+    if base is not None and base.get("vision_config") is not None:
+        note = "\n  note: the vision tower of the source VLM checkpoint is not included"
+    log(f"{run} → {out}\n  {len(files)} safetensors file(s), {writer.total_bytes / 1e6:.1f} MB "
+        f"({dtype}), tokenizer: {', '.join(copied) or 'none'}\n"
+        f"  peak host RSS {summary['peak_rss_mb']:.0f} MB{note}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- cli
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipo_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("hf-to-pipo", help="a local Hugging Face folder → a run directory")
+    imp.add_argument("--hf-dir", required=True, help="folder with config.json, *.safetensors "
+                     "and tokenizer.json")
+    imp.add_argument("--out", required=True, help="run directory to create")
+    imp.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32")
+    imp.add_argument("--compressor-type", choices=("mlp", "linear"),
+                     help="default: the checkpoint's (a PIPO export), else mlp")
+    imp.add_argument("--max-context", type=int,
+                     help="longest context the decode caches hold (default: the checkpoint's "
+                     "max_position_embeddings)")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised modules")
+    imp.add_argument("--force", action="store_true", help="replace a previous conversion in --out")
+    exp = sub.add_parser("pipo-to-hf", help="a run's PIPO model → a Hugging Face folder")
+    exp.add_argument("--run", required=True, help="run directory (its sft/ checkpoint)")
+    exp.add_argument("--out", required=True, help="folder to write")
+    exp.add_argument("--dtype", choices=sorted(DTYPES),
+                     help="tensor dtype (default: the imported checkpoint's, else float32)")
+    exp.add_argument("--step", type=int, help="sft checkpoint step (default: the latest)")
+    exp.add_argument("--max-shard-size", default=DEFAULT_SHARD,
+                     help=f"largest safetensors file (default {DEFAULT_SHARD})")
+    exp.add_argument("--force", action="store_true", help="replace the files of a previous "
+                     "export in --out")
+    args = parser.parse_args(argv)
+    if args.command == "hf-to-pipo":
+        if args.max_context is not None and (args.max_context <= 0 or args.max_context % 2):
+            raise ConvertError(f"--max-context must be a positive even number, got "
+                               f"{args.max_context}")
+        hf_to_pipo(args.hf_dir, args.out, args.param_dtype, args.compressor_type,
+                   args.max_context, args.seed, args.force)
+    else:
+        pipo_to_hf(args.run, args.out, args.dtype, args.step, args.max_shard_size, args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

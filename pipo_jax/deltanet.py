@@ -52,25 +52,37 @@ def scan(q_BxTxNxK: Array, k_BxTxNxK: Array, v_BxTxNxV: Array, g_BxTxN: Array,
     return jnp.moveaxis(o, 0, 1), s
 
 
+def _unit_lower_inverse(a_XxBxB: Array) -> Array:
+    """Inverse of small unit-lower-triangular blocks by forward substitution, one row per step
+    (``B - 1`` unrolled steps of batched vector-matrix products)."""
+    b = a_XxBxB.shape[-1]
+    # With a = I + M, the rows of inv = I + N satisfy N_i = -M_i - M_i·N, i.e. row i only needs
+    # rows < i of N, which are final by then.
+    n = -jnp.tril(a_XxBxB, -1)
+    for i in range(1, b):
+        row = n[..., i:i + 1, :i] + jnp.matmul(n[..., i:i + 1, :i], n[..., :i, :i])
+        n = n.at[..., i:i + 1, :i].set(row)
+    return n + jnp.eye(b, dtype=a_XxBxB.dtype)
+
+
 def unit_lower_solve(a_XxCxC: Array, rhs_XxCxR: Array, block: int = 16) -> Array:
     """Solves ``a · x = rhs`` for unit-lower-triangular ``a`` (batched over leading dims).
 
-    Blocked forward substitution: ``block × block`` diagonal solves plus matmuls for the
-    off-diagonal blocks. XLA's CPU triangular solve slows down sharply (about 20×) from 32 rows
-    on, while the blocked form stays matmul-bound on every backend.
+    Blocked forward substitution: the ``block × block`` diagonal blocks are inverted row by row
+    (all blocks at once), the off-diagonal blocks are matmuls. Only elementwise ops and matmuls:
+    XLA:CPU's LAPACK triangular solve (``lax.linalg.triangular_solve``) is slow from 32 rows on
+    and, with several solves in flight on a 2-thread pool, can deadlock (jaxlib 0.10.2:
+    ``ParallelBatchMap`` waits on the pool its own callers occupy).
     """
     c = a_XxCxC.shape[-1]
-    if c <= block:
-        return jax.scipy.linalg.solve_triangular(a_XxCxC, rhs_XxCxR, lower=True,
-                                                 unit_diagonal=True)
+    starts = list(range(0, c, block))
+    inverses = [_unit_lower_inverse(a_XxCxC[..., s:s + block, s:s + block]) for s in starts]
     rows: list[Array] = []
-    for start in range(0, c, block):
-        stop = min(start + block, c)
-        r = rhs_XxCxR[..., start:stop, :]
+    for s, inv in zip(starts, inverses, strict=True):
+        r = rhs_XxCxR[..., s:s + block, :]
         if rows:
-            r = r - a_XxCxC[..., start:stop, :start] @ jnp.concatenate(rows, axis=-2)
-        rows.append(jax.scipy.linalg.solve_triangular(
-            a_XxCxC[..., start:stop, start:stop], r, lower=True, unit_diagonal=True))
+            r = r - jnp.matmul(a_XxCxC[..., s:s + block, :s], jnp.concatenate(rows, axis=-2))
+        rows.append(jnp.matmul(inv, r))
     return jnp.concatenate(rows, axis=-2)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +36,12 @@ def write(name: str, payload: dict[str, Any], out: str | None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
     return path
+
+
+def set_blas_threads(n: int) -> None:
+    """Sets OpenBLAS's thread count (scipy's OpenBLAS, loaded by transformers): its own thread
+    pool competes with torch's and XLA's for a small machine's cores. Must run before the
+    library is first loaded."""
+    if "scipy.linalg" in sys.modules:
+        raise RuntimeError("scipy.linalg is already loaded: --blas-threads would not apply")
+    os.environ["OPENBLAS_NUM_THREADS"] = str(n)

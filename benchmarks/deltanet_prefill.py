@@ -19,10 +19,11 @@ own largest magnitude (``max_abs_out``); ``state_diff`` the same for the final r
 Times are the median of ``--repeats`` calls after an untimed compile call (``ratio_best``: the
 same ratio from the best call of each).
 
-On CPU the chunked form's triangular solve is a LAPACK ``trsm`` from scipy's OpenBLAS, whose own
-thread pool fights XLA's for the cores: with OpenBLAS's default thread count the solve was up to
-40x slower on a loaded 2-core machine. ``--blas-threads`` (default 1) sets
-``OPENBLAS_NUM_THREADS`` before that library is first loaded.
+``core_grad`` times forward + backward of the core (what a training step pays): the scan's
+backward keeps one ``dk × dv`` state per token, the chunked form's one per chunk.
+
+The chunked form's triangular solves are matmul-only (``deltanet.unit_lower_solve``): XLA:CPU's
+LAPACK ``trsm`` was 20x slower from 32 rows on and can deadlock on a 2-thread pool.
 
 Timings on a shared 2-core machine are noisy; compare ratios from one run, not across runs.
 """
@@ -30,9 +31,7 @@ Timings on a shared 2-core machine are noisy; compare ratios from one run, not a
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -138,6 +137,30 @@ def bench_core(size: str, batch: int, length: int, chunk: int, repeats: int) -> 
     return _compare("core", size, batch, length, lambda: chunked(*xs), lambda: scan(*xs), repeats)
 
 
+def bench_core_grad(size: str, batch: int, length: int, chunk: int,
+                    repeats: int) -> dict[str, Any]:
+    """Forward + backward (gradients wrt q, k, v, g, β of a random projection of the output)."""
+    xs = core_inputs(size, batch, length)
+    w = jnp.asarray(np.random.default_rng(3).standard_normal(xs[2].shape), jnp.float32)
+
+    def grad_of(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def loss(*a: Array) -> Array:
+            out, state = fn(*a)
+            return jnp.sum(out * w) + jnp.sum(state)
+
+        def run(*a: Array) -> tuple[Array, Array]:
+            grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)
+            # (output, "state") pair for _compare: the q gradient and the v gradient.
+            return grads[0], grads[2]
+
+        return jax.jit(run)
+
+    chunked = grad_of(lambda *a: deltanet.chunked(*a, chunk=chunk))
+    scan = grad_of(deltanet.scan)
+    return _compare("core_grad", size, batch, length, lambda: chunked(*xs), lambda: scan(*xs),
+                    repeats)
+
+
 def bench_layer(size: str, batch: int, length: int, chunk: int, repeats: int) -> dict[str, Any]:
     cfg = _config(size, chunk)
     params = layer_params(cfg)
@@ -192,14 +215,6 @@ def bench_backbone(batch: int, length: int, chunk: int, repeats: int) -> dict[st
     return row
 
 
-def set_blas_threads(n: int) -> None:
-    """Sets OpenBLAS's thread count; scipy's OpenBLAS (jaxlib's CPU LAPACK) loads lazily, at the
-    first linear-algebra lowering, so this must run before any compile that solves a system."""
-    if "scipy.linalg" in sys.modules:
-        raise RuntimeError("scipy.linalg is already loaded: --blas-threads would not apply")
-    os.environ["OPENBLAS_NUM_THREADS"] = str(n)
-
-
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -214,20 +229,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--blas-threads", type=int, default=1,
-                   help="OpenBLAS threads for the chunked form's triangular solve (CPU)")
     p.add_argument("--quick", action="store_true", help="short lengths, 2 repeats (smoke run)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/deltanet_prefill.json, "
                    "or deltanet_prefill_quick.json with --quick)")
     args = p.parse_args()
-    set_blas_threads(args.blas_threads)
     if args.quick:
         args.lengths, args.tiny_lengths, args.backbone_lengths = "128", "", ""
         args.repeats = 2
     jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     for size, lengths in (("small", _ints(args.lengths)), ("tiny", _ints(args.tiny_lengths))):
         for length in lengths:
-            for part, fn in (("core", bench_core), ("layer", bench_layer)):
+            for part, fn in (("core", bench_core), ("core_grad", bench_core_grad),
+                             ("layer", bench_layer)):
                 jobs.append((f"{part} {size} T={length}",
                              lambda f=fn, s=size, n=length: f(s, args.batch, n, args.chunk,
                                                              args.repeats)))
@@ -240,8 +253,7 @@ def main() -> None:
         print(f"backbone T={length}: done", flush=True)
 
     print(f"\nGated DeltaNet prefill, batch {args.batch}, chunk {args.chunk}, median of "
-          f"{args.repeats}; ratio = chunked tok/s / scan tok/s ({jax.default_backend()}, "
-          f"{args.blas_threads} BLAS threads)")
+          f"{args.repeats}; ratio = chunked tok/s / scan tok/s ({jax.default_backend()})")
     print(table(rows, [("part", "s"), ("size", "s"), ("tokens", "d"), ("chunked_tok_s", ",.0f"),
                        ("scan_tok_s", ",.0f"), ("ratio", ".2f"), ("ratio_best", ".2f"),
                        ("max_abs_diff", ".2e"),
@@ -257,7 +269,6 @@ def main() -> None:
         "sizes": {k: dict(zip(("d_model", "n_key_heads", "n_value_heads", "dk", "dv"), v,
                               strict=True)) for k, v in SIZES.items()},
         "batch": args.batch, "chunk": args.chunk, "repeats": args.repeats, "quick": args.quick,
-        "blas_threads": args.blas_threads,
         "rows": rows, "backbone_rows": backbone_rows}, args.out)
     print(f"wrote {path}")
 

@@ -38,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from benchmarks.common import table, write
-from benchmarks.deltanet_prefill import set_blas_threads
+from benchmarks.common import set_blas_threads, table, write
 from pipo_jax import decoding as dec
 from pipo_jax import hf_mapping as hm
 from pipo_jax.model import init_params

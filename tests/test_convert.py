@@ -397,3 +397,34 @@ def test_existing_out_needs_force(hf_models: dict[str, HFModel], tmp_path: Path,
     assert run_main(main, ["pipo-to-hf", "--run", str(tmp_path / "nope"), "--out",
                            str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_train_sft_from_imported_run(runs: dict[str, Path], tmp_path: Path):
+    """``train.py --config <run>/config.json`` fine-tunes an imported model: the params-only
+    step-0 checkpoint is the start, the optimizer state is fresh, the HF tokenizer encodes the
+    data, and the new checkpoint is a full train state that resumes and loads."""
+    import shutil
+
+    from pipo_jax.config import load_config
+    from pipo_jax.trainer import train
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["q35_untied_sharded"], run)
+    overrides = [f"run_dir={run}", f"data.data_dir={tmp_path / 'tfds'}", "data.num_train=16",
+                 "data.num_test=4", "data.levels=[2]", "data.max_len=128", "sft.steps=2",
+                 "sft.batch_size=2", "sft.log_every=1", "sft.ckpt_every=2"]
+    cfg = load_config(run / "config.json", overrides)
+    assert cfg.stages == ("sft",) and cfg.model.family == "qwen3_5"
+    before, _ = load_params(run / "sft", True, step=0)
+    [result] = train(cfg, progress=False)
+    assert result.steps == 2 and np.isfinite(result.final_metrics["loss"])
+    assert ckpt.all_steps(run / "sft") == [0, 2]
+    assert "opt_state" in ckpt.saved_keys(run / "sft", 2)
+    assert "opt_state" not in ckpt.saved_keys(run / "sft", 0)
+    after, _ = load_params(run / "sft", True)
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), before, after)
+    assert moved["compressor"]["fc1"]["kernel"] and moved["confidence_head"]["fc1"]["kernel"]
+    # The AR baseline (the imported model itself) is untouched.
+    assert ckpt.all_steps(run / "ar") == [0]
+    runner = load(run)
+    assert isinstance(runner.generate("What is 12 + 30?", max_new_tokens=4)[0].text, str)

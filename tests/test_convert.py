@@ -31,7 +31,8 @@ from pipo_jax.model import PipoLM, backbone_layer
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
-from safetensors.numpy import load_file, save_file  # noqa: E402 (after the skips)
+import hf_reference  # noqa: E402 (imports torch and transformers: after the skips)
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 VOCAB = 288  # ≥ the tiny tokenizer's ids
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -57,21 +58,6 @@ def _tokenizer(directory: Path) -> None:
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(
         json.dumps({"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>"}))
-
-
-def _randomise(model, seed: int) -> None:
-    """QWEN3_5.md §5: every parameter far from its init (norms are (1 + w) offsets)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.rand(p.shape, generator=g) * 1.99 + 0.01))
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
 
 
 def _mtp_tensors(d: int, seed: int, dtype: np.dtype) -> dict[str, np.ndarray]:
@@ -135,7 +121,7 @@ def _build(root: Path, kind: str, tie: bool, dtype: str = "float32", mtp: bool =
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
             max_position_embeddings=512, tie_word_embeddings=tie, rope_theta=1e4))
     model.eval()
-    _randomise(model, seed)
+    hf_reference.randomize_(model, seed, plain_norms=kind == "qwen3")
     if tie:
         model.tie_weights()
     folder = root / f"{kind}-{'tied' if tie else 'untied'}-{dtype}{'-sharded' if shard else ''}"

@@ -51,6 +51,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from flax import linen as nn
 
 from pipo_jax import checkpoint as ckpt
@@ -133,12 +134,16 @@ def _numpy_saved_in_place() -> Iterator[None]:
     mutate the tree, so for their duration numpy arrays are written in place."""
     handlers = ocp.type_handlers
     previous = handlers.get_type_handler(np.ndarray)
-    handlers.register_type_handler(
-        np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False), override=True)
+    # Orbax logs a warning for every override; this one is deliberate and undone below.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
+        handlers.register_type_handler(
+            np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False), override=True)
         yield
     finally:
         handlers.register_type_handler(np.ndarray, previous, override=True)
+        absl_logging.set_verbosity(verbosity)
 
 
 def _release_freed_memory() -> None:

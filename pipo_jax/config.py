@@ -121,6 +121,12 @@ class ModelConfig:
         raise AssertionError("unreachable: the whole stack is a period")
 
     @property
+    def last_full_attention(self) -> int:
+        """Index of the last full-attention layer (what the MTP head's ``last_layer`` init
+        copies)."""
+        return max(i for i, t in enumerate(self.resolved_layer_types) if t == "full_attention")
+
+    @property
     def n_blocks(self) -> int:
         """Repeats of ``layer_pattern`` (the length of the scanned stack)."""
         return self.n_layers // len(self.layer_pattern)

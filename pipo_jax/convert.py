@@ -60,8 +60,8 @@ from pipo_jax.api import load_params
 from pipo_jax.cli import run_main
 from pipo_jax.config import Config, ConfigError, ModelConfig, save_config
 from pipo_jax.layers import slot_name
-from pipo_jax.model import init_params, pipo_from_ar
-from pipo_jax.tokenizer import HFTokenizer
+from pipo_jax.model import backbone_layer, init_params, pipo_from_ar
+from pipo_jax.tokenizer import HFTokenizer, tokenizer_path
 
 HF_CONFIG = "hf_config.json"  # the source config.json, in the run directory
 HF_DTYPES = "hf_dtypes.json"  # {key: dtype} of tensors stored in another dtype than the config's
@@ -369,10 +369,9 @@ def fresh_modules(cfg: ModelConfig, params: dict, modules: Iterable[str], seed: 
     if not modules:
         return {}
     pattern = cfg.layer_pattern
-    last_full = max(i for i, t in enumerate(cfg.resolved_layer_types) if t == "full_attention")
-    slot = slot_name(last_full % len(pattern))
-    layer = jax.tree.map(lambda x: x[last_full // len(pattern)][None],
-                         params["backbone"]["layers"][slot])
+    slot = slot_name(cfg.last_full_attention % len(pattern))
+    layer = jax.tree.map(lambda x: x[None],
+                         backbone_layer(cfg, params["backbone"], cfg.last_full_attention))
     small = dataclasses.replace(
         cfg, vocab_size=2, n_layers=len(pattern),
         layer_types=pattern if cfg.layer_types else (),
@@ -475,18 +474,6 @@ def _source_dtype(hf_config: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- pipo → hf
 
 
-def _run_tokenizer_dir(run: Path, spec: str) -> Path | None:
-    if spec == "byte" or not spec:
-        return None
-    path = Path(spec).expanduser()
-    for candidate in ([path] if path.is_absolute() else [run / path, Path.cwd() / path]):
-        if candidate.is_dir():
-            return candidate
-        if candidate.is_file():
-            return candidate.parent
-    return None
-
-
 def pipo_to_hf(run: str | Path, out: str | Path, dtype: str | None = None,
                step: int | None = None, max_shard_size: str = DEFAULT_SHARD,
                force: bool = False, log: Any = print) -> dict[str, Any]:
@@ -523,7 +510,8 @@ def pipo_to_hf(run: str | Path, out: str | Path, dtype: str | None = None,
                 if key in node:
                     node[key] = dtype
     _write_json(out / "config.json", hf_config)
-    tok_dir = _run_tokenizer_dir(run, config.tokenizer)
+    tok_path = tokenizer_path(config.tokenizer, run)
+    tok_dir = tok_path if tok_path is None or tok_path.is_dir() else tok_path.parent
     copied = _copy_tokenizer(tok_dir, out) if tok_dir is not None else []
 
     summary = {"files": [f.name for f in files], "bytes": writer.total_bytes, "dtype": dtype,

@@ -202,6 +202,21 @@ def _empty_cache(cfg: ModelConfig, batch: int, slots: int, pipo: bool, dtype: An
                    index=jnp.int32(0), mtp_k=mtp, mtp_v=mtp)
 
 
+def _write_layers(cfg: ModelConfig, layers: tuple[tuple[Array, Array], ...],
+                  made: tuple[tuple[Array, Array], ...],
+                  index: Array | int) -> tuple[tuple[Array, Array], ...]:
+    """Puts what the layers made into the cache: full-attention key/value rows in place at slot
+    ``index``; DeltaNet conv and recurrent states replace the old ones."""
+    out = []
+    for layer_type, (a, b), (ma, mb) in zip(cfg.layer_pattern, layers, made, strict=True):
+        if layer_type == "full_attention":
+            out.append((jax.lax.dynamic_update_slice(a, ma.astype(a.dtype), (0, 0, index, 0, 0)),
+                        jax.lax.dynamic_update_slice(b, mb.astype(b.dtype), (0, 0, index, 0, 0))))
+        else:
+            out.append((ma.astype(a.dtype), mb.astype(b.dtype)))
+    return tuple(out)
+
+
 def prefill_backbone(cfg: ModelConfig, params: Params, inputs_BxLxH: Array, valid_BxL: Array,
                      slots: int, pipo: bool) -> tuple[Array, KVCache, Array]:
     """Runs the backbone over the whole prompt and fills its cache.
@@ -213,18 +228,8 @@ def prefill_backbone(cfg: ModelConfig, params: Params, inputs_BxLxH: Array, vali
     h, made = _apply(cfg, params, lambda m, x, p, kv: m.backbone(x, p, kv), inputs_BxLxH,
                      positions, valid_BxL, pipo=pipo)
     cache = _empty_cache(cfg, b, slots, pipo, h.dtype)
-    layers = []
-    for layer_type, (empty_a, empty_b), (a, b_) in zip(cfg.layer_pattern, cache.layers, made,
-                                                       strict=True):
-        if layer_type == "full_attention":
-            layers.append((jax.lax.dynamic_update_slice(empty_a, a.astype(empty_a.dtype),
-                                                        (0, 0, 0, 0, 0)),
-                           jax.lax.dynamic_update_slice(empty_b, b_.astype(empty_b.dtype),
-                                                        (0, 0, 0, 0, 0))))
-        else:
-            layers.append((a.astype(empty_a.dtype), b_.astype(jnp.float32)))
     cache = cache.replace(
-        layers=tuple(layers),
+        layers=_write_layers(cfg, cache.layers, made, 0),
         valid=jax.lax.dynamic_update_slice(cache.valid, valid_BxL, (0, 0)),
         index=jnp.int32(length))
     return h, cache, positions[:, -1] + 1
@@ -273,16 +278,7 @@ def backbone_step(cfg: ModelConfig, params: Params, cache: KVCache, x_Bx1xH: Arr
     block_params = tuple(stacked[slot_name(j)] for j in range(len(layers)))
     x, made = jax.lax.scan(body, x_Bx1xH, (block_params, cache.layers))
     h = norm(cfg).apply({"params": params["backbone"]["final_norm"]}, x)
-    idx = cache.index
-    new_layers = []
-    for layer_type, (a, b), (ma, mb) in zip(cfg.layer_pattern, cache.layers, made, strict=True):
-        if layer_type == "full_attention":
-            new_layers.append(
-                (jax.lax.dynamic_update_slice(a, ma.astype(a.dtype), (0, 0, idx, 0, 0)),
-                 jax.lax.dynamic_update_slice(b, mb.astype(b.dtype), (0, 0, idx, 0, 0))))
-        else:
-            new_layers.append((ma.astype(a.dtype), mb.astype(b.dtype)))
-    return h[:, 0], cache.replace(layers=tuple(new_layers))
+    return h[:, 0], cache.replace(layers=_write_layers(cfg, cache.layers, made, cache.index))
 
 
 def mtp_step(cfg: ModelConfig, params: Params, cache: KVCache, h_BxH: Array, token1_B: Array,

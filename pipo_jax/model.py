@@ -241,9 +241,7 @@ def pipo_from_ar(cfg: ModelConfig, ar_params: dict, rng: Array,
         params["mtp_head"] = native_mtp
     elif cfg.mtp_init == "last_layer":
         mtp = dict(fresh["mtp_head"])
-        types_ = cfg.resolved_layer_types
-        last_full = max(i for i, t in enumerate(types_) if t == "full_attention")
-        mtp["layer"] = backbone_layer(cfg, ar_params["backbone"], last_full)
+        mtp["layer"] = backbone_layer(cfg, ar_params["backbone"], cfg.last_full_attention)
         mtp["final_norm"] = ar_params["backbone"]["final_norm"]
         kernel = mtp["fc"]["kernel"]
         mtp["fc"] = {"kernel": _identity_sum_kernel(cfg.d_model)(rng, kernel.shape, kernel.dtype)}

@@ -311,17 +311,27 @@ def load_tokenizer(spec: str, run_dir: str | os.PathLike[str] | None = None,
     if not spec:
         raise ValueError("empty tokenizer spec: give 'byte' or a directory holding "
                          "tokenizer.json")
+    path = tokenizer_path(spec, run_dir)
+    if path is not None:
+        return HFTokenizer.from_dir(path, model_vocab_size)
+    raise FileNotFoundError(f"tokenizer {spec!r} not found; tried "
+                            + ", ".join(str(p) for p in _candidates(spec, run_dir))
+                            + ": give 'byte' or a directory holding tokenizer.json")
+
+
+def _candidates(spec: str, run_dir: str | os.PathLike[str] | None) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_absolute():
-        tried = [path]
-    else:
-        tried = ([Path(run_dir) / path] if run_dir is not None else []) + [Path.cwd() / path]
-    for candidate in tried:
-        if candidate.exists():
-            return HFTokenizer.from_dir(candidate, model_vocab_size)
-    raise FileNotFoundError(f"tokenizer {spec!r} not found; tried "
-                            + ", ".join(str(p) for p in tried)
-                            + ": give 'byte' or a directory holding tokenizer.json")
+        return [path]
+    return ([Path(run_dir) / path] if run_dir is not None else []) + [Path.cwd() / path]
+
+
+def tokenizer_path(spec: str, run_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """Where a config's tokenizer path points (a relative one is looked up in ``run_dir``
+    first, then in the current directory); None for ``"byte"``, empty or nothing found."""
+    if spec == "byte" or not spec:
+        return None
+    return next((c for c in _candidates(spec, run_dir) if c.exists()), None)
 
 
 def run_tokenizer(spec: str, run_dir: str | os.PathLike[str] | None,

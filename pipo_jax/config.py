@@ -156,8 +156,24 @@ LAYER_TYPES = ("full_attention", "linear_attention")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """The embedded arithmetic reasoning task (``pipo_jax.data``)."""
+    """Training data: the embedded arithmetic task or the user's chat-JSONL trajectories."""
 
+    # "arith": the generated arithmetic task (``pipo_jax.data.arith``). "chat_jsonl": local JSONL
+    # files of chat trajectories (``train_files``), built once into a TFDS dataset.
+    source: Literal["arith", "chat_jsonl"] = "arith"
+    # JSONL files (or glob patterns) of chat trajectories, for ``source: chat_jsonl``.
+    train_files: tuple[str, ...] = ()
+    # A malformed JSONL line: "error" stops the build naming file and line; "skip" drops and
+    # counts it.
+    on_malformed: Literal["error", "skip"] = "error"
+    # Examples longer than ``max_len`` (before PAD augmentation): "truncate" keeps their head,
+    # "drop" removes them when the dataset is built.
+    overlength: Literal["truncate", "drop"] = "truncate"
+    # Length bucketing: each batch is padded to the smallest of these lengths (and ``max_len``)
+    # that holds its longest row; empty pads every batch to ``max_len``. Rows are sorted by
+    # length within windows of ``bucket_window`` batches so that a batch holds similar lengths.
+    buckets: tuple[int, ...] = ()
+    bucket_window: int = 16
     # Where TFDS writes the array_record files; relative paths are under the working directory.
     data_dir: str = "runs/tfds"
     seed: int = 0
@@ -176,12 +192,58 @@ class DataConfig:
             raise ConfigError("data.num_train and data.num_test must be positive")
         if not self.levels or any(level < 1 or level > 12 for level in self.levels):
             raise ConfigError(f"data.levels must be digit counts in 1..12, got {self.levels}")
+        if self.source == "chat_jsonl" and not self.train_files:
+            raise ConfigError("data.source is chat_jsonl but data.train_files is empty; list the "
+                              "JSONL files (or glob patterns) to train on")
+        if any(b <= 0 or b % 2 for b in self.buckets):
+            raise ConfigError(f"data.buckets must be positive even lengths, got {self.buckets}")
+        if self.bucket_window <= 0:
+            raise ConfigError(f"data.bucket_window must be positive, got {self.bucket_window}")
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters ``W + (alpha / rank) · A·B`` (SPEC §4 reference: 64 / 128 / 0.05).
+
+    ``targets`` name projections of the backbone's full-attention layers, of every layer's MLP and
+    of the MTP layer; Gated DeltaNet projections are never adapted (PAPER §2.6).
+    """
+
+    rank: int = 64
+    alpha: float = 128.0
+    # Dropout on the adapter's input during training (the frozen path sees the clean input).
+    dropout: float = 0.05
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ConfigError(f"lora.rank must be positive, got {self.rank}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"lora.alpha must be a positive number, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        bad = sorted(set(self.targets) - set(LORA_TARGETS))
+        if bad or not self.targets:
+            raise ConfigError(f"lora.targets must be a non-empty subset of {LORA_TARGETS}, "
+                              f"got {self.targets}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training stage (``ar`` or ``sft``)."""
 
+    # "full": every parameter trains. "lora": adapters on ``lora.targets`` plus the PIPO modules
+    # of SPEC §4 (compressor, confidence head, MTP fc, its pre-norms and final norm); the rest
+    # (embeddings, LM head, backbone, the MTP layer's own weights and norms) is frozen.
+    tuner: Literal["full", "lora"] = "full"
+    lora: LoraConfig = LoraConfig()
     steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 3e-3

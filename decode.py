@@ -4,6 +4,12 @@ Decodes the test split with PIPO and with the AR baseline on the same prompts an
 (also written as JSON): pass@1 and pass@k, committed-token rate, tokens per backbone pass, time to
 first token and time per output token, and the PIPO/AR ratios. ``--prompt TEXT`` instead answers
 one question with both models and prints the text and per-request stats.
+
+``--bench FILE [FILE ...]`` evaluates on benchmark files instead (JSONL, schema in
+``pipo_jax/bench/schema.py``): avg@k and pass@k per file and overall, resumable from
+``--out-dir`` (default ``<run>/eval/bench``). ``--preset paper`` sets the paper's sampling
+(4 samples, T 1.0, top-p 0.95, top-k 20, presence penalty 1.5, threshold 0.95); explicit flags
+override it. Both models always get the same options and the same budget of real tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import sys
 from pathlib import Path
 
 from pipo_jax.api import load
+from pipo_jax.bench.harness import SUMMARY_FILE, evaluate_benchmarks, format_summary
+from pipo_jax.bench.protocol import PRESETS, resolve_options
+from pipo_jax.bench.schema import load_benchmarks
 from pipo_jax.cli import run_main
 from pipo_jax.config import ConfigError, validate_threshold
 from pipo_jax.data import test_examples
@@ -28,7 +37,8 @@ def main(argv: list[str]) -> int:
                    "(-1 commits every draft, 1 commits none and skips the MTP head)")
     p.add_argument("--num-problems", type=int,
                    help="test problems to evaluate (default: min(200, data.num_test))")
-    p.add_argument("--samples", type=int, default=1, help="samples per problem (pass@k, k = this)")
+    p.add_argument("--samples", type=int,
+                   help="samples per problem (pass@k, k = this; default 1, or the preset's)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -36,32 +46,50 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, help="budget of real (non-PAD) tokens")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--timing-problems", type=int, default=8,
-                   help="problems timed one at a time (batch 1) for TTFT/TPOT; 0 disables")
+    p.add_argument("--timing-problems", type=int,
+                   help="problems timed one at a time (batch 1) for TTFT/TPOT; 0 disables "
+                   "(default 8; not with --bench)")
     p.add_argument("--models", default="pipo,ar", help="comma-separated subset of pipo,ar")
     p.add_argument("--out", help="JSON output path (default: <run>/eval/decode.json)")
     p.add_argument("--prompt", help="answer this one question instead of evaluating")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--bench", nargs="+", metavar="FILE",
+                   help="evaluate on these benchmark JSONL files instead of the test split")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named sampling options (paper: the paper's evaluation protocol)")
+    p.add_argument("--out-dir", help="--bench: result directory (default <run>/eval/bench)")
+    p.add_argument("--restart", action="store_true",
+                   help="--bench: discard existing results instead of resuming them")
+    p.add_argument("--max-questions", type=int,
+                   help="--bench: evaluate only the first N questions of each file")
     args = p.parse_args(argv)
     if args.threshold is not None:
         validate_threshold(args.threshold)
     if args.num_problems is not None and args.num_problems < 1:
         raise ConfigError(f"--num-problems must be >= 1, got {args.num_problems}")
-    if args.samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    _check_mode_flags(args)
+    samples, options = resolve_options(args.preset, {
+        "samples": args.samples, "threshold": args.threshold,
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "presence_penalty": args.presence_penalty, "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size, "seed": args.seed})
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or set(models) - {"pipo", "ar"}:
         raise ConfigError(f"--models must be a subset of pipo,ar, got {args.models!r}")
-    options = {"threshold": args.threshold, "temperature": args.temperature,
-               "top_k": args.top_k, "top_p": args.top_p,
-               "presence_penalty": args.presence_penalty,
-               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-               "seed": args.seed}
-    options = {k: v for k, v in options.items() if v is not None}
+    benches = load_benchmarks(args.bench) if args.bench else None  # fail before loading a run
     runner = load(args.run)
     if runner.ar_params is None and "ar" in models:
         models.remove("ar")
         print("note: this run has no AR baseline; evaluating PIPO only", file=sys.stderr)
+    if benches is not None:
+        out_dir = Path(args.out_dir) if args.out_dir else Path(args.run) / "eval" / "bench"
+        summary = evaluate_benchmarks(
+            runner, benches, models=models, samples=samples, options=options, out_dir=out_dir,
+            run_dir=args.run, restart=args.restart, max_questions=args.max_questions,
+            progress=not args.no_progress)
+        print(format_summary(summary))
+        print(f"wrote {out_dir / SUMMARY_FILE}")
+        return 0
     if args.prompt is not None:
         for model in models:
             (gen,) = runner.generate(args.prompt, model=model, **options)
@@ -74,15 +102,34 @@ def main(argv: list[str]) -> int:
             f"--num-problems asks for {args.num_problems} test examples but the run's test "
             f"split has {runner.config.data.num_test} (data.num_test); ask for fewer")
     examples = test_examples(runner.config, args.num_problems)
-    result = evaluate(runner, examples, samples=args.samples, models=models,
-                      timing_problems=args.timing_problems, progress=not args.no_progress,
-                      **options)
+    timing = 8 if args.timing_problems is None else args.timing_problems
+    result = evaluate(runner, examples, samples=samples, models=models, timing_problems=timing,
+                      progress=not args.no_progress, **options)
     result["run"] = str(args.run)
     print(format_table(result))
     out = Path(args.out) if args.out else Path(args.run) / "eval" / "decode.json"
     write_json(result, out)
     print(f"wrote {out}")
     return 0
+
+
+def _check_mode_flags(args: argparse.Namespace) -> None:
+    """Refuses flags that the chosen mode would otherwise silently ignore."""
+    if args.bench:
+        if args.max_questions is not None and args.max_questions < 1:
+            raise ConfigError(f"--max-questions must be >= 1, got {args.max_questions}")
+        wrong = {"--prompt": args.prompt, "--num-problems (use --max-questions)":
+                 args.num_problems, "--out (use --out-dir)": args.out,
+                 "--timing-problems": args.timing_problems}
+        given = [flag for flag, value in wrong.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot be used with --bench")
+    else:
+        given = [flag for flag, value in (("--out-dir", args.out_dir),
+                                          ("--max-questions", args.max_questions))
+                 if value is not None] + (["--restart"] if args.restart else [])
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --bench")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,238 @@
+"""Evaluates a run's models on benchmark files, resumably, and summarises the results.
+
+For each (benchmark, model) the questions not yet in the result file (``store.ResultFile``) are
+decoded in chunks of whole questions, ``samples`` requests each, and every chunk's records are
+appended as soon as it finishes. Request seeds come from ``protocol.sample_seed`` (question id,
+sample index), so resumed results equal uninterrupted ones: bit for bit when the chunks line up
+(an interrupt always falls between chunks; ``max_questions`` that is not a multiple of the chunk
+size can shift them), otherwise up to the floating-point differences of other batch shapes.
+
+Metrics per (benchmark, model), with ``k`` = samples per question (PAPER §4):
+
+- ``avg@k``: mean over questions of the fraction of correct samples (mean per-sample accuracy);
+- ``pass@k``: the unbiased estimator of Chen et al. (``evaluate.pass_at_k``) at ``k`` = the
+  number of samples, where it equals the paper's empirical pass@k (the fraction of questions with
+  at least one correct sample);
+- ``mean_tokens``: real (non-PAD) tokens per response; ``commit_rate``: committed drafts / drafts
+  (PIPO; 0 for AR); ``tokens_per_pass``: real tokens per backbone pass; ``finished_rate``: the
+  fraction of responses that ended with EOS within the budget; ``answered_rate``: the fraction
+  with an extractable answer.
+
+``overall`` is the plain mean over benchmarks of each model's ``avg@k`` and ``pass@k``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pipo_jax import checkpoint as ckpt
+from pipo_jax import decoding as dec
+from pipo_jax.api import PROMPT_BUCKET, Generation, PipoRunner
+from pipo_jax.bench.protocol import sample_seed
+from pipo_jax.bench.schema import BenchError, Benchmark, Question, to_messages
+from pipo_jax.bench.scoring import score
+from pipo_jax.bench.store import ResultFile, result_path
+from pipo_jax.config import DecodeConfig
+from pipo_jax.evaluate import pass_at_k, write_json
+
+STAGE_OF_MODEL = {"pipo": "sft", "ar": "ar"}
+SUMMARY_FILE = "summary.json"
+
+
+def decode_config(runner: PipoRunner, options: dict[str, Any]) -> DecodeConfig:
+    """The run's ``decode`` config with ``options`` (None = not given) applied and validated."""
+    unknown = set(options) - {f.name for f in dataclasses.fields(DecodeConfig)}
+    if unknown:
+        raise TypeError(f"unknown decode option(s) {sorted(unknown)}")
+    return dataclasses.replace(runner.config.decode,
+                               **{k: v for k, v in options.items() if v is not None})
+
+
+def result_header(bench: Benchmark, model: str, samples: int, decode: DecodeConfig,
+                  run_dir: str | Path | None, step: int | None,
+                  system_prompt: str) -> dict[str, Any]:
+    """What decides a result file's contents; a file is resumed only under an equal header.
+
+    The batch size is left out (it does not change a request's samples, up to floating-point
+    noise), and so is the threshold for AR, which never drafts.
+    """
+    header = {"benchmark": bench.name, "benchmark_sha256": bench.sha256, "model": model,
+              "run": None if run_dir is None else str(Path(run_dir).resolve()), "step": step,
+              "samples": samples, "system_prompt": system_prompt,
+              "max_new_tokens": decode.max_new_tokens, "temperature": decode.temperature,
+              "top_k": decode.top_k, "top_p": decode.top_p,
+              "presence_penalty": decode.presence_penalty, "seed": decode.seed}
+    if model == "pipo":
+        header["threshold"] = decode.threshold
+    return header
+
+
+def check_prompt_lengths(runner: PipoRunner, questions: Sequence[Question],
+                         max_new_tokens: int) -> None:
+    """Refuses, before decoding anything, a question whose prompt and budget exceed the
+    model's context (the error names its file and line)."""
+    for q in questions:
+        ids = runner.encode_prompt(to_messages(q))
+        try:
+            dec.prepare_prompts([ids], True, runner.tokenizer.pad_id, PROMPT_BUCKET,
+                                max_new_tokens, runner.config.model.max_context)
+        except dec.PromptError as e:
+            raise BenchError(f"{q.source}:{q.line}: question {q.id!r}: {e}") from e
+
+
+def question_record(q: Question, gens: Sequence[Generation],
+                    seeds: Sequence[int]) -> dict[str, Any]:
+    """One result line: the question's id, reference, per-question metrics and its samples."""
+    samples = []
+    for gen, seed in zip(gens, seeds, strict=True):
+        extracted, correct = score(gen.text, q.kind, q.answer, q.num_choices)
+        samples.append({"seed": seed, "text": gen.text, "extracted": extracted,
+                        "correct": correct, "stats": gen.stats})
+    num_correct = sum(s["correct"] for s in samples)
+    return {"id": q.id, "answer": q.answer, "num_correct": num_correct,
+            "accuracy": num_correct / len(samples), "any_correct": num_correct > 0,
+            "samples": samples}
+
+
+def evaluate_questions(runner: PipoRunner, questions: Sequence[Question], model: str,
+                       samples: int, decode: DecodeConfig, store: ResultFile,
+                       progress: bool = True, desc: str = "") -> None:
+    """Decodes the questions not yet in ``store`` and appends their records, one chunk of
+    ``max(1, batch_size // samples)`` questions at a time."""
+    pending = [q for q in questions if q.id not in store.done]
+    per_chunk = max(1, decode.batch_size // samples)
+    options = {f.name: getattr(decode, f.name) for f in dataclasses.fields(DecodeConfig)
+               if f.name != "seed"}  # seeds are given per request
+    with tqdm(total=len(questions), initial=len(questions) - len(pending), desc=desc,
+              unit="question", disable=not progress) as bar:
+        for start in range(0, len(pending), per_chunk):
+            chunk = pending[start:start + per_chunk]
+            prompts = [to_messages(q) for q in chunk for _ in range(samples)]
+            seeds = [sample_seed(decode.seed, q.id, s) for q in chunk for s in range(samples)]
+            gens = runner.generate(prompts, model=model, seeds=seeds, **options)
+            store.append([question_record(q, gens[i * samples:(i + 1) * samples],
+                                          seeds[i * samples:(i + 1) * samples])
+                          for i, q in enumerate(chunk)])
+            bar.update(len(chunk))
+
+
+def summarise(records: Sequence[dict[str, Any]], samples: int) -> dict[str, Any]:
+    """Metrics of one (benchmark, model) from its question records (see the module docstring)."""
+    if not records:
+        raise ValueError("no records to summarise")
+    k = samples
+    outs = [s for r in records for s in r["samples"]]
+    stats = [s["stats"] for s in outs]
+    tokens = sum(s["tokens"] for s in stats)
+    drafts = sum(s["drafts"] for s in stats)
+    return {
+        "num_questions": len(records),
+        f"avg@{k}": statistics.fmean(r["num_correct"] / k for r in records),
+        f"pass@{k}": statistics.fmean(pass_at_k(k, r["num_correct"], k) for r in records),
+        "mean_tokens": tokens / len(stats),
+        "commit_rate": sum(s["commits"] for s in stats) / drafts if drafts else 0.0,
+        "tokens_per_pass": tokens / max(sum(s["backbone_passes"] for s in stats), 1),
+        "finished_rate": statistics.fmean(bool(s["finished"]) for s in stats),
+        "answered_rate": statistics.fmean(s["extracted"] is not None for s in outs),
+    }
+
+
+def _latest_step(run_dir: str | Path | None, model: str) -> int | None:
+    if run_dir is None:
+        return None
+    return ckpt.latest_step(Path(run_dir) / STAGE_OF_MODEL[model])
+
+
+def evaluate_benchmarks(runner: PipoRunner, benches: Sequence[Benchmark], *,
+                        models: Sequence[str] = ("pipo", "ar"), samples: int = 1,
+                        options: dict[str, Any] | None = None, out_dir: str | Path,
+                        run_dir: str | Path | None = None, restart: bool = False,
+                        max_questions: int | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Evaluates ``models`` on every benchmark, resuming from ``out_dir``; returns the summary
+    (also written to ``<out_dir>/summary.json``).
+
+    Args:
+      runner: the loaded run (``pipo_jax.load``).
+      benches: loaded benchmark files (``schema.load_benchmarks``).
+      models: a subset of ``("pipo", "ar")``; both decode with the same options.
+      samples: responses per question (the ``k`` of avg@k and pass@k).
+      options: ``DecodeConfig`` overrides (None values are ignored); ``seed`` is the base of the
+        per-request seeds.
+      out_dir: where the per-(benchmark, model) result files and the summary go.
+      run_dir: the run's directory, recorded with its checkpoint step in each file's header.
+      restart: discard existing result files instead of resuming them.
+      max_questions: evaluate only the first N questions of each file (None: all).
+      progress: show a progress bar per (benchmark, model).
+    """
+    if samples < 1:
+        raise BenchError(f"samples must be >= 1, got {samples}")
+    if max_questions is not None and max_questions < 1:
+        raise BenchError(f"--max-questions must be >= 1, got {max_questions}")
+    decode = decode_config(runner, options or {})
+    selected = {b.name: list(b.questions[:max_questions]) for b in benches}
+    for b in benches:
+        check_prompt_lengths(runner, selected[b.name], decode.max_new_tokens)
+    out_dir = Path(out_dir)
+    steps = {m: _latest_step(run_dir, m) for m in models}
+    summary: dict[str, Any] = {
+        "run": None if run_dir is None else str(run_dir), "steps": steps, "samples": samples,
+        "options": dataclasses.asdict(decode), "system_prompt": runner.system_prompt,
+        "max_questions": max_questions, "out_dir": str(out_dir), "benchmarks": {},
+    }
+    for b in benches:
+        entry: dict[str, Any] = {"file": str(b.path), "total_questions": len(b.questions),
+                                 "models": {}}
+        for model in models:
+            header = result_header(b, model, samples, decode, run_dir, steps[model],
+                                   runner.system_prompt)
+            path = result_path(out_dir, b.name, model)
+            with ResultFile(path, header, restart=restart) as store:
+                evaluate_questions(runner, selected[b.name], model, samples, decode, store,
+                                   progress, desc=f"{b.name} {model}")
+                records = [store.done[q.id] for q in selected[b.name]]
+            entry["models"][model] = {**summarise(records, samples), "results": str(path)}
+        entry["num_questions"] = len(selected[b.name])
+        summary["benchmarks"][b.name] = entry
+    summary["overall"] = {
+        model: {key: statistics.fmean(e["models"][model][key]
+                                      for e in summary["benchmarks"].values())
+                for key in (f"avg@{samples}", f"pass@{samples}")}
+        for model in models}
+    write_json(summary, out_dir / SUMMARY_FILE)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Plain-text tables of ``evaluate_benchmarks``' summary: accuracy (avg@k / pass@k in %,
+    one column per benchmark plus overall) and the per-(model, benchmark) decode statistics."""
+    k = summary["samples"]
+    benches = summary["benchmarks"]
+    models = list(summary["overall"])
+    names = [*benches, "overall"]
+    width = max(17, *(len(n) + 2 for n in names))
+    counts = ", ".join(f"{n} {e['num_questions']}" for n, e in benches.items())
+    lines = [f"avg@{k} / pass@{k} (%), {k} samples per question; questions: {counts}",
+             f"{'model':<8}" + "".join(f"{n:>{width}}" for n in names)]
+    for model in models:
+        cells = [benches[n]["models"][model] for n in benches] + [summary["overall"][model]]
+        lines.append(f"{model.upper():<8}" + "".join(
+            f"{100 * c[f'avg@{k}']:.2f} / {100 * c[f'pass@{k}']:.2f}".rjust(width)
+            for c in cells))
+    cols = (("mean_tokens", "{:.1f}"), ("commit_rate", "{:.3f}"), ("tokens_per_pass", "{:.2f}"),
+            ("finished_rate", "{:.3f}"), ("answered_rate", "{:.3f}"))
+    bench_w = max(11, *(len(n) + 2 for n in benches))
+    lines += ["", f"{'model':<8}{'benchmark':<{bench_w}}"
+              + "".join(f"{name:>16}" for name, _ in cols)]
+    for model in models:
+        for n, e in benches.items():
+            m = e["models"][model]
+            lines.append(f"{model.upper():<8}{n:<{bench_w}}"
+                         + "".join(f"{fmt.format(m[name]):>16}" for name, fmt in cols))
+    return "\n".join(lines)

@@ -161,28 +161,33 @@ class DataConfig:
     # "arith": the generated arithmetic task (``pipo_jax.data.arith``). "chat_jsonl": local JSONL
     # files of chat trajectories (``train_files``), built once into a TFDS dataset.
     source: Literal["arith", "chat_jsonl"] = "arith"
-    # JSONL files (or glob patterns) of chat trajectories, for ``source: chat_jsonl``.
+    # JSONL files (or glob patterns) of chat trajectories, for ``source: chat_jsonl``; read in
+    # the order given (each glob's matches sorted). Schema: ``pipo_jax.data.chat_jsonl``.
     train_files: tuple[str, ...] = ()
     # A malformed JSONL line: "error" stops the build naming file and line; "skip" drops and
-    # counts it.
+    # counts it (the count is logged and kept in the built dataset's metadata).
     on_malformed: Literal["error", "skip"] = "error"
-    # Examples longer than ``max_len`` (before PAD augmentation): "truncate" keeps their head,
-    # "drop" removes them when the dataset is built.
+    # Examples whose pair sequence (parity PADs included, before PAD augmentation) is longer than
+    # ``max_len``: "truncate" keeps their head, "drop" removes them when the dataset is built
+    # (counted like malformed lines). chat_jsonl only: the arithmetic task is never that long.
     overlength: Literal["truncate", "drop"] = "truncate"
-    # Length bucketing: each batch is padded to the smallest of these lengths (and ``max_len``)
-    # that holds its longest row; empty pads every batch to ``max_len``. Rows are sorted by
-    # length within windows of ``bucket_window`` batches so that a batch holds similar lengths.
+    # Length bucketing (either source): each batch is padded to the smallest of these lengths
+    # (and ``max_len``) that holds its longest row; empty pads every batch to ``max_len``.
+    # Examples are sorted by length within windows of ``bucket_window`` batches of the shuffled
+    # stream, so that a batch holds similar lengths (Hugging Face's group_by_length).
     buckets: tuple[int, ...] = ()
     bucket_window: int = 16
     # Where TFDS writes the array_record files; relative paths are under the working directory.
     data_dir: str = "runs/tfds"
+    # The arithmetic task's generation settings (unused by ``source: chat_jsonl``).
     seed: int = 0
     num_train: int = 20000
     num_test: int = 500
     # Difficulty levels: the number of digits of the operands.
     levels: tuple[int, ...] = (2, 3, 4)
     # Training sequence length in tokens (prompt + response, after PAD insertion). Longer
-    # examples are truncated; their tail labels are dropped.
+    # examples are truncated, their tail labels dropped (or, with ``overlength: drop``, the
+    # examples are left out).
     max_len: int = 320
 
     def __post_init__(self) -> None:
@@ -195,8 +200,17 @@ class DataConfig:
         if self.source == "chat_jsonl" and not self.train_files:
             raise ConfigError("data.source is chat_jsonl but data.train_files is empty; list the "
                               "JSONL files (or glob patterns) to train on")
+        if self.source != "chat_jsonl" and self.train_files:
+            raise ConfigError("data.train_files is set but data.source is "
+                              f"{self.source}; set data.source=chat_jsonl to train on them")
+        if self.source != "chat_jsonl" and self.overlength == "drop":
+            raise ConfigError("data.overlength=drop applies to data.source=chat_jsonl only (the "
+                              "arithmetic task is truncated at data.max_len)")
         if any(b <= 0 or b % 2 for b in self.buckets):
             raise ConfigError(f"data.buckets must be positive even lengths, got {self.buckets}")
+        if any(b > self.max_len for b in self.buckets):
+            raise ConfigError(f"data.buckets {list(self.buckets)} has lengths above data.max_len "
+                              f"({self.max_len}); no batch is longer than max_len, so drop them")
         if self.bucket_window <= 0:
             raise ConfigError(f"data.bucket_window must be positive, got {self.bucket_window}")
 

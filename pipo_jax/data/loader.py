@@ -1,39 +1,79 @@
-"""Training batches and evaluation examples over the TFDS source (grain ``MapDataset``).
+"""Training batches and evaluation examples over the TFDS sources (grain ``MapDataset``).
+
+Training data is the arithmetic task or the user's chat-JSONL trajectories (``data.source``);
+both become ``(prompt_ids, response_ids)`` examples and go through the same batching.
 
 A training dataset is indexed by step: ``ds[step]`` is a pure function of the data settings, the
 stage's seed and ``step``. Resuming at step ``s`` therefore reproduces exactly the batches an
 uninterrupted run would have seen, with no iterator state to checkpoint. Examples are reshuffled
 every epoch (grain reseeds its shuffle per epoch) and batches may straddle epoch boundaries.
+
+Length bucketing (``data.buckets``), after Hugging Face's ``group_by_length``: the shuffled
+example stream is cut into windows of ``bucket_window × batch_size`` examples; each window is
+sorted by length and cut into ``bucket_window`` batches, whose order is shuffled per window. A
+batch is padded to the smallest bucket length (or ``max_len``) that holds its longest row after
+PAD augmentation, so that short examples are not padded to ``max_len``. Every example is still
+seen once per pass over the stream; only which examples share a batch changes. Sequences are never
+packed: pairs and attention (and the DeltaNet/conv states) would have to stop at document
+boundaries, which needs segment-aware masks and state resets in the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 import numpy as np
 
 from pipo_jax import pairs
 from pipo_jax.config import STAGES, Config, DataConfig
+from pipo_jax.data import chat_builder
 from pipo_jax.data.arith import to_messages
+from pipo_jax.data.chat_jsonl import conversation_ids
 from pipo_jax.data.tfds_builder import load_source
 from pipo_jax.tokenizer import Tokenizer
 
 # Salts that keep the streams derived from one stage seed independent of each other.
 _SHUFFLE_SALT = 0x5F1E
 _PAD_SALT = 0x9AD5
+_BUCKET_SALT = 0xB0C7
+
+Ids = tuple[list[int], list[int]]  # (prompt_ids, response_ids)
 
 
-def example_to_ids(tokenizer: Tokenizer, example: dict) -> tuple[list[int], list[int]]:
-    """Token ids of one example: ``(prompt_ids, response_ids)``.
+def example_to_ids(tokenizer: Tokenizer, example: dict) -> Ids:
+    """Token ids of one arithmetic example: ``(prompt_ids, response_ids)``.
 
     The prompt is the chat template of the system + user messages followed by the assistant header
     and ``<think>\\n``; the response is the worked solution followed by EOS.
     """
-    prompt = tokenizer.chat_prompt(to_messages(example)) + tokenizer.think_prefix()
-    response = tokenizer.encode(example["response"]) + [tokenizer.eos_id]
-    return prompt, response
+    return conversation_ids(tokenizer, to_messages(example), example["response"])
+
+
+def _record_ids(record: dict) -> Ids:
+    """A chat dataset record (ids stored at build time) → ``(prompt_ids, response_ids)``."""
+    return record["prompt"].tolist(), record["response"].tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainExamples:
+    """The training split: random-access records, how one becomes ids, and every record's
+    pair-sequence length [N] when the dataset stores it (None: tokenize to measure)."""
+
+    records: Sequence[Any]
+    to_ids: Callable[[Any], Ids]
+    lengths: np.ndarray | None
+
+
+def _train_examples(data_cfg: DataConfig, tokenizer: Tokenizer) -> _TrainExamples:
+    if data_cfg.source == "chat_jsonl":
+        chat = chat_builder.load_train(data_cfg, tokenizer)
+        return _TrainExamples(chat.records, _record_ids, chat.lengths)
+    return _TrainExamples(load_source(data_cfg, "train"),
+                          functools.partial(example_to_ids, tokenizer), None)
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -49,13 +89,21 @@ def _ar_row(prompt: list[int], response: list[int]) -> tuple[np.ndarray, np.ndar
     return tokens, mask
 
 
-def _make_batch(step: int, examples: Sequence[tuple[list[int], list[int]]], *, stage: str,
-                seed: int, pad_ratio_max: float, max_len: int,
-                pad_id: int) -> dict[str, np.ndarray]:
-    """Stacks one step's examples into fixed-shape arrays.
+def bucket_length(longest: int, buckets: Sequence[int], max_len: int) -> int:
+    """The smallest of ``buckets`` and ``max_len`` that holds ``longest`` tokens; ``max_len`` when
+    none does (longer rows are truncated)."""
+    return min((b for b in (*buckets, max_len) if longest <= b <= max_len), default=max_len)
+
+
+def _make_batch(step: int, examples: Sequence[Ids], *, stage: str, seed: int,
+                pad_ratio_max: float, max_len: int, pad_id: int,
+                buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """Stacks one step's examples into arrays.
 
     Returns ``tokens`` [B, T] int32, ``loss_mask`` [B, T] bool (True at prediction targets) and
     ``pad_ratio`` [] float32, the PAD-augmentation ratio drawn for this step (0 for ``ar``).
+    ``T`` is ``max_len``, or with ``buckets`` the smallest bucket length that holds the longest
+    row (``bucket_length``).
     """
     rows: list[tuple[np.ndarray, np.ndarray]] = []
     ratio = 0.0
@@ -69,34 +117,99 @@ def _make_batch(step: int, examples: Sequence[tuple[list[int], list[int]]], *, s
         for p, r in examples:
             tokens, mask = pairs.build_pair_sequence(p, r, pad_id)
             rows.append(pairs.random_pad_split(tokens, mask, ratio, rng, pad_id))
-    fitted = [pairs.fit_to_length(t, m, max_len, pad_id) for t, m in rows]
+    length = bucket_length(max(len(t) for t, _ in rows), buckets, max_len)
+    fitted = [pairs.fit_to_length(t, m, length, pad_id) for t, m in rows]
     return {"tokens": np.stack([t for t, _ in fitted]),
             "loss_mask": np.stack([m for _, m in fitted]),
             "pad_ratio": np.asarray(ratio, dtype=np.float32)}
+
+
+class _LengthGroupedSteps:
+    """Step → the record indices of its batch (int [B]), grouped by length; a ``Sequence`` for
+    ``grain.MapDataset.source``.
+
+    Window ``w`` holds positions ``[w·W·B, (w+1)·W·B)`` of the shuffled, repeated record stream
+    (the stream without bucketing, so a pass still sees every record once). It is sorted by
+    length (stable: ties keep the shuffled order), cut into ``W`` batches of ``B``, and the batch
+    order is shuffled with a per-window seed. The plan of the latest window is cached, so the
+    ``W`` steps of a window measure their lengths once.
+    """
+
+    def __init__(self, n_records: int, lengths: Callable[[np.ndarray], np.ndarray],
+                 batch_size: int, window: int, seed: int) -> None:
+        """``lengths`` maps record indices [K] to their pair-sequence lengths [K]."""
+        self._order = grain.MapDataset.range(n_records).shuffle(
+            seed=_shuffle_seed(seed)).repeat()
+        self._lengths = lengths
+        self._batch_size = batch_size
+        self._window = window
+        self._seed = seed
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self._order) // self._batch_size
+
+    def __getitem__(self, step: int) -> np.ndarray:
+        window, slot = divmod(int(step), self._window)
+        cache = self._cache
+        if cache is None or cache[0] != window:
+            cache = self._cache = (window, self._plan(window))
+        return cache[1][slot]
+
+    def _plan(self, window: int) -> np.ndarray:
+        """Record indices [W, B] of the window's batches, in step order."""
+        size = self._window * self._batch_size
+        indices = np.asarray([self._order[p] for p in range(window * size, (window + 1) * size)])
+        by_length = indices[np.argsort(self._lengths(indices), kind="stable")]
+        batches = by_length.reshape(self._window, self._batch_size)
+        rng = np.random.default_rng([self._seed, window, _BUCKET_SALT])
+        return batches[rng.permutation(self._window)]
+
+
+def _measured_lengths(records: Sequence[Any], to_ids: Callable[[Any], Ids],
+                      indices: np.ndarray) -> np.ndarray:
+    """Pair-sequence lengths [K] of records whose dataset stores none (tokenizes them)."""
+    return np.asarray([chat_builder.pair_length(*map(len, to_ids(records[int(i)])))
+                       for i in indices], dtype=np.int64)
+
+
+def _fetch(records: Sequence[Any], to_ids: Callable[[Any], Ids], indices: np.ndarray) -> list[Ids]:
+    return [to_ids(records[int(i)]) for i in indices]
 
 
 def make_train_dataset(cfg: Config, tokenizer: Tokenizer, stage: str) -> grain.MapDataset:
     """Infinite step-indexed training batches for ``stage`` (``"ar"`` or ``"sft"``).
 
     ``ds[step]`` is a dict with ``tokens`` [B, T] int32, ``loss_mask`` [B, T] bool and
-    ``pad_ratio`` [] float32, where ``B = cfg.<stage>.batch_size`` and ``T = cfg.data.max_len``.
-    ``ar`` rows are prompt + response; ``sft`` rows are pair sequences with parity PADs and random
-    PAD augmentation. Longer rows are truncated, shorter ones right-padded with PAD (no loss).
-    Builds the dataset into ``cfg.data.data_dir`` first if needed.
+    ``pad_ratio`` [] float32, where ``B = cfg.<stage>.batch_size`` and ``T = cfg.data.max_len``
+    (with ``cfg.data.buckets``: the batch's bucket length, see the module docstring). ``ar`` rows
+    are prompt + response; ``sft`` rows are pair sequences with parity PADs and random PAD
+    augmentation. Longer rows are truncated, shorter ones right-padded with PAD (no loss).
+    Builds the dataset of ``cfg.data.source`` into ``cfg.data.data_dir`` first if needed.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     train_cfg = getattr(cfg, stage)
     if train_cfg.seed < 0:
         raise ValueError(f"{stage}.seed must be non-negative, got {train_cfg.seed}")
+    data = cfg.data
     make_batch = functools.partial(
         _make_batch, stage=stage, seed=train_cfg.seed, pad_ratio_max=train_cfg.pad_ratio_max,
-        max_len=cfg.data.max_len, pad_id=tokenizer.pad_id)
-    return (grain.MapDataset.source(load_source(cfg.data, "train"))
-            .shuffle(seed=_shuffle_seed(train_cfg.seed))
-            .repeat()
-            .map(functools.partial(example_to_ids, tokenizer))
-            .batch(train_cfg.batch_size, batch_fn=list)
+        max_len=data.max_len, pad_id=tokenizer.pad_id, buckets=data.buckets)
+    examples = _train_examples(data, tokenizer)
+    if not data.buckets:
+        return (grain.MapDataset.source(examples.records)
+                .shuffle(seed=_shuffle_seed(train_cfg.seed))
+                .repeat()
+                .map(examples.to_ids)
+                .batch(train_cfg.batch_size, batch_fn=list)
+                .map_with_index(make_batch))
+    lengths = (functools.partial(np.take, examples.lengths) if examples.lengths is not None
+               else functools.partial(_measured_lengths, examples.records, examples.to_ids))
+    steps = _LengthGroupedSteps(len(examples.records), lengths, train_cfg.batch_size,
+                                data.bucket_window, train_cfg.seed)
+    return (grain.MapDataset.source(steps)
+            .map(functools.partial(_fetch, examples.records, examples.to_ids))
             .map_with_index(make_batch))
 
 

@@ -1,4 +1,5 @@
-"""TFDS builder for the arithmetic task, written as array_record for random access (no TF).
+"""TFDS builder for the arithmetic task, written as array_record for random access (no TF), and
+the build helpers every local builder shares (``build_once``, ``LocalBuilderMixin``).
 
 The dataset is generated locally (no downloads) into ``DataConfig.data_dir``. Each setting of
 ``(seed, num_train, num_test, levels)`` is its own builder config with its own directory, so
@@ -20,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -60,7 +61,28 @@ class ArithConfig(tfds.core.BuilderConfig):
                    levels=data_cfg.levels)
 
 
-class ArithReasoning(tfds.core.GeneratorBasedBuilder):
+class LocalBuilderMixin:
+    """What every builder of locally generated data here shares (mix in before
+    ``tfds.core.GeneratorBasedBuilder``): configs built at run time, and no download banners."""
+
+    def _create_builder_config(self, builder_config: Any,
+                               version: Any) -> tfds.core.BuilderConfig | None:
+        # Every config is "custom" here; TFDS would warn about that on each construction
+        # (including unpickling in grain workers).
+        if isinstance(builder_config, tfds.core.BuilderConfig):
+            return builder_config
+        return super()._create_builder_config(builder_config, version)  # type: ignore[misc]
+
+    # TFDS prints "Downloading and preparing…" banners to stdout; ``build_once`` logs one line
+    # instead.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
+
+class ArithReasoning(LocalBuilderMixin, tfds.core.GeneratorBasedBuilder):
     """Column-addition problems with worked solutions (``pipo_jax.data.arith``)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -95,28 +117,13 @@ class ArithReasoning(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         yield from enumerate(arith.generate_split(split, cfg.seed, n, cfg.levels))
 
-    def _create_builder_config(self, builder_config: Any,
-                               version: Any) -> tfds.core.BuilderConfig | None:
-        # Every config is "custom" here; TFDS would warn about that on each construction
-        # (including unpickling in grain workers).
-        if isinstance(builder_config, ArithConfig):
-            return builder_config
-        return super()._create_builder_config(builder_config, version)
-
-    # TFDS prints "Downloading and preparing…" banners to stdout; ``build`` logs one line instead.
-    def _log_download_bytes(self) -> None:
-        pass
-
-    def _log_download_done(self) -> None:
-        pass
-
 
 def _builder(data_cfg: DataConfig) -> ArithReasoning:
     return ArithReasoning(config=ArithConfig.from_data_config(data_cfg),
                           data_dir=os.fspath(Path(data_cfg.data_dir).absolute()))
 
 
-def _is_built(builder: ArithReasoning) -> bool:
+def _is_built(builder: tfds.core.DatasetBuilder) -> bool:
     # The same files TFDS's ``is_prepared`` checks, without its warning when they are missing.
     path = Path(builder.data_dir)
     return (path / "dataset_info.json").is_file() and (path / "features.json").is_file()
@@ -147,13 +154,19 @@ def _no_progress_bars() -> Iterator[None]:
 
 def build(data_cfg: DataConfig) -> Path:
     """Builds the dataset of ``data_cfg`` unless it is already built; returns its directory."""
-    builder = _builder(data_cfg)
+    return build_once(lambda: _builder(data_cfg))
+
+
+def build_once(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> Path:
+    """Builds ``make_builder()``'s dataset as array_record unless it is already built, at most
+    one process at a time (see the module docstring); returns its directory."""
+    builder = make_builder()
     if _is_built(builder):
         return Path(builder.data_dir)
     config_dir = Path(builder.data_dir).parent
     with _build_lock(config_dir.parent / f".{config_dir.name}.lock"):
         # Another process may have finished the build while this one waited for the lock.
-        builder = _builder(data_cfg)
+        builder = make_builder()
         if _is_built(builder):
             return Path(builder.data_dir)
         # Holding the lock, no cooperating process is writing: leftovers are from crashed builds.

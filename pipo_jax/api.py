@@ -26,7 +26,7 @@ from pipo_jax.data.arith import SYSTEM_PROMPT
 from pipo_jax.pairs import assert_pad_at_odd
 from pipo_jax.sharding import build_mesh
 from pipo_jax.tokenizer import ByteTokenizer, Tokenizer, run_tokenizer
-from pipo_jax.trainer import abstract_params
+from pipo_jax.trainer import restore_stage_params
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this many tokens (fewer compiles)
@@ -50,10 +50,10 @@ class Timing:
 
 
 def load_params(stage_dir: str | Path, pipo: bool, step: int | None = None) -> tuple[Any, Config]:
-    """Parameters (and the config saved with them) of one training stage, on one device."""
-    cfg = ckpt.restore_config(stage_dir, step)
+    """Parameters (and the config saved with them) of one training stage, on one device; LoRA
+    adapters are merged into their kernels, so decoding runs the plain model at full speed."""
     mesh = build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    return ckpt.restore_params(stage_dir, abstract_params(cfg.model, pipo, mesh), step)
+    return restore_stage_params(stage_dir, pipo, mesh, step)
 
 
 class PipoRunner:

@@ -4,6 +4,7 @@
         [--compressor-type mlp|linear] [--max-context N] [--seed S] [--force]
     python -m pipo_jax.convert pipo-to-hf --run RUN_DIR --out DIR [--dtype float32|bfloat16]
         [--step N] [--max-shard-size 2GB] [--force]
+    python -m pipo_jax.convert merge-lora --run RUN_DIR --out RUN_DIR [--step N] [--force]
 
 ``hf-to-pipo`` reads a local Hugging Face folder (config.json, ``*.safetensors`` with or without
 ``model.safetensors.index.json``, tokenizer.json and tokenizer_config.json; nothing is fetched)
@@ -29,7 +30,12 @@ checkpoint when it is a PIPO export, else they are freshly initialised.
 ``pipo-to-hf`` writes the PIPO (``sft``) parameters back in the reference key layout, streamed
 one tensor at a time into safetensors shards, with config.json (the imported one plus
 ``compressor_type``) and the run's tokenizer files. HF → PIPO → HF is bit-exact for every text
-and MTP tensor; the vision tower of a VLM checkpoint is not carried.
+and MTP tensor; the vision tower of a VLM checkpoint is not carried. A LoRA run is exported with
+its adapters merged.
+
+``merge-lora`` folds the LoRA adapters of a run's stages into their kernels and writes a new run
+directory of params-only checkpoints in the plain layout (tuner ``full``), with the run's
+tokenizer and Hugging Face config: load it, export it, or fine-tune it further with any tuner.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from pipo_jax import checkpoint as ckpt
 from pipo_jax import hf_mapping as hm
 from pipo_jax.api import load_params
 from pipo_jax.cli import run_main
-from pipo_jax.config import Config, ConfigError, ModelConfig, save_config
+from pipo_jax.config import STAGES, Config, ConfigError, ModelConfig, config_from_json, save_config
 from pipo_jax.layers import slot_name
 from pipo_jax.model import backbone_layer, init_params, pipo_from_ar
 from pipo_jax.tokenizer import HFTokenizer, tokenizer_path
@@ -526,6 +532,59 @@ def pipo_to_hf(run: str | Path, out: str | Path, dtype: str | None = None,
     return summary
 
 
+# ---------------------------------------------------------------------------------- merge-lora
+
+
+def merge_lora(run: str | Path, out: str | Path, step: int | None = None, force: bool = False,
+               log: Any = print) -> dict[str, Any]:
+    """Writes ``out``: ``run`` with every stage's LoRA adapters merged (``lora.merge``).
+
+    Each stage keeps its checkpoint step (``step`` selects the ``sft`` one; default the latest)
+    and becomes a params-only checkpoint, so ``train.py`` on ``out`` starts from it with a fresh
+    optimizer. Refuses a run without adapters (there is nothing to merge).
+    """
+    run, out = Path(run), Path(out)
+    if not (run / "config.json").is_file():
+        raise ConvertError(f"--run {run} is not a run directory (no config.json)")
+    if run.resolve() == out.resolve():
+        raise ConvertError("--out must differ from --run: the merged run is written beside it")
+    stages = [s for s in STAGES if ckpt.latest_step(run / s) is not None]
+    if not stages:
+        raise ConvertError(f"{run} has no checkpoints to merge")
+    tuned = {s: ckpt.restore_config(run / s, step if s == "sft" else None) for s in stages}
+    with_lora = [s for s in stages if getattr(tuned[s], s).tuner == "lora"
+                 and "opt_state" in ckpt.saved_keys(run / s, step if s == "sft" else None)]
+    if not with_lora:
+        raise ConvertError(f"{run} has no LoRA adapters to merge (its stages were trained with "
+                           "tuner: full or are params-only); use it as it is")
+    _check_out(out, force)
+    base = config_from_json(run / "config.json")
+    config = dataclasses.replace(
+        base, run_dir=str(out),
+        **{s: dataclasses.replace(getattr(base, s), tuner="full") for s in STAGES})
+    extra = [n for n in (HF_CONFIG, HF_DTYPES) if (run / n).is_file()]
+    tok = tokenizer_path(base.tokenizer, run)
+    _prepare_out(out, force, (*STAGES, TOKENIZER_DIR, "config.json", *extra))
+    if tok is not None:
+        tok_dir = tok if tok.is_dir() else tok.parent
+        _copy_tokenizer(tok_dir, out / TOKENIZER_DIR)
+        config = dataclasses.replace(config, tokenizer=TOKENIZER_DIR)
+    for name in extra:
+        shutil.copyfile(run / name, out / name)
+    save_config(config, out / "config.json")
+    steps = {}
+    for stage in stages:
+        at = step if stage == "sft" and step is not None else ckpt.latest_step(run / stage)
+        params, _ = load_params(run / stage, stage == "sft", at)
+        steps[stage] = int(at)
+        with ckpt.open_manager(out / stage, getattr(config, stage).keep_checkpoints) as m:
+            ckpt.save(m, at, {"step": np.int32(at), "params": params}, config, force=True,
+                      wait=True)
+    log(f"{run} → {out}\n  merged LoRA adapters of: {', '.join(with_lora)}; steps "
+        + ", ".join(f"{s} {n}" for s, n in steps.items()))
+    return {"merged": with_lora, "steps": steps, "out": str(out)}
+
+
 # ----------------------------------------------------------------------------------------- cli
 
 
@@ -555,8 +614,15 @@ def main(argv: list[str]) -> int:
                      help=f"largest safetensors file (default {DEFAULT_SHARD})")
     exp.add_argument("--force", action="store_true", help="replace the files of a previous "
                      "export in --out")
+    merge = sub.add_parser("merge-lora", help="a LoRA run → a run with the adapters merged")
+    merge.add_argument("--run", required=True, help="run directory trained with tuner: lora")
+    merge.add_argument("--out", required=True, help="run directory to create")
+    merge.add_argument("--step", type=int, help="sft checkpoint step (default: the latest)")
+    merge.add_argument("--force", action="store_true", help="replace a previous merge in --out")
     args = parser.parse_args(argv)
-    if args.command == "hf-to-pipo":
+    if args.command == "merge-lora":
+        merge_lora(args.run, args.out, args.step, args.force)
+    elif args.command == "hf-to-pipo":
         if args.max_context is not None and (args.max_context <= 0 or args.max_context % 2):
             raise ConvertError(f"--max-context must be a positive even number, got "
                                f"{args.max_context}")

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from pipo_jax import deltanet
-from pipo_jax.config import ModelConfig
+from pipo_jax.config import LoraConfig, ModelConfig
+from pipo_jax.lora import LoraDenseGeneral
 
 Array = jax.Array
 _NEG_INF = -1e30
@@ -35,6 +36,17 @@ def dtype_of(name: str) -> jnp.dtype:
 
 def dense_init(cfg: ModelConfig, axes: tuple[str, ...]) -> nn.initializers.Initializer:
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+
+
+def projection(cfg: ModelConfig, lora: LoraConfig | None, features: int | tuple[int, ...],
+               in_axes: tuple[str, ...], out_axes: tuple[str, ...],
+               axis: int | tuple[int, ...] = -1, name: str | None = None) -> LoraDenseGeneral:
+    """A bias-free projection over the trailing ``axis`` dims, with a LoRA adapter when ``lora``
+    targets its ``name`` (in ``setup`` the attribute name is the module name)."""
+    return LoraDenseGeneral(features, axis=axis, use_bias=False, dtype=dtype_of(cfg.dtype),
+                            param_dtype=dtype_of(cfg.param_dtype),
+                            kernel_init=dense_init(cfg, (*in_axes, *out_axes)), lora=lora,
+                            in_axes_names=in_axes, out_axes_names=out_axes, name=name)
 
 
 def _rms(x32: Array, eps: float) -> Array:
@@ -90,23 +102,19 @@ class Attention(nn.Module):
     """
 
     cfg: ModelConfig
+    lora: LoraConfig | None = None
 
     def setup(self) -> None:
         c = self.cfg
-        pdt, dt = dtype_of(c.param_dtype), dtype_of(c.dtype)
         q_width = c.head_dim * (2 if c.attn_output_gate else 1)
-        self.q_proj = nn.DenseGeneral((c.n_heads, q_width), use_bias=False, dtype=dt,
-                                      param_dtype=pdt,
-                                      kernel_init=dense_init(c, ("embed", "heads", "head_dim")))
-        self.k_proj = nn.DenseGeneral((c.n_kv_heads, c.head_dim), use_bias=False, dtype=dt,
-                                      param_dtype=pdt,
-                                      kernel_init=dense_init(c, ("embed", "kv", "head_dim")))
-        self.v_proj = nn.DenseGeneral((c.n_kv_heads, c.head_dim), use_bias=False, dtype=dt,
-                                      param_dtype=pdt,
-                                      kernel_init=dense_init(c, ("embed", "kv", "head_dim")))
-        self.o_proj = nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=dt,
-                                      param_dtype=pdt,
-                                      kernel_init=dense_init(c, ("heads", "head_dim", "embed")))
+        self.q_proj = projection(c, self.lora, (c.n_heads, q_width), ("embed",),
+                                 ("heads", "head_dim"))
+        self.k_proj = projection(c, self.lora, (c.n_kv_heads, c.head_dim), ("embed",),
+                                 ("kv", "head_dim"))
+        self.v_proj = projection(c, self.lora, (c.n_kv_heads, c.head_dim), ("embed",),
+                                 ("kv", "head_dim"))
+        self.o_proj = projection(c, self.lora, c.d_model, ("heads", "head_dim"), ("embed",),
+                                 axis=(-2, -1))
         self.q_norm = norm(c, "head_dim")
         self.k_norm = norm(c, "head_dim")
 
@@ -290,18 +298,15 @@ class GatedDeltaNet(nn.Module):
 
 class SwiGLU(nn.Module):
     cfg: ModelConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.cfg
-        pdt, dt = dtype_of(c.param_dtype), dtype_of(c.dtype)
-        gate = nn.Dense(c.mlp_dim, use_bias=False, dtype=dt, param_dtype=pdt,
-                        kernel_init=dense_init(c, ("embed", "mlp")), name="gate_proj")(x)
-        up = nn.Dense(c.mlp_dim, use_bias=False, dtype=dt, param_dtype=pdt,
-                      kernel_init=dense_init(c, ("embed", "mlp")), name="up_proj")(x)
-        return nn.Dense(c.d_model, use_bias=False, dtype=dt, param_dtype=pdt,
-                        kernel_init=dense_init(c, ("mlp", "embed")), name="down_proj")(
-                            nn.silu(gate) * up)
+        gate = projection(c, self.lora, c.mlp_dim, ("embed",), ("mlp",), name="gate_proj")(x)
+        up = projection(c, self.lora, c.mlp_dim, ("embed",), ("mlp",), name="up_proj")(x)
+        return projection(c, self.lora, c.d_model, ("mlp",), ("embed",), name="down_proj")(
+            nn.silu(gate) * up)
 
 
 LayerCache = tuple[Array, Array]  # (k, v) for full attention; (conv, state) for DeltaNet
@@ -316,15 +321,17 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     layer_type: str = "full_attention"
+    lora: LoraConfig | None = None
 
     def setup(self) -> None:
         self.input_norm = norm(self.cfg)
         if self.layer_type == "full_attention":
-            self.attn = Attention(self.cfg)
+            self.attn = Attention(self.cfg, self.lora)
         else:
+            # Gated DeltaNet projections are never adapted (PAPER §2.6).
             self.linear_attn = GatedDeltaNet(self.cfg)
         self.post_attn_norm = norm(self.cfg)
-        self.mlp = SwiGLU(self.cfg)
+        self.mlp = SwiGLU(self.cfg, self.lora)
 
     def __call__(self, x_BxLxH: Array, positions_BxL: Array,
                  key_valid_BxL: Array | None) -> tuple[Array, LayerCache]:
@@ -364,14 +371,15 @@ class _ScanBody(nn.Module):
     """One repeat of the layer pattern, in ``nn.scan``'s ``(carry, x) → (carry, y)`` form."""
 
     cfg: ModelConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: Array, positions: Array,
                  key_valid: Array | None) -> tuple[Array, tuple[LayerCache, ...]]:
         caches = []
         for j, layer_type in enumerate(self.cfg.layer_pattern):
-            x, cache = DecoderLayer(self.cfg, layer_type, name=slot_name(j))(x, positions,
-                                                                            key_valid)
+            x, cache = DecoderLayer(self.cfg, layer_type, self.lora, name=slot_name(j))(
+                x, positions, key_valid)
             caches.append(cache)
         return x, tuple(caches)
 
@@ -385,6 +393,7 @@ class Backbone(nn.Module):
     """
 
     cfg: ModelConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_BxLxH: Array, positions_BxL: Array,
@@ -395,8 +404,11 @@ class Backbone(nn.Module):
         if self.cfg.remat_policy != "none":
             body = nn.remat(body, policy=REMAT_POLICIES[self.cfg.remat_policy],
                             prevent_cse=False)
-        scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+        # Each block draws its own LoRA dropout mask.
+        scanned = nn.scan(body, variable_axes={"params": 0},
+                          split_rngs={"params": True, "dropout": True},
                           in_axes=(nn.broadcast, nn.broadcast), length=self.cfg.n_blocks,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        x, caches = scanned(self.cfg, name="layers")(x_BxLxH, positions_BxL, key_valid_BxL)
+        x, caches = scanned(self.cfg, self.lora, name="layers")(x_BxLxH, positions_BxL,
+                                                                  key_valid_BxL)
         return norm(self.cfg, name="final_norm")(x), caches

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pipo_jax.config import ModelConfig
+from pipo_jax.config import LoraConfig, ModelConfig
 from pipo_jax.layers import Backbone, DecoderLayer, dense_init, dtype_of, norm, slot_name
 
 Array = jax.Array
@@ -107,6 +107,7 @@ class MTPHead(nn.Module):
     convention."""
 
     cfg: ModelConfig
+    lora: LoraConfig | None = None
 
     def setup(self) -> None:
         c = self.cfg
@@ -115,7 +116,7 @@ class MTPHead(nn.Module):
         self.fc = nn.Dense(c.d_model, use_bias=False, dtype=dtype_of(c.dtype),
                            param_dtype=dtype_of(c.param_dtype),
                            kernel_init=dense_init(c, ("mlp", "embed")))
-        self.layer = DecoderLayer(c, "full_attention")
+        self.layer = DecoderLayer(c, "full_attention", self.lora)
         self.final_norm = norm(c)
 
     def _input(self, h: Array, e_tok1: Array) -> Array:
@@ -162,13 +163,15 @@ class PipoLM(nn.Module):
 
     cfg: ModelConfig
     pipo: bool = True
+    # Adapters on the backbone's and the MTP layer's projections (``pipo_jax.lora``).
+    lora: LoraConfig | None = None
 
     def setup(self) -> None:
         self.embedder = Embedder(self.cfg)
-        self.backbone = Backbone(self.cfg)
+        self.backbone = Backbone(self.cfg, self.lora)
         if self.pipo:
             self.compressor = Compressor(self.cfg)
-            self.mtp_head = MTPHead(self.cfg)
+            self.mtp_head = MTPHead(self.cfg, self.lora)
             self.confidence_head = ConfidenceHead(self.cfg)
 
     def compress(self, tokens_BxT: Array) -> Array:
@@ -205,9 +208,17 @@ class PipoLM(nn.Module):
         return self.embedder.attend(h)
 
 
-def init_params(cfg: ModelConfig, pipo: bool, rng: Array) -> dict:
+def lm_head(params: dict) -> Array:
+    """The V×H matrix the logits are taken against: ``embedder/lm_head`` when the model has an
+    untied head, else the embedding."""
+    embedder = params["embedder"]
+    return embedder["lm_head"] if "lm_head" in embedder else embedder["embedding"]
+
+
+def init_params(cfg: ModelConfig, pipo: bool, rng: Array,
+                lora: LoraConfig | None = None) -> dict:
     """Boxed (logically partitioned) parameters; ``nn.unbox`` them for use."""
-    model = PipoLM(cfg, pipo)
+    model = PipoLM(cfg, pipo, lora)
     tokens = jnp.zeros((1, 4), jnp.int32)
     return model.init(rng, tokens)["params"]
 

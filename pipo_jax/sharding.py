@@ -28,6 +28,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("unmodeled", None),
+    ("lora", None),
 )
 
 

@@ -26,12 +26,21 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from pipo_jax import checkpoint as ckpt
+from pipo_jax import lora as lora_lib
 from pipo_jax import sharding
-from pipo_jax.config import Config, ModelConfig, TrainConfig, save_config, to_dict
+from pipo_jax.config import (
+    STAGES,
+    Config,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+    save_config,
+    to_dict,
+)
 from pipo_jax.data import make_train_dataset
 from pipo_jax.losses import ar_loss, sft_loss
 from pipo_jax.metrics import MetricWriter
-from pipo_jax.model import PipoLM, init_params, pipo_from_ar
+from pipo_jax.model import PipoLM, init_params, lm_head, pipo_from_ar
 from pipo_jax.tokenizer import Tokenizer, run_tokenizer
 
 
@@ -63,20 +72,29 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
                     mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
 
 
+# Salt that keeps the LoRA dropout stream apart from parameter initialisation.
+_DROPOUT_SALT = 0xD120
+
+
 def state_shardings(mcfg: ModelConfig, pipo: bool, tx: optax.GradientTransformation,
-                    mesh: Mesh) -> tuple[Any, Any]:
-    """(abstract unboxed state, its shardings) derived from the logical axis names."""
-    boxed = jax.eval_shape(lambda: init_params(mcfg, pipo, jax.random.key(0)))
-    boxed_opt = jax.eval_shape(tx.init, boxed)
+                    mesh: Mesh, tuner: str = "full",
+                    lora: LoraConfig | None = None) -> tuple[Any, Any]:
+    """(abstract unboxed state, its shardings) derived from the logical axis names.
+
+    The optimizer state covers only the parameters ``tuner`` trains (``lora.partition``).
+    """
+    boxed = jax.eval_shape(lambda: init_params(mcfg, pipo, jax.random.key(0), lora))
+    boxed_opt = jax.eval_shape(tx.init, lora_lib.partition(boxed, tuner)[0])
     boxed_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed,
                              opt_state=boxed_opt)
     shardings = sharding.logical_shardings(boxed_state, mesh)
     return nn.unbox(boxed_state), shardings
 
 
-def abstract_params(mcfg: ModelConfig, pipo: bool, mesh: Mesh) -> Any:
+def abstract_params(mcfg: ModelConfig, pipo: bool, mesh: Mesh,
+                    lora: LoraConfig | None = None) -> Any:
     """Abstract (unboxed) parameters that carry their mesh shardings: a restore target."""
-    boxed = jax.eval_shape(lambda: init_params(mcfg, pipo, jax.random.key(0)))
+    boxed = jax.eval_shape(lambda: init_params(mcfg, pipo, jax.random.key(0), lora))
     return ckpt.abstract_target(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
 
 
@@ -85,22 +103,31 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelCon
                tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step: ``(state, batch) → (state, metrics)``.
 
-    ``batch`` holds ``tokens`` B×T int32 and ``loss_mask`` B×T bool. There is no randomness in
-    the step itself: PAD augmentation happens on the host, seeded by the step.
+    ``batch`` holds ``tokens`` B×T int32 and ``loss_mask`` B×T bool. PAD augmentation happens
+    on the host, seeded by the step; the only randomness in the step is LoRA dropout, drawn from
+    ``(tc.seed, step)`` so that a resumed run draws the same masks.
+
+    Gradients, clipping and optimizer state cover only the parameters ``tc.tuner`` trains; the
+    frozen ones are passed through unchanged (and no gradient is computed for them).
     """
-    model = PipoLM(mcfg, pipo)
+    lora = tc.lora if tc.tuner == "lora" else None
+    model = PipoLM(mcfg, pipo, lora)
     objective = sft_loss if pipo else ar_loss
+    train_params, frozen = lora_lib.partition(state.params, tc.tuner)
+    rngs = {}
+    if lora is not None and lora.dropout > 0:
+        rngs["dropout"] = jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(tc.seed), _DROPOUT_SALT), state.step)
 
-    def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        out = model.apply({"params": params}, batch["tokens"],
-                          detach_confidence_inputs=tc.detach_confidence_inputs) if pipo else \
-            model.apply({"params": params}, batch["tokens"])
-        return objective(out, params["embedder"]["embedding"], batch["tokens"],
-                         batch["loss_mask"], tc)
+    def loss_fn(train_params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        params = lora_lib.combine(train_params, frozen)
+        kwargs = {"detach_confidence_inputs": tc.detach_confidence_inputs} if pipo else {}
+        out = model.apply({"params": params}, batch["tokens"], rngs=rngs, **kwargs)
+        return objective(out, lm_head(params), batch["tokens"], batch["loss_mask"], tc)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params)
+    updates, opt_state = tx.update(grads, state.opt_state, train_params)
+    params = lora_lib.combine(optax.apply_updates(train_params, updates), frozen)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                    learning_rate=make_schedule(tc)(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -114,9 +141,11 @@ class StageResult:
     seconds: float
 
 
-def _check_same_model(stage_dir: Path, cfg: Config) -> None:
-    """Refuses to resume a stage whose checkpoints were trained with another model config."""
-    if ckpt.latest_step(stage_dir) is None:
+def _check_same_model(stage_dir: Path, cfg: Config, stage: str) -> None:
+    """Refuses to resume a stage whose checkpoints were trained with another model config or
+    another set of adapters (a params-only checkpoint, an imported model, starts any tuner)."""
+    latest = ckpt.latest_step(stage_dir)
+    if latest is None:
         return
     saved = ckpt.restore_config(stage_dir)
     if saved.model != cfg.model:
@@ -125,27 +154,75 @@ def _check_same_model(stage_dir: Path, cfg: Config) -> None:
         raise TrainingError(
             f"{stage_dir} holds checkpoints of a different model (saved vs now: {diff}); use a "
             f"new run_dir or the saved model settings")
+    if "opt_state" not in ckpt.saved_keys(stage_dir, latest):
+        return
+    tuned = lambda c: (getattr(c, stage).tuner, lora_lib.stage_lora(c, stage))  # noqa: E731
+    if tuned(saved) != tuned(cfg):
+        raise TrainingError(
+            f"{stage_dir} holds a run trained with {stage}.tuner/lora = {tuned(saved)}, but the "
+            f"config now says {tuned(cfg)}; resume with the saved settings, or start a new "
+            f"run_dir from a merged copy (python -m pipo_jax.convert merge-lora)")
+
+
+def _stage_name(stage_dir: Path, pipo: bool) -> str:
+    return stage_dir.name if stage_dir.name in STAGES else ("sft" if pipo else "ar")
+
+
+def restore_stage_params(stage_dir: str | Path, pipo: bool, mesh: Mesh,
+                         step: int | None = None) -> tuple[Any, Config]:
+    """A stage's parameters with any LoRA adapters merged (the plain model layout), sharded on
+    ``mesh``, and the config saved with them. The adapter settings are the checkpoint's own."""
+    stage_dir = Path(stage_dir)
+    saved = ckpt.restore_config(stage_dir, step)
+    lora = lora_lib.stage_lora(saved, _stage_name(stage_dir, pipo))
+    if lora is not None and "opt_state" not in ckpt.saved_keys(stage_dir, step):
+        lora = None  # a params-only checkpoint is always in the plain layout
+    params, saved = ckpt.restore_params(stage_dir, abstract_params(saved.model, pipo, mesh, lora),
+                                        step)
+    if lora is not None:
+        plain = abstract_params(saved.model, pipo, mesh)
+        params = jax.jit(functools.partial(lora_lib.merge, lora=lora),
+                         out_shardings=jax.tree.map(lambda a: a.sharding, plain))(params)
+    return params, saved
+
+
+def _attach_adapters(mcfg: ModelConfig, pipo: bool, lora: LoraConfig | None, base: Any,
+                     rng: jax.Array) -> Any:
+    """``base`` (plain layout) plus freshly initialised adapters (A random, B zero)."""
+    if lora is None:
+        return base
+    fresh = nn.unbox(init_params(mcfg, pipo, rng, lora))  # only its adapters survive (DCE)
+    return lora_lib.with_adapters(base, fresh)
 
 
 def _init_state(cfg: Config, stage: str, tx: optax.GradientTransformation, shardings: Any,
-                mesh: Mesh) -> TrainState:
+                mesh: Mesh, base: Any = None, start: int = 0) -> TrainState:
+    """A fresh state: from ``base`` parameters (plain layout) when given, else from scratch
+    (``ar``) or from the AR stage of the run (``sft``). Adapters are added and the optimizer
+    initialised for the parameters ``tuner`` trains."""
     tc: TrainConfig = getattr(cfg, stage)
-    rng = jax.random.key(tc.seed)
-    if stage == "ar":
-        params = jax.jit(lambda r: nn.unbox(init_params(cfg.model, False, r)),
+    lora = lora_lib.stage_lora(cfg, stage)
+    pipo = stage == "sft"
+    rng, adapter_rng = jax.random.split(jax.random.key(tc.seed))
+    attach = functools.partial(_attach_adapters, cfg.model, pipo, lora)
+    if base is not None:
+        params = jax.jit(attach, out_shardings=shardings.params)(base, adapter_rng)
+    elif stage == "ar":
+        params = jax.jit(lambda r: nn.unbox(init_params(cfg.model, False, r, lora)),
                          out_shardings=shardings.params)(rng)
     else:
         ar_dir = Path(cfg.run_dir) / "ar"
         try:
-            ar_params, _ = ckpt.restore_params(ar_dir, abstract_params(cfg.model, False, mesh))
+            ar_params, _ = restore_stage_params(ar_dir, False, mesh)
         except ckpt.CheckpointError as e:
             raise TrainingError(
                 f"the sft stage starts from the AR model in {ar_dir}, which is not usable; "
                 f"train the ar stage first (stages=[ar, sft]). Details: {e}") from e
-        params = jax.jit(functools.partial(pipo_from_ar, cfg.model),
-                         out_shardings=shardings.params)(ar_params, rng)
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    return TrainState(step=jnp.int32(0), params=params, opt_state=opt_state)
+        params = jax.jit(lambda a, r, ra: attach(pipo_from_ar(cfg.model, a, r), ra),
+                         out_shardings=shardings.params)(ar_params, rng, adapter_rng)
+    opt_state = jax.jit(lambda p: tx.init(lora_lib.partition(p, tc.tuner)[0]),
+                        out_shardings=shardings.opt_state)(params)
+    return TrainState(step=jnp.int32(start), params=params, opt_state=opt_state)
 
 
 def _fmt(x: float) -> str:
@@ -163,17 +240,16 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
                             f"{tokenizer.vocab_size} tokens")
     mesh = mesh or sharding.build_mesh(cfg.mesh)
     stage_dir = Path(cfg.run_dir) / stage
-    _check_same_model(stage_dir, cfg)
+    _check_same_model(stage_dir, cfg, stage)
     tx = make_optimizer(tc)
-    abstract, shardings = state_shardings(cfg.model, pipo, tx, mesh)
+    abstract, shardings = state_shardings(cfg.model, pipo, tx, mesh, tc.tuner,
+                                          lora_lib.stage_lora(cfg, stage))
     start = ckpt.latest_step(stage_dir)
     if start is not None and "opt_state" not in ckpt.saved_keys(stage_dir, start):
-        # A params-only checkpoint (an imported model): train from its weights with a fresh
-        # optimizer.
-        params, _ = ckpt.restore_params(stage_dir, ckpt.abstract_target(abstract.params,
-                                                                        shardings.params))
-        opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-        state = TrainState(step=jnp.int32(start), params=params, opt_state=opt_state)
+        # A params-only checkpoint (an imported or merged model): train from its weights with
+        # fresh adapters and a fresh optimizer.
+        base, _ = restore_stage_params(stage_dir, pipo, mesh, start)
+        state = _init_state(cfg, stage, tx, shardings, mesh, base=base, start=start)
     elif start is not None:
         state, _ = ckpt.restore(stage_dir, ckpt.abstract_target(abstract, shardings))
         start = int(state.step)

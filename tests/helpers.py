@@ -7,18 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from pipo_jax.config import ModelConfig
+from pipo_jax.config import LoraConfig, ModelConfig
 from pipo_jax.model import init_params
 
 
 def random_params(cfg: ModelConfig, pipo: bool, seed: int, std: float = 0.2,
-                  bias_std: float = 0.1, scale_std: float = 0.1) -> dict:
+                  bias_std: float = 0.1, scale_std: float = 0.1,
+                  lora: LoraConfig | None = None) -> dict:
     """Random parameters of ``init_params``' shapes, built in numpy (no XLA compile for init).
 
     Kernels and embeddings ``N(0, std²)``, norm scales ``1 + scale_std·N``, biases
     ``bias_std·N``: every module, compressor and norms included, is far from the identity.
+    With ``lora``, the adapters are random too (``B`` non-zero), so they change the model.
     """
-    shapes = jax.eval_shape(lambda k: nn.unbox(init_params(cfg, pipo, k)), jax.random.key(0))
+    shapes = jax.eval_shape(lambda k: nn.unbox(init_params(cfg, pipo, k, lora)),
+                            jax.random.key(0))
     rng = np.random.default_rng(seed)
 
     def leaf(path: tuple, s: jax.ShapeDtypeStruct) -> jax.Array:

@@ -57,6 +57,9 @@ def main(argv: list[str]) -> int:
                    help="evaluate on these benchmark JSONL files instead of the test split")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="named sampling options (paper: the paper's evaluation protocol)")
+    p.add_argument("--system-prompt",
+                   help="system message for prompts without one (default: the embedded task's "
+                   "for runs trained on it, none for runs trained on chat data; '' for none)")
     p.add_argument("--out-dir", help="--bench: result directory (default <run>/eval/bench)")
     p.add_argument("--restart", action="store_true",
                    help="--bench: discard existing results instead of resuming them")
@@ -77,7 +80,7 @@ def main(argv: list[str]) -> int:
     if not models or set(models) - {"pipo", "ar"}:
         raise ConfigError(f"--models must be a subset of pipo,ar, got {args.models!r}")
     benches = load_benchmarks(args.bench) if args.bench else None  # fail before loading a run
-    runner = load(args.run)
+    runner = load(args.run, system_prompt=args.system_prompt)
     if runner.ar_params is None and "ar" in models:
         models.remove("ar")
         print("note: this run has no AR baseline; evaluating PIPO only", file=sys.stderr)
@@ -95,6 +98,10 @@ def main(argv: list[str]) -> int:
             (gen,) = runner.generate(args.prompt, model=model, **options)
             print(f"--- {model}\n{gen.text}\n{json.dumps(gen.stats)}")
         return 0
+    if runner.config.data.source != "arith":
+        raise ConfigError(
+            f"{args.run} was trained on {runner.config.data.source} data, which has no test "
+            "split: evaluate it on benchmark files with --bench FILE, or ask with --prompt TEXT")
     if args.num_problems is None:
         args.num_problems = min(200, runner.config.data.num_test)
     if args.num_problems > runner.config.data.num_test:

@@ -142,7 +142,9 @@ class PipoRunner:
         tok, cfg = self.tokenizer, self.config
         tokens, valid = dec.prepare_prompts(ids, pipo, tok.pad_id, PROMPT_BUCKET,
                                             opts.max_new_tokens, cfg.model.max_context)
-        sp = dec.SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.presence_penalty)
+        text_vocab = getattr(tok, "tokenizer_vocab_size", cfg.model.vocab_size)
+        sp = dec.SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.presence_penalty,
+                                text_vocab if text_vocab < cfg.model.vocab_size else 0)
         keys = dec.request_keys(seeds)
         static = dict(cfg=cfg.model, sp=sp, budget=opts.max_new_tokens, pad_id=tok.pad_id,
                       eos_id=tok.eos_id)
@@ -184,8 +186,11 @@ class PipoRunner:
 
 
 def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | None = None,
-         system_prompt: str = SYSTEM_PROMPT) -> PipoRunner:
+         system_prompt: str | None = None) -> PipoRunner:
     """Loads a run directory written by ``train.py``: PIPO from ``sft/``, AR from ``ar/``.
+
+    ``system_prompt`` is added to prompts that have none; by default the embedded task's for a
+    run trained on it, and none for a run trained on chat data (which carries its own).
 
     Raises ``CheckpointError`` with what to do when the directory or its checkpoints are missing
     or corrupt. ``step`` selects a PIPO checkpoint (default: the latest).
@@ -200,4 +205,6 @@ def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | No
         ar_params, _ = load_params(run_dir / "ar", False)
     if tokenizer is None:
         tokenizer = run_tokenizer(cfg.tokenizer, run_dir, cfg.model.vocab_size)
+    if system_prompt is None:
+        system_prompt = SYSTEM_PROMPT if cfg.data.source == "arith" else ""
     return PipoRunner(cfg, params, ar_params, tokenizer, system_prompt)

@@ -44,6 +44,9 @@ class SamplingParams:
     top_k: int = 0  # 0 → off
     top_p: float = 1.0  # 1 → off
     presence_penalty: float = 0.0
+    # Ids from here on are never drawn: the embedding's padding rows past the tokenizer's
+    # vocabulary (Qwen3.5 pads 248,077 tokens to 248,320 rows). 0 → every id may be drawn.
+    vocab_limit: int = 0
 
 
 @struct.dataclass
@@ -134,6 +137,8 @@ def sample(logits_BxV: Array, keys_B: Array, seen_BxV: Array, sp: SamplingParams
         logits = logits - sp.presence_penalty * seen_BxV.astype(jnp.float32)
     if forbid is not None:
         logits = logits.at[:, forbid].set(-jnp.inf)
+    if sp.vocab_limit:
+        logits = logits.at[:, sp.vocab_limit:].set(-jnp.inf)
     if sp.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sp.temperature

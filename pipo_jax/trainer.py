@@ -141,6 +141,12 @@ class StageResult:
     seconds: float
 
 
+# Model settings that change how the step computes, not what the parameters are: a run may
+# resume (or an imported model start) with other values, e.g. bf16 compute and remat on an
+# accelerator for a checkpoint converted in float32.
+COMPUTE_ONLY_FIELDS = frozenset({"dtype", "remat_policy", "max_context", "linear_chunk"})
+
+
 def _check_same_model(stage_dir: Path, cfg: Config, stage: str) -> None:
     """Refuses to resume a stage whose checkpoints were trained with another model config or
     another set of adapters (a params-only checkpoint, an imported model, starts any tuner)."""
@@ -148,9 +154,10 @@ def _check_same_model(stage_dir: Path, cfg: Config, stage: str) -> None:
     if latest is None:
         return
     saved = ckpt.restore_config(stage_dir)
-    if saved.model != cfg.model:
-        diff = {k: (v, getattr(cfg.model, k)) for k, v in to_dict(saved.model).items()
-                if to_dict(cfg.model)[k] != v}
+    now = to_dict(cfg.model)
+    diff = {k: (v, now[k]) for k, v in to_dict(saved.model).items()
+            if now[k] != v and k not in COMPUTE_ONLY_FIELDS}
+    if diff:
         raise TrainingError(
             f"{stage_dir} holds checkpoints of a different model (saved vs now: {diff}); use a "
             f"new run_dir or the saved model settings")
@@ -241,6 +248,8 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
     mesh = mesh or sharding.build_mesh(cfg.mesh)
     stage_dir = Path(cfg.run_dir) / stage
     _check_same_model(stage_dir, cfg, stage)
+    # Before any model work: a bad data file fails in seconds, not after a large restore.
+    data = make_train_dataset(cfg, tokenizer, stage)
     tx = make_optimizer(tc)
     abstract, shardings = state_shardings(cfg.model, pipo, tx, mesh, tc.tuner,
                                           lora_lib.stage_lora(cfg, stage))
@@ -258,7 +267,6 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
     if start >= tc.steps:
         return StageResult(stage_dir, start, {}, 0.0)
 
-    data = make_train_dataset(cfg, tokenizer, stage)
     batch_sh = sharding.batch_sharding(mesh)
     step_fn = jax.jit(
         functools.partial(train_step, mcfg=cfg.model, tc=tc, pipo=pipo, tx=tx),

@@ -24,7 +24,7 @@ from pipo_jax import checkpoint as ckpt
 from pipo_jax import hf_mapping as hm
 from pipo_jax.api import load, load_params
 from pipo_jax.cli import run_main
-from pipo_jax.config import Config, ModelConfig
+from pipo_jax.config import Config, ConfigError, ModelConfig
 from pipo_jax.convert import main
 from pipo_jax.model import PipoLM, backbone_layer
 
@@ -385,32 +385,90 @@ def test_existing_out_needs_force(hf_models: dict[str, HFModel], tmp_path: Path,
     assert capsys.readouterr().err.startswith("error: ")
 
 
-def test_train_sft_from_imported_run(runs: dict[str, Path], tmp_path: Path):
-    """``train.py --config <run>/config.json`` fine-tunes an imported model: the params-only
-    step-0 checkpoint is the start, the optimizer state is fresh, the HF tokenizer encodes the
-    data, and the new checkpoint is a full train state that resumes and loads."""
-    import shutil
+def _write_chat_jsonl(path: Path, n: int) -> None:
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        a, b = (int(x) for x in rng.integers(10, 99, size=2))
+        lines.append(json.dumps({"id": i, "messages": [
+            {"role": "system", "content": "Solve step by step."},
+            {"role": "user", "content": f"what is {a} + {b}?"},
+            {"role": "assistant", "content": f"<think>\n{a} + {b} = {a + b}.\n</think>\n\n"
+                                             f"the answer is {a + b}."}]}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_lora_sft_on_chat_jsonl_from_imported_run_exports_to_transformers(
+        runs: dict[str, Path], hf_models: dict[str, HFModel], tmp_path: Path):
+    """The user's path end to end: a tiny random HF checkpoint (converted by the ``runs``
+    fixture) is fine-tuned with LoRA on a chat JSONL file with length buckets, exported back to
+    safetensors, and read by transformers. The params-only step-0 checkpoint is the start, the
+    optimizer is fresh, the run resumes and loads, and only what LoRA trains has moved."""
+    from safetensors.torch import load_file as torch_load_file
 
     from pipo_jax.config import load_config
     from pipo_jax.trainer import train
 
     run = tmp_path / "run"
     shutil.copytree(runs["q35_untied_sharded"], run)
-    overrides = [f"run_dir={run}", f"data.data_dir={tmp_path / 'tfds'}", "data.num_train=16",
-                 "data.num_test=4", "data.levels=[2]", "data.max_len=128", "sft.steps=2",
-                 "sft.batch_size=2", "sft.log_every=1", "sft.ckpt_every=2"]
+    _write_chat_jsonl(tmp_path / "sft.jsonl", 12)
+    overrides = [f"run_dir={run}", f"data.data_dir={tmp_path / 'tfds'}", "data.source=chat_jsonl",
+                 f"data.train_files=[{tmp_path / 'sft.jsonl'}]", "data.max_len=96",
+                 "data.overlength=drop", "data.buckets=[64]", "data.bucket_window=2",
+                 "sft.steps=3", "sft.batch_size=2", "sft.log_every=1", "sft.ckpt_every=3",
+                 "sft.tuner=lora", "sft.lora.rank=4", "sft.lora.alpha=8",
+                 "sft.learning_rate=1e-2"]
     cfg = load_config(run / "config.json", overrides)
     assert cfg.stages == ("sft",) and cfg.model.family == "qwen3_5"
     before, _ = load_params(run / "sft", True, step=0)
     [result] = train(cfg, progress=False)
-    assert result.steps == 2 and np.isfinite(result.final_metrics["loss"])
-    assert ckpt.all_steps(run / "sft") == [0, 2]
-    assert "opt_state" in ckpt.saved_keys(run / "sft", 2)
-    assert "opt_state" not in ckpt.saved_keys(run / "sft", 0)
-    after, _ = load_params(run / "sft", True)
+    assert result.steps == 3 and np.isfinite(result.final_metrics["loss"])
+    assert ckpt.all_steps(run / "sft") == [0, 3]
+    assert "opt_state" in ckpt.saved_keys(run / "sft", 3)
+    after, _ = load_params(run / "sft", True)  # adapters merged
     moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), before, after)
     assert moved["compressor"]["fc1"]["kernel"] and moved["confidence_head"]["fc1"]["kernel"]
-    # The AR baseline (the imported model itself) is untouched.
-    assert ckpt.all_steps(run / "ar") == [0]
-    runner = load(run)
-    assert isinstance(runner.generate("What is 12 + 30?", max_new_tokens=4)[0].text, str)
+    assert moved["backbone"]["layers"]["layer_3"]["attn"]["q_proj"]["kernel"]  # via LoRA
+    assert moved["backbone"]["layers"]["layer_0"]["mlp"]["down_proj"]["kernel"]
+    assert not any(jax.tree.leaves(moved["backbone"]["layers"]["layer_0"]["linear_attn"]))
+    assert not any(jax.tree.leaves(moved["embedder"]))
+    assert ckpt.all_steps(run / "ar") == [0]  # the AR baseline (the import) is untouched
+
+    # Export (adapters merged) and read it back with transformers.
+    exported = tmp_path / "hf"
+    assert main(["pipo-to-hf", "--run", str(run), "--out", str(exported)]) == 0
+    tensors = {}
+    for file in sorted(exported.glob("*.safetensors")):
+        tensors.update(torch_load_file(str(file)))
+    cfg_model = cfg.model
+    q = backbone_layer(cfg_model, after["backbone"], 3)["attn"]["q_proj"]["kernel"]
+    np.testing.assert_array_equal(
+        tensors["model.language_model.layers.3.self_attn.q_proj.weight"].numpy(),
+        np.asarray(q).reshape(q.shape[0], -1).T)
+    assert "compressor.mlp.0.weight" in tensors and "mtp.fc.weight" in tensors
+    model = transformers.Qwen3_5ForCausalLM.from_pretrained(str(exported)).eval()
+    tokens = np.random.default_rng(1).integers(0, VOCAB, size=(1, 9))
+    backbone_only = {"embedder": after["embedder"], "backbone": after["backbone"]}
+    ours = np.asarray(_ar_forward(cfg_model, backbone_only, jnp.asarray(tokens)))
+    theirs = _hf_logits(model, tokens)[:, :-1]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    # …and the fine-tuned model is not the imported one.
+    assert np.abs(theirs - _hf_logits(hf_models["q35_untied_sharded"].model, tokens)[:, :-1]
+                  ).max() > 1e-3
+    # Evaluate on a benchmark file with decode.py; a chat-data run has no embedded test split,
+    # and no default system prompt (its data carries its own).
+    import decode
+
+    bench = tmp_path / "mini.jsonl"
+    bench.write_text("\n".join(json.dumps(q) for q in (
+        {"id": "a", "question": "what is 12 + 30?", "answer": "42", "kind": "boxed"},
+        {"id": "b", "question": "which is larger?", "choices": ["1", "2"], "answer": "B",
+         "kind": "choice"})) + "\n")
+    assert decode.main(["--run", str(run), "--bench", str(bench), "--max-new-tokens", "4",
+                        "--samples", "2", "--temperature", "1.0", "--no-progress"]) == 0
+    summary = json.loads((run / "eval" / "bench" / "summary.json").read_text())
+    assert summary["benchmarks"]["mini"]["models"]["pipo"]["num_questions"] == 2
+    assert set(summary["benchmarks"]["mini"]["models"]) == {"pipo", "ar"}
+    with pytest.raises(ConfigError, match="no test split"):
+        decode.main(["--run", str(run), "--no-progress"])
+    assert load(run).system_prompt == ""

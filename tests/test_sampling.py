@@ -130,6 +130,20 @@ def test_forbidden_token_never_drawn(sp):
     assert (_draw(logits, sp, n=8) == 5).all()  # non-vacuous: without forbid it wins
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_ids_past_the_vocab_limit_are_never_drawn(temperature):
+    """The embedding's padding rows (ids past the tokenizer's vocabulary) are never sampled."""
+    logits = np.zeros(V, np.float32)
+    logits[V - 2:] = 20.0  # padding rows would win almost surely
+    logits[3] = 2.0
+    sp = dec.SamplingParams(temperature=temperature, vocab_limit=V - 2)
+    draws = _draw(logits, sp)
+    assert (draws < V - 2).all()
+    if temperature == 0:
+        assert (draws == 3).all()
+    assert (_draw(logits, dec.SamplingParams(temperature=temperature), n=8) >= V - 2).all()
+
+
 def test_request_keys_reproducible_regardless_of_batch():
     """A request's sample depends on its seed alone, not on its batch position or batch-mates."""
     rng = np.random.default_rng(5)

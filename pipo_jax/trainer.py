@@ -193,7 +193,7 @@ def restore_stage_params(stage_dir: str | Path, pipo: bool, mesh: Mesh,
     return params, saved
 
 
-def _attach_adapters(mcfg: ModelConfig, pipo: bool, lora: LoraConfig | None, base: Any,
+def attach_adapters(mcfg: ModelConfig, pipo: bool, lora: LoraConfig | None, base: Any,
                      rng: jax.Array) -> Any:
     """``base`` (plain layout) plus freshly initialised adapters (A random, B zero)."""
     if lora is None:
@@ -211,7 +211,7 @@ def _init_state(cfg: Config, stage: str, tx: optax.GradientTransformation, shard
     lora = lora_lib.stage_lora(cfg, stage)
     pipo = stage == "sft"
     rng, adapter_rng = jax.random.split(jax.random.key(tc.seed))
-    attach = functools.partial(_attach_adapters, cfg.model, pipo, lora)
+    attach = functools.partial(attach_adapters, cfg.model, pipo, lora)
     if base is not None:
         params = jax.jit(attach, out_shardings=shardings.params)(base, adapter_rng)
     elif stage == "ar":

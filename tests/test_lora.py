@@ -82,7 +82,8 @@ def test_targets_select_projections():
 
 
 def test_trainable_set_is_the_recipes():
-    params = nn.unbox(init_params(CFG, True, jax.random.key(0), LORA))
+    params = jax.eval_shape(lambda k: nn.unbox(init_params(CFG, True, k, LORA)),
+                            jax.random.key(0))
     train, frozen = lora.partition(params, "lora")
     train_paths = set(_paths(train))
     fully = {p for p in train_paths if "lora_" not in p}
@@ -126,11 +127,11 @@ def test_merged_and_unmerged_models_give_the_same_outputs(pipo):
 
 def test_fresh_adapters_leave_the_model_unchanged():
     base = random_params(CFG, True, seed=4)
-    fresh = nn.unbox(init_params(CFG, True, jax.random.key(1), LORA))
+    fresh = jax.jit(lambda k: nn.unbox(init_params(CFG, True, k, LORA)))(jax.random.key(1))
     params = lora.with_adapters(base, fresh)
     tokens = _tokens()
-    a = PipoLM(CFG, True, LORA).apply({"params": params}, tokens)
-    b = PipoLM(CFG, True).apply({"params": base}, tokens)
+    a = jax.jit(lambda p, t: PipoLM(CFG, True, LORA).apply({"params": p}, t))(params, tokens)
+    b = jax.jit(lambda p, t: PipoLM(CFG, True).apply({"params": p}, t))(base, tokens)
     chex.assert_trees_all_close(a, b, atol=0, rtol=0)
 
 
@@ -139,7 +140,7 @@ def test_dropout_only_when_a_dropout_rng_is_given():
     tokens = _tokens()
     model = PipoLM(CFG, False, LORA)
     apply = jax.jit(lambda p, t, k: model.apply({"params": p}, t, rngs={"dropout": k}))
-    clean = model.apply({"params": params}, tokens)["h"]
+    clean = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)["h"]
     d1 = apply(params, tokens, jax.random.key(1))["h"]
     d1_again = apply(params, tokens, jax.random.key(1))["h"]
     d2 = apply(params, tokens, jax.random.key(2))["h"]

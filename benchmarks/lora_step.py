@@ -1,0 +1,120 @@
+"""PIPO SFT train step with ``tuner: lora`` against ``tuner: full``, on CPU.
+
+    python -m benchmarks.lora_step
+    python -m benchmarks.lora_step --quick      # smoke run, well under a minute
+
+Both tuners run the same jitted ``trainer.train_step`` on the same batch and the same starting
+weights, in one process. Per model size the table gives the trainable parameters, the bytes of
+optimizer state (AdamW's two moments of the trainable set), and the median step time; ``speedup``
+is full step time / LoRA step time. A LoRA step computes no weight gradient for the frozen
+backbone and keeps optimizer state only for the adapters and the PIPO modules (SPEC §4), so it
+should be cheaper in memory at every size and in time once the frozen matmuls dominate.
+
+Sizes: ``tiny`` is the embedded default's model (``configs/tiny.yaml``); ``small`` a 4-layer
+hybrid of width 512 (Qwen3.5-shaped, scaled down) where the projections dominate the step.
+Timings on a shared 2-core machine are noisy; compare ratios from one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from benchmarks.common import table, write
+from pipo_jax import lora as lora_lib
+from pipo_jax import trainer
+from pipo_jax.config import LoraConfig, ModelConfig, TrainConfig, load_config
+from pipo_jax.model import init_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _models() -> dict[str, ModelConfig]:
+    tiny = load_config(REPO / "configs" / "tiny.yaml").model
+    small = dataclasses.replace(
+        tiny, d_model=512, n_layers=4, layer_types=("linear_attention",) * 3 + ("full_attention",),
+        n_heads=8, n_kv_heads=2, head_dim=64, mlp_dim=1536, linear_n_key_heads=4,
+        linear_n_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64, linear_chunk=32)
+    return {"tiny": tiny, "small": small}
+
+
+def _time_steps(cfg: ModelConfig, tc: TrainConfig, batch: dict[str, jax.Array],
+                repeats: int) -> tuple[float, int, int]:
+    """(median step seconds, trainable parameters, optimizer-state bytes)."""
+    lora = tc.lora if tc.tuner == "lora" else None
+    tx = trainer.make_optimizer(tc)
+    base = nn.unbox(init_params(cfg, True, jax.random.key(0)))
+    params = trainer.attach_adapters(cfg, True, lora, base, jax.random.key(1))
+    train, _ = lora_lib.partition(params, tc.tuner)
+    opt_state = tx.init(train)
+    state = trainer.TrainState(step=jnp.int32(0), params=params, opt_state=opt_state)
+    step = jax.jit(lambda s, b: trainer.train_step(s, b, mcfg=cfg, tc=tc, pipo=True, tx=tx))
+    state, metrics = step(state, batch)  # compile
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    n_train = sum(x.size for x in jax.tree.leaves(train))
+    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state))
+    return statistics.median(times), n_train, opt_bytes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="tiny,small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256, help="tokens per row (even)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="tiny only, short sequences")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/lora_step.json)")
+    args = p.parse_args()
+    if args.quick:
+        args.sizes, args.seq, args.repeats, args.batch = "tiny", 64, 2, 4
+    models = _models()
+    rows: list[dict[str, Any]] = []
+    for size in args.sizes.split(","):
+        cfg = models[size]
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(16, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
+        mask = np.zeros_like(tokens, dtype=bool)
+        mask[:, args.seq // 4:] = True
+        batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
+        base_tc = TrainConfig(steps=1000, batch_size=args.batch, learning_rate=1e-4)
+        full = _time_steps(cfg, base_tc, batch, args.repeats)
+        lora_tc = dataclasses.replace(base_tc, tuner="lora",
+                                      lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
+        low = _time_steps(cfg, lora_tc, batch, args.repeats)
+        n_all = sum(x.size for x in jax.tree.leaves(
+            jax.eval_shape(lambda k, cfg=cfg: nn.unbox(init_params(cfg, True, k)),
+                           jax.random.key(0))))
+        rows.append({
+            "size": size, "params_M": n_all / 1e6,
+            "full_trainable_M": full[1] / 1e6, "lora_trainable_M": low[1] / 1e6,
+            "full_opt_MB": full[2] / 1e6, "lora_opt_MB": low[2] / 1e6,
+            "full_step_ms": 1e3 * full[0], "lora_step_ms": 1e3 * low[0],
+            "speedup": full[0] / low[0]})
+    print(f"PIPO SFT step, batch {args.batch} x {args.seq} tokens, LoRA rank {args.rank} "
+          f"(alpha {2 * args.rank}), median of {args.repeats}")
+    print(table(rows, [("size", "s"), ("params_M", ".2f"), ("full_trainable_M", ".2f"),
+                       ("lora_trainable_M", ".3f"), ("full_opt_MB", ".1f"), ("lora_opt_MB", ".2f"),
+                       ("full_step_ms", ".1f"), ("lora_step_ms", ".1f"), ("speedup", ".2f")]))
+    path = write("lora_step", {"args": vars(args), "rows": rows}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

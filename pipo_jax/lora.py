@@ -53,6 +53,15 @@ def _uniform_fan_in(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
+def _dropout(x: Array, rate: float, key: Array) -> Array:
+    """Inverted dropout whose mask comes from 16 random bits per element instead of a float32
+    uniform: on CPU it costs a quarter of ``jax.random.bernoulli``'s time (a LoRA step draws one
+    mask per adapted projection), and the rate is exact to 1/65536."""
+    drop = round(rate * 65536)
+    keep = jax.random.bits(key, x.shape, jnp.uint16) >= drop
+    return jnp.where(keep, x * (65536 / (65536 - drop)), 0).astype(x.dtype)
+
+
 class LoraDenseGeneral(nn.DenseGeneral):
     """``nn.DenseGeneral`` (no bias) with an optional adapter on the same input.
 
@@ -82,8 +91,7 @@ class LoraDenseGeneral(nn.DenseGeneral):
             self.param_dtype)
         x = inputs
         if self.lora.dropout > 0 and self.has_rng("dropout"):
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.lora.dropout), 0.0).astype(x.dtype)
+            x = _dropout(x, self.lora.dropout, self.make_rng("dropout"))
         dt = self.dtype or inputs.dtype
         n_in = len(axis)
         # The contracted input axes are the trailing ones in every use (checked by the shapes).

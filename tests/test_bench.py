@@ -37,7 +37,8 @@ from pipo_jax.bench.scoring import extract_boxed_answer, extract_choice, last_bo
 from pipo_jax.bench.scoring import score as score_text
 from pipo_jax.bench.store import ResultFile
 from pipo_jax.cli import run_main
-from pipo_jax.config import ConfigError, load_config
+from pipo_jax.config import ConfigError, load_config, save_config
+from pipo_jax.data import test_examples
 from pipo_jax.evaluate import pass_at_k
 
 REPO = Path(__file__).resolve().parents[1]
@@ -369,6 +370,30 @@ def test_convert_command_line(tmp_path, capsys):
     assert run_main(bench_cli.main, ["convert", "aime25", "--in", str(tmp_path / "no.jsonl"),
                                      "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().endswith("no.jsonl: no such input file")
+
+
+def test_convert_test_split(tmp_path, capsys):
+    """The embedded task's held-out problems of a run, as boxed questions."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(REPO / "configs" / "micro.yaml", [
+        f"run_dir={run}", f"data.data_dir={tmp_path / 'tfds'}", "data.num_train=4",
+        "data.num_test=6"])
+    save_config(cfg, run / "config.json")
+    out = tmp_path / "split.jsonl"
+    assert run_main(bench_cli.main, ["convert", "test-split", "--run", str(run), "--out",
+                                     str(out), "--num", "5"]) == 0
+    assert f"wrote 5 questions to {out}" in capsys.readouterr().out
+    questions = load_benchmarks([out])[0].questions
+    expected = test_examples(cfg, 5)
+    assert [(q.id, q.question, q.answer, q.kind) for q in questions] == [
+        (f"arith-{i}", ex["question"], ex["answer"], "boxed") for i, ex in enumerate(expected)]
+    assert run_main(bench_cli.main, ["convert", "test-split", "--run", str(run), "--out",
+                                     str(out), "--num", "7"]) == 2
+    assert "test split has 6" in capsys.readouterr().err
+    assert run_main(bench_cli.main, ["convert", "test-split", "--in", str(out), "--out",
+                                     str(out)]) == 2
+    assert "takes --run" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------- integration (random run)

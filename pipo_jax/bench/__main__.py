@@ -1,4 +1,5 @@
-"""``python -m pipo_jax.bench convert {aime25,gpqa} --in FILE --out FILE [--seed N]``.
+"""``python -m pipo_jax.bench convert {aime25,gpqa} --in FILE --out FILE [--seed N]``,
+``python -m pipo_jax.bench convert test-split --run RUN --out FILE [--num N]``.
 
 Converts a local copy of a public benchmark file to the benchmark schema (``pipo_jax.bench``);
 see ``pipo_jax/bench/convert.py`` for the input formats. Evaluate the result with
@@ -9,9 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from pipo_jax.bench.convert import aime25_questions, gpqa_questions, write_jsonl
+from pipo_jax.bench.convert import (
+    aime25_questions,
+    gpqa_questions,
+    test_split_questions,
+    write_jsonl,
+)
 from pipo_jax.cli import run_main
+from pipo_jax.config import ConfigError, config_from_json
 
 
 def main(argv: list[str]) -> int:
@@ -19,14 +27,31 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="convert a benchmark file to the schema")
-    convert.add_argument("source", choices=("aime25", "gpqa"))
-    convert.add_argument("--in", dest="inp", required=True,
-                         help="input file (aime25: JSONL; gpqa: CSV)")
+    convert.add_argument("source", choices=("aime25", "gpqa", "test-split"))
+    convert.add_argument("--in", dest="inp", help="input file (aime25: JSONL; gpqa: CSV)")
+    convert.add_argument("--run", help="test-split: run directory whose embedded test split to "
+                         "export")
+    convert.add_argument("--num", type=int, help="test-split: first N problems (default all)")
     convert.add_argument("--out", required=True, help="output JSONL file")
     convert.add_argument("--seed", type=int, default=0,
                          help="gpqa: seed of the deterministic option shuffle (default 0)")
     args = p.parse_args(argv)
-    if args.source == "aime25":
+    if args.source == "test-split":
+        if args.run is None or args.inp is not None:
+            raise ConfigError("convert test-split takes --run RUN (and no --in)")
+        if args.num is not None and args.num < 1:
+            raise ConfigError(f"--num must be >= 1, got {args.num}")
+        cfg = config_from_json(Path(args.run) / "config.json")
+        if cfg.data.source != "arith":
+            raise ConfigError(f"{args.run} was trained on {cfg.data.source} data, which has no "
+                              "embedded test split")
+        try:
+            records = test_split_questions(cfg.data, args.num)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    elif args.inp is None or args.run is not None or args.num is not None:
+        raise ConfigError(f"convert {args.source} takes --in FILE (and no --run/--num)")
+    elif args.source == "aime25":
         records = aime25_questions(args.inp)
     else:
         records = gpqa_questions(args.inp, args.seed)

@@ -10,6 +10,9 @@
   always gives the same order, a row's order does not depend on the other rows, and the answer
   is the letter the correct option landed on.
 
+- ``test-split``: the embedded arithmetic task's held-out problems of a run (its ``data``
+  settings), as ``boxed`` questions: try ``decode.py --bench`` on the default run.
+
 Only local files and the standard library: download the files yourself (they are gated or
 licensed separately) and convert them here.
 """
@@ -25,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from pipo_jax.bench.schema import LETTERS, BenchError, load_benchmark
+from pipo_jax.config import DataConfig
+from pipo_jax.data import test_examples
 
 GPQA_OPTIONS = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
                 "Incorrect Answer 3")
@@ -103,6 +108,16 @@ def gpqa_questions(path: str | Path, seed: int) -> list[dict[str, Any]]:
                             "choices": [options[i] for i in order],
                             "answer": LETTERS[order.index(0)], "kind": "choice"}))
     return _check_ids(out, path)
+
+
+def test_split_questions(data_cfg: DataConfig, n: int | None = None) -> list[dict[str, Any]]:
+    """The embedded task's held-out problems (``kind: boxed``, ids ``arith-<index>``): the
+    benchmark path exercised on a run trained on that task. Builds the data set if needed."""
+    return [{"id": f"arith-{i}", "question": ex["question"], "answer": ex["answer"],
+             "kind": "boxed"} for i, ex in enumerate(test_examples(data_cfg, n))]
+
+
+test_split_questions.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> int:

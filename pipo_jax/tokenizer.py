@@ -236,6 +236,11 @@ class HFTokenizer:
                 pad_token, source = named, f"{file} with {config_file}"
         return cls(tok, pad_token, model_vocab_size, source)
 
+    def to_json(self) -> str:
+        """The loaded ``tokenizer.json`` (vocabulary, merges, normalizer, added tokens) as
+        text: what a cache of tokenized data must be keyed on."""
+        return self._tok.to_str()
+
     def token_id(self, special: str) -> int:
         """The id of a token that must be a single id of the vocabulary (``"<think>"``…)."""
         i = self._tok.token_to_id(special)

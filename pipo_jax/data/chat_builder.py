@@ -84,7 +84,7 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
     if isinstance(tokenizer, HFTokenizer):
         # The loaded tokenizer.json itself (vocabulary, merges, normalizer, added tokens);
         # HFTokenizer keeps no path, and a path would not say whether the file changed.
-        h.update(tokenizer._tok.to_str().encode())
+        h.update(tokenizer.to_json().encode())
     elif not isinstance(tokenizer, ByteTokenizer):
         raise TypeError(f"chat_jsonl data needs a ByteTokenizer or HFTokenizer, got "
                         f"{type(tokenizer).__name__}")

@@ -155,6 +155,20 @@ def test_schema_reads_defaults_choices_and_system(tmp_path):
     assert [m["role"] for m in to_messages(q1)] == ["user"]  # the runner adds its default
 
 
+def test_instruction_overrides_the_default(tmp_path):
+    path = write_lines(tmp_path / "instr.jsonl", [
+        {"question": "What is 1 + 1?", "answer": 2, "kind": "boxed", "instruction": ""},
+        {"question": "Pick.", "choices": ["x", "y"], "answer": "A", "kind": "choice",
+         "instruction": "Answer with one letter."}])
+    q1, q2 = load_benchmark(path).questions
+    assert user_prompt(q1) == "What is 1 + 1?"
+    assert user_prompt(q2) == "Pick.\n\nA) x\nB) y\n\nAnswer with one letter."
+    bad = write_lines(tmp_path / "bad.jsonl", [
+        {"question": "q", "answer": 1, "kind": "boxed", "instruction": 3}])
+    with pytest.raises(BenchError, match=r"bad.jsonl:1: instruction must be a string"):
+        load_benchmark(bad)
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"question": "q", "answer": "1", "kind": "boxed"', r"not valid JSON"),
     ('["question"]', r"expected a JSON object, got list"),
@@ -388,6 +402,8 @@ def test_convert_test_split(tmp_path, capsys):
     expected = test_examples(cfg, 5)
     assert [(q.id, q.question, q.answer, q.kind) for q in questions] == [
         (f"arith-{i}", ex["question"], ex["answer"], "boxed") for i, ex in enumerate(expected)]
+    # Posed as the task's model was trained: the bare question, no eval instruction.
+    assert user_prompt(questions[0]) == expected[0]["question"]
     assert run_main(bench_cli.main, ["convert", "test-split", "--run", str(run), "--out",
                                      str(out), "--num", "7"]) == 2
     assert "test split has 6" in capsys.readouterr().err

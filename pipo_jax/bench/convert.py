@@ -11,7 +11,8 @@
   is the letter the correct option landed on.
 
 - ``test-split``: the embedded arithmetic task's held-out problems of a run (its ``data``
-  settings), as ``boxed`` questions: try ``decode.py --bench`` on the default run.
+  settings), as ``boxed`` questions posed as in training (``instruction: ""``): try
+  ``decode.py --bench`` on the default run.
 
 Only local files and the standard library: download the files yourself (they are gated or
 licensed separately) and convert them here.
@@ -113,8 +114,10 @@ def gpqa_questions(path: str | Path, seed: int) -> list[dict[str, Any]]:
 def test_split_questions(data_cfg: DataConfig, n: int | None = None) -> list[dict[str, Any]]:
     """The embedded task's held-out problems (``kind: boxed``, ids ``arith-<index>``): the
     benchmark path exercised on a run trained on that task. Builds the data set if needed."""
+    # The task's model was trained on the bare question (no eval instruction appended).
     return [{"id": f"arith-{i}", "question": ex["question"], "answer": ex["answer"],
-             "kind": "boxed"} for i, ex in enumerate(test_examples(data_cfg, n))]
+             "kind": "boxed", "instruction": ""}
+            for i, ex in enumerate(test_examples(data_cfg, n))]
 
 
 test_split_questions.__test__ = False  # type: ignore[attr-defined]  # not a pytest test

@@ -15,6 +15,8 @@ kind        yes       ``"boxed"``: compared with ``scoring.math_equal``;
 choices     no        ``choice`` only: 2–26 option strings, listed in the prompt as
                       ``A) ...``; ``answer`` must be the letter of one of them
 system      no        a system message; without it the runner's default system prompt is used
+instruction no        replaces the kind's default instruction at the end of the user turn;
+                      ``""`` poses the question alone
 ==========  ========  ====================================================================
 
 Example lines::
@@ -38,7 +40,7 @@ from typing import Any
 from pipo_jax.config import ConfigError
 
 KINDS = ("boxed", "choice")
-FIELDS = ("id", "question", "answer", "kind", "choices", "system")
+FIELDS = ("id", "question", "answer", "kind", "choices", "system", "instruction")
 REQUIRED = ("question", "answer", "kind")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -64,6 +66,9 @@ class Question:
     system: str | None
     source: str
     line: int
+    # Replaces the kind's default instruction at the end of the user turn; "" poses the
+    # question alone (a model trained on bare questions, such as the embedded task's).
+    instruction: str | None = None
 
     @property
     def num_choices(self) -> int | None:
@@ -119,7 +124,11 @@ def _question(obj: Any, where: str, path: Path, lineno: int) -> Question:
                              f"{allowed[0]}..{allowed[-1]}, got {answer!r}")
         answer = answer.upper()
     system = _text(obj["system"], "system", where) if "system" in obj else None
-    return Question(qid, question, answer, kind, choices, system, str(path), lineno)
+    instruction = obj.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise BenchError(f"{where}: instruction must be a string, got {instruction!r}")
+    return Question(qid, question, answer, kind, choices, system, str(path), lineno,
+                    instruction)
 
 
 def load_benchmark(path: str | Path) -> Benchmark:
@@ -187,17 +196,22 @@ def user_prompt(q: Question) -> str:
 
         <CHOICE_INSTRUCTION with {letters} = "A or B">
 
-    The letters named are those of the options (``A`` to ``Z`` when the question lists none, its
+    A question's ``instruction`` replaces the default one (``""``: none). The letters named are
+    those of the options (``A`` to ``Z`` when the question lists none, its
     text holding the options itself), e.g. "(A, B, C or D)" for four options.
     """
     if q.kind == "boxed":
-        return f"{q.question}\n{BOXED_INSTRUCTION}"
+        instruction = BOXED_INSTRUCTION if q.instruction is None else q.instruction
+        return f"{q.question}\n{instruction}" if instruction else q.question
     parts = [q.question]
     letters = LETTERS[:len(q.choices)] if q.choices else LETTERS
     if q.choices:
         parts.append("\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(q.choices)))
     named = f"{', '.join(letters[:-1])} or {letters[-1]}"
-    parts.append(CHOICE_INSTRUCTION.format(letters=named))
+    instruction = (CHOICE_INSTRUCTION.format(letters=named) if q.instruction is None
+                   else q.instruction)
+    if instruction:
+        parts.append(instruction)
     return "\n\n".join(parts)
 
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipo_jax.bench.schema import LETTERS, BenchError, load_benchmark
+from pipo_jax.bench.schema import LETTERS, BenchError, json_lines, load_benchmark
 from pipo_jax.config import DataConfig
 from pipo_jax.data import test_examples
 
@@ -70,14 +70,7 @@ def aime25_questions(path: str | Path) -> list[dict[str, Any]]:
     """Questions (schema dicts, kind ``boxed``) from an AIME-2025-style JSONL file."""
     path = Path(path)
     out = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+    for lineno, where, obj in json_lines(_read_text(path), path):
         if not isinstance(obj, dict):
             raise BenchError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         for name in ("problem", "answer"):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,19 @@ def _question(obj: Any, where: str, path: Path, lineno: int) -> Question:
                     instruction)
 
 
+def json_lines(text: str, path: Path) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "file:line", parsed value)`` of each non-blank line of JSONL ``text``;
+    a line that is not JSON is a ``BenchError`` naming ``file:line``."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield lineno, where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BenchError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+
+
 def load_benchmark(path: str | Path) -> Benchmark:
     """Reads and validates a benchmark JSONL file (see the module docstring for the schema).
 
@@ -148,14 +161,7 @@ def load_benchmark(path: str | Path) -> Benchmark:
         raise BenchError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     questions: list[Question] = []
     first_line: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+    for lineno, where, obj in json_lines(text, path):
         q = _question(obj, where, path, lineno)
         if q.id in first_line:
             raise BenchError(f"{where}: duplicate id {q.id!r} (first on line {first_line[q.id]})")

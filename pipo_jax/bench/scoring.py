@@ -39,6 +39,8 @@ import math
 import re
 from fractions import Fraction
 
+from pipo_jax.latex import braced
+
 THINK_END = "</think>"
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -60,19 +62,6 @@ REL_TOL = 1e-9
 # ------------------------------------------------------------------------------ extraction
 
 
-def _braced(text: str, open_at: int) -> str | None:
-    """Content of the brace group opening at ``text[open_at] == "{"``; None if it never closes."""
-    depth = 0
-    for j in range(open_at, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_at + 1:j]
-    return None
-
-
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{..}`` / ``\\fbox{..}`` / ``\\boxed x`` in ``text``, or None.
 
@@ -84,7 +73,7 @@ def last_boxed(text: str) -> str | None:
         while j < len(text) and text[j] in " \t":
             j += 1
         if j < len(text) and text[j] == "{":
-            return _braced(text, j)
+            return braced(text, j)
         if j > m.end():  # "\boxed 5": the word after the space, up to whitespace or "$"
             word = re.match(r"[^\s$]+", text[j:])
             if word:
@@ -115,7 +104,7 @@ def _strip_wrappers(s: str) -> str:
         m = _TEXT_WRAPPER.search(s)
         if not m:
             return s
-        inner = _braced(s, m.end() - 1)
+        inner = braced(s, m.end() - 1)
         if inner is None:  # unbalanced: drop just the command
             return s[:m.start()] + s[m.end():]
         s = s[:m.start()] + inner + s[m.end() + len(inner) + 1:]

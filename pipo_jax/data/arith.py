@@ -26,6 +26,8 @@ import re
 
 import numpy as np
 
+from pipo_jax.latex import braced
+
 SYSTEM_PROMPT = "Solve step by step."
 
 SPLITS = ("train", "test")
@@ -124,18 +126,7 @@ def extract_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` in ``text`` (nested braces kept); None if absent or
     unbalanced."""
     start = text.rfind(_BOXED)
-    if start < 0:
-        return None
-    begin = start + len(_BOXED)
-    depth = 1
-    for j in range(begin, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:j]
-    return None
+    return None if start < 0 else braced(text, start + len(_BOXED) - 1)
 
 
 def normalize_answer(answer: str) -> str:

@@ -6,11 +6,13 @@ with ``A`` (``in… × rank``) initialised like PEFT's (uniform ``±1/√fan_in`
 as ``kernel`` and the adapter's factors sit beside it as ``lora_a`` / ``lora_b``: merging is
 ``kernel + scale · A·B``, and a merged tree has exactly the layout of a model without LoRA.
 
-Why not a library: ``flax.nnx.LoRA`` exists only for NNX modules, and the Linen-era ``lorax``
-rewrites jaxprs (through ``qax``) and is no longer maintained, which does not compose reliably
-with ``nn.scan`` and sharded ``jit``. The explicit module below is a subclass of
-``nn.DenseGeneral`` (same ``kernel`` and logical axes), so scan, remat, sharding rules and the
-Hugging Face key table all see the layout they already know.
+Why not a library: ``flax.nnx.LoRA`` exists only for NNX modules. ``jax-lorax``, the option
+for Linen, is a whole-function transform built on Qax's implicit arrays (a small project tested
+mainly with Haiku): its implicit arrays would have to pass through ``nn.scan``, remat and the
+sharded ``jit``, and the adapters would live outside the parameter tree that the checkpoints,
+the logical sharding rules and the Hugging Face key table read. The explicit module below is a
+subclass of ``nn.DenseGeneral`` (same ``kernel`` and logical axes), so all of those see the
+layout they already know.
 
 Trainable sets (``tuner``):
 * ``full``: every parameter.

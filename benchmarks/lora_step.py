@@ -55,7 +55,7 @@ class _Step:
     """One tuner's jitted train step on ``batch``, its state, and its static costs."""
 
     def __init__(self, cfg: ModelConfig, tc: TrainConfig, batch: dict[str, jax.Array]) -> None:
-        lora = tc.lora if tc.tuner == "lora" else None
+        lora = tc.adapters
         tx = trainer.make_optimizer(tc)
         base = nn.unbox(init_params(cfg, True, jax.random.key(0)))
         params = trainer.attach_adapters(cfg, True, lora, base, jax.random.key(1))

@@ -279,6 +279,11 @@ class TrainConfig:
     loss_chunk: int = 2048
     detach_confidence_inputs: bool = True
 
+    @property
+    def adapters(self) -> LoraConfig | None:
+        """The LoRA settings when this stage trains adapters (``tuner: lora``), else None."""
+        return self.lora if self.tuner == "lora" else None
+
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
             raise ConfigError("train steps and batch_size must be positive")

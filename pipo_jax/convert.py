@@ -68,6 +68,7 @@ from pipo_jax.config import STAGES, Config, ConfigError, ModelConfig, config_fro
 from pipo_jax.layers import slot_name
 from pipo_jax.model import backbone_layer, init_params, pipo_from_ar
 from pipo_jax.tokenizer import HFTokenizer, tokenizer_path
+from pipo_jax.trainer import checkpoint_adapters
 
 HF_CONFIG = "hf_config.json"  # the source config.json, in the run directory
 HF_DTYPES = "hf_dtypes.json"  # {key: dtype} of tensors stored in another dtype than the config's
@@ -551,9 +552,8 @@ def merge_lora(run: str | Path, out: str | Path, step: int | None = None, force:
     stages = [s for s in STAGES if ckpt.latest_step(run / s) is not None]
     if not stages:
         raise ConvertError(f"{run} has no checkpoints to merge")
-    tuned = {s: ckpt.restore_config(run / s, step if s == "sft" else None) for s in stages}
-    with_lora = [s for s in stages if getattr(tuned[s], s).tuner == "lora"
-                 and "opt_state" in ckpt.saved_keys(run / s, step if s == "sft" else None)]
+    with_lora = [s for s in stages if checkpoint_adapters(
+        run / s, s == "sft", step if s == "sft" else None)[0] is not None]
     if not with_lora:
         raise ConvertError(f"{run} has no LoRA adapters to merge (its stages were trained with "
                            "tuner: full or are params-only); use it as it is")

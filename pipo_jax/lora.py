@@ -34,7 +34,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from pipo_jax.config import Config, LoraConfig
+from pipo_jax.config import LoraConfig
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -100,12 +100,6 @@ class LoraDenseGeneral(nn.DenseGeneral):
         low = jnp.tensordot(x.astype(dt), a.astype(dt), axes=n_in)  # … × rank
         delta = jnp.tensordot(low, b.astype(dt), axes=1)  # … × out…
         return y + (self.lora.scale * delta).astype(y.dtype)
-
-
-def stage_lora(cfg: Config, stage: str) -> LoraConfig | None:
-    """The adapter settings of ``stage`` (None unless its ``tuner`` is ``lora``)."""
-    tc = getattr(cfg, stage)
-    return tc.lora if tc.tuner == "lora" else None
 
 
 def _flat(params: Params) -> dict[tuple[str, ...], Any]:

@@ -110,7 +110,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelCon
     Gradients, clipping and optimizer state cover only the parameters ``tc.tuner`` trains; the
     frozen ones are passed through unchanged (and no gradient is computed for them).
     """
-    lora = tc.lora if tc.tuner == "lora" else None
+    lora = tc.adapters
     model = PipoLM(mcfg, pipo, lora)
     objective = sft_loss if pipo else ar_loss
     train_params, frozen = lora_lib.partition(state.params, tc.tuner)
@@ -163,27 +163,36 @@ def _check_same_model(stage_dir: Path, cfg: Config, stage: str) -> None:
             f"new run_dir or the saved model settings")
     if "opt_state" not in ckpt.saved_keys(stage_dir, latest):
         return
-    tuned = lambda c: (getattr(c, stage).tuner, lora_lib.stage_lora(c, stage))  # noqa: E731
-    if tuned(saved) != tuned(cfg):
+    was, now_tc = getattr(saved, stage), getattr(cfg, stage)
+    if (was.tuner, was.adapters) != (now_tc.tuner, now_tc.adapters):
         raise TrainingError(
-            f"{stage_dir} holds a run trained with {stage}.tuner/lora = {tuned(saved)}, but the "
-            f"config now says {tuned(cfg)}; resume with the saved settings, or start a new "
-            f"run_dir from a merged copy (python -m pipo_jax.convert merge-lora)")
+            f"{stage_dir} holds a run trained with {stage}.tuner {was.tuner} (adapters "
+            f"{was.adapters}), but the config now says {now_tc.tuner} ({now_tc.adapters}); "
+            f"resume with the saved settings, or start a new run_dir from a merged copy "
+            f"(python -m pipo_jax.convert merge-lora)")
 
 
 def _stage_name(stage_dir: Path, pipo: bool) -> str:
     return stage_dir.name if stage_dir.name in STAGES else ("sft" if pipo else "ar")
 
 
+def checkpoint_adapters(stage_dir: str | Path, pipo: bool,
+                        step: int | None = None) -> tuple[LoraConfig | None, Config]:
+    """The LoRA settings of a stage checkpoint's parameters (None: the plain layout), and the
+    config saved with it. Params-only checkpoints (imported or merged) are always plain."""
+    stage_dir = Path(stage_dir)
+    saved = ckpt.restore_config(stage_dir, step)
+    lora = getattr(saved, _stage_name(stage_dir, pipo)).adapters
+    if lora is not None and "opt_state" not in ckpt.saved_keys(stage_dir, step):
+        lora = None
+    return lora, saved
+
+
 def restore_stage_params(stage_dir: str | Path, pipo: bool, mesh: Mesh,
                          step: int | None = None) -> tuple[Any, Config]:
     """A stage's parameters with any LoRA adapters merged (the plain model layout), sharded on
     ``mesh``, and the config saved with them. The adapter settings are the checkpoint's own."""
-    stage_dir = Path(stage_dir)
-    saved = ckpt.restore_config(stage_dir, step)
-    lora = lora_lib.stage_lora(saved, _stage_name(stage_dir, pipo))
-    if lora is not None and "opt_state" not in ckpt.saved_keys(stage_dir, step):
-        lora = None  # a params-only checkpoint is always in the plain layout
+    lora, saved = checkpoint_adapters(stage_dir, pipo, step)
     params, saved = ckpt.restore_params(stage_dir, abstract_params(saved.model, pipo, mesh, lora),
                                         step)
     if lora is not None:
@@ -208,7 +217,7 @@ def _init_state(cfg: Config, stage: str, tx: optax.GradientTransformation, shard
     (``ar``) or from the AR stage of the run (``sft``). Adapters are added and the optimizer
     initialised for the parameters ``tuner`` trains."""
     tc: TrainConfig = getattr(cfg, stage)
-    lora = lora_lib.stage_lora(cfg, stage)
+    lora = tc.adapters
     pipo = stage == "sft"
     rng, adapter_rng = jax.random.split(jax.random.key(tc.seed))
     attach = functools.partial(attach_adapters, cfg.model, pipo, lora)
@@ -251,8 +260,7 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
     # Before any model work: a bad data file fails in seconds, not after a large restore.
     data = make_train_dataset(cfg, tokenizer, stage)
     tx = make_optimizer(tc)
-    abstract, shardings = state_shardings(cfg.model, pipo, tx, mesh, tc.tuner,
-                                          lora_lib.stage_lora(cfg, stage))
+    abstract, shardings = state_shardings(cfg.model, pipo, tx, mesh, tc.tuner, tc.adapters)
     start = ckpt.latest_step(stage_dir)
     if start is not None and "opt_state" not in ckpt.saved_keys(stage_dir, start):
         # A params-only checkpoint (an imported or merged model): train from its weights with

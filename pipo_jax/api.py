@@ -25,7 +25,7 @@ from pipo_jax.config import Config, DecodeConfig, MeshConfig, validate_threshold
 from pipo_jax.data.arith import SYSTEM_PROMPT
 from pipo_jax.pairs import assert_pad_at_odd
 from pipo_jax.sharding import build_mesh
-from pipo_jax.tokenizer import ByteTokenizer, Tokenizer, run_tokenizer
+from pipo_jax.tokenizer import ByteTokenizer, Tokenizer, reasoning_prompt, run_tokenizer
 from pipo_jax.trainer import restore_stage_params
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
@@ -89,7 +89,7 @@ class PipoRunner:
             return ids
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return tok.chat_prompt(messages) + tok.think_prefix()
+        return reasoning_prompt(tok, messages)
 
     # ----------------------------------------------------------------------------- generation
 

@@ -49,6 +49,13 @@ def build_pair_sequence(prompt_ids: Sequence[int], response_ids: Sequence[int],
     return out, mask
 
 
+def pair_length(prompt_len: int, response_len: int) -> int:
+    """Length of ``build_pair_sequence``'s output (parity PADs after the prompt and at the end)
+    for a prompt and a response of these lengths, before PAD augmentation."""
+    n = prompt_len + prompt_len % 2 + response_len
+    return n + n % 2
+
+
 def random_pad_split(tokens: np.ndarray, loss_mask: np.ndarray, ratio: float,
                      rng: np.random.Generator, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Random PAD augmentation (SPEC §4) of one even-length pair sequence.

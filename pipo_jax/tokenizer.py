@@ -290,6 +290,13 @@ class HFTokenizer:
                 f"vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id})")
 
 
+def reasoning_prompt(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Prompt ids of a chat: the chat template with the assistant header, then ``<think>\n`` that
+    opens the reasoning. Training data and generation both build prompts here, so the model is
+    always asked the way it was trained."""
+    return tokenizer.chat_prompt(messages) + tokenizer.think_prefix()
+
+
 def load_tokenizer(spec: str, run_dir: str | os.PathLike[str] | None = None,
                    model_vocab_size: int | None = None) -> Tokenizer:
     """A config's tokenizer string → a tokenizer.

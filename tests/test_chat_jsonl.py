@@ -167,7 +167,7 @@ def test_overlength_drop_count(tmp_path: Path) -> None:
     for line in lines:
         conv = chat_jsonl.parse_conversation(line)
         p, r = conversation_ids(TOK, conv.prompt, conv.response)
-        lengths.append(chat_builder.pair_length(len(p), len(r)))
+        lengths.append(pairs.pair_length(len(p), len(r)))
     too_long = sum(n > max_len for n in lengths)
     assert 0 < too_long < len(lines)
 

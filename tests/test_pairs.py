@@ -223,3 +223,11 @@ def test_fit_to_length():
     te, me = pairs.fit_to_length(t, m, len(t), PAD)
     np.testing.assert_array_equal(te, t)
     np.testing.assert_array_equal(me, m)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 2, 5, 8])
+@pytest.mark.parametrize("response_len", [0, 1, 4, 7])
+def test_pair_length_is_the_length_of_the_pair_sequence(prompt_len, response_len):
+    tokens, _ = pairs.build_pair_sequence(list(range(1, prompt_len + 1)),
+                                          list(range(100, 100 + response_len)), pad_id=0)
+    assert pairs.pair_length(prompt_len, response_len) == len(tokens)

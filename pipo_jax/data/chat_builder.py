@@ -3,7 +3,8 @@ array_record for random access (no TF).
 
 Each record holds ``prompt`` (int32 [P], the chat template up to and including ``<think>\\n``),
 ``response`` (int32 [R], the trained-on text plus EOS) and ``length`` (int32, the pair-sequence
-length ``pair_length(P, R)``). Only a ``train`` split is built, in the order of the input lines.
+length ``pairs.pair_length(P, R)``). Only a ``train`` split is built, in the order of the input
+lines.
 
 The builder config name encodes everything that changes the content, so that no setting ever
 reuses stale records: a SHA-256 of the input files' bytes (in order), a fingerprint of the
@@ -32,6 +33,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import tensorflow_datasets as tfds
 
+from pipo_jax import pairs
 from pipo_jax.config import DataConfig
 from pipo_jax.data.chat_jsonl import (
     ChatDataError,
@@ -52,13 +54,6 @@ _PROGRESS_EVERY = 10_000
 _PROBE = ({"role": "system", "content": "s"},
           {"role": "user", "content": "u <think>\n</think>\n\n 12 + 30?"},
           {"role": "assistant", "content": "a"})
-
-
-def pair_length(prompt_len: int, response_len: int) -> int:
-    """Length of ``pairs.build_pair_sequence``'s output (parity PADs after the prompt and at the
-    end) for a prompt and response of these lengths, before PAD augmentation."""
-    n = prompt_len + prompt_len % 2 + response_len
-    return n + n % 2
 
 
 def files_digest(files: Sequence[Path]) -> str:
@@ -183,7 +178,7 @@ class ChatTrajectories(LocalBuilderMixin, tfds.core.GeneratorBasedBuilder):
                 malformed.handle(conv.where, f"the text holds the tokenizer's padding token "
                                              f"(id {tok.pad_id}); remove it from the data")
                 continue
-            n = pair_length(len(prompt), len(response))
+            n = pairs.pair_length(len(prompt), len(response))
             if n > cfg.max_len and cfg.overlength == "drop":
                 dropped += 1
                 continue

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipo_jax.config import ConfigError
-from pipo_jax.tokenizer import ROLES, Tokenizer
+from pipo_jax.tokenizer import ROLES, Tokenizer, reasoning_prompt
 
 log = logging.getLogger(__name__)
 
@@ -223,5 +223,4 @@ def conversation_ids(tokenizer: Tokenizer, prompt: Sequence[dict[str, str]],
     The prompt is the chat template of ``prompt``'s messages with the assistant header, followed by
     ``<think>\\n``; the response is ``response`` (the text after it) followed by EOS.
     """
-    prompt_ids = tokenizer.chat_prompt(prompt) + tokenizer.think_prefix()
-    return prompt_ids, tokenizer.encode(response) + [tokenizer.eos_id]
+    return reasoning_prompt(tokenizer, prompt), tokenizer.encode(response) + [tokenizer.eos_id]

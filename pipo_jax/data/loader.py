@@ -169,7 +169,7 @@ class _LengthGroupedSteps:
 def _measured_lengths(records: Sequence[Any], to_ids: Callable[[Any], Ids],
                       indices: np.ndarray) -> np.ndarray:
     """Pair-sequence lengths [K] of records whose dataset stores none (tokenizes them)."""
-    return np.asarray([chat_builder.pair_length(*map(len, to_ids(records[int(i)])))
+    return np.asarray([pairs.pair_length(*map(len, to_ids(records[int(i)])))
                        for i in indices], dtype=np.int64)
 
 

@@ -300,6 +300,53 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OpdConfig(TrainConfig):
+    """The on-policy distillation stage (SPEC §5): rollouts of the student, scored by a frozen
+    AR teacher. Inherits the optimiser, tuner and loss-weight fields of ``TrainConfig``
+    (``w_mtp``, ``w_conf``; ``pad_ratio_max`` is unused: rollouts are not augmented)."""
+
+    # Stage directories (a run's ``sft`` / ``teacher`` folder, or any run's). Empty: the student
+    # starts from ``<run_dir>/sft`` and the teacher is ``<run_dir>/teacher``.
+    student_dir: str = ""
+    teacher_dir: str = ""
+    # "topk": exact reverse KL over the union of student top-k, teacher top-k and the sampled
+    # token, both renormalised on it (the reference default). "full": exact reverse KL over the
+    # whole vocabulary. "sampled": the policy-gradient estimator of reverse KL at the sampled
+    # token (cost ``log p_s(y) - log p_t(y)``, detached).
+    divergence: Literal["topk", "full", "sampled"] = "topk"
+    topk: int = 32
+    # Weight of the divergence at backbone positions (MTP positions: ``w_mtp``).
+    w_backbone: float = 1.0
+    # A rollout PAD at an MTP target (a rejected or absent draft): "argmax" trains on the
+    # student's own argmax there (the reference), "mask" leaves the position out.
+    pad_fill: Literal["argmax", "mask"] = "argmax"
+    # Rollout sampling: temperature 1 keeps the sampled tokens on the student's distribution,
+    # which the ``sampled`` estimator and the acceptance target assume. ``rollout_threshold``
+    # gates drafts as in decode; -1 commits every draft (gating off, the default).
+    rollout_temperature: float = 1.0
+    rollout_threshold: float = -1.0
+    rollout_max_new_tokens: int = 256
+    # Prompts are left-padded to a multiple of this many tokens (fewer recompilations).
+    prompt_bucket: int = 32
+    # Bins of the confidence head's expected calibration error.
+    ece_bins: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_threshold(self.rollout_threshold)
+        if self.topk <= 0:
+            raise ConfigError(f"opd.topk must be positive, got {self.topk}")
+        if not (self.rollout_temperature > 0 and math.isfinite(self.rollout_temperature)):
+            raise ConfigError(f"opd.rollout_temperature must be positive (1 samples the "
+                              f"student's own distribution), got {self.rollout_temperature}")
+        if self.rollout_max_new_tokens <= 0 or self.prompt_bucket <= 0 or self.ece_bins <= 0:
+            raise ConfigError("opd.rollout_max_new_tokens, opd.prompt_bucket and opd.ece_bins "
+                              "must be positive")
+        if min(self.w_backbone, self.w_mtp, self.w_conf) < 0:
+            raise ConfigError("opd loss weights (w_backbone, w_mtp, w_conf) must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Sampling and gating for ``decode.py`` and ``PipoRunner.generate`` (SPEC §6)."""
 
@@ -346,6 +393,8 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     run_dir: str = "runs/default"
+    # In order: "teacher" (the larger AR teacher, ``teacher_model``), "ar" (the student's AR
+    # base), "sft" (PIPO from the AR base, SPEC §4), "opd" (on-policy distillation, SPEC §5).
     stages: tuple[str, ...] = ("ar", "sft")
     # "byte" (the embedded ByteTokenizer) or a directory holding a Hugging Face tokenizer.json;
     # a relative path is looked up in the run directory first (where hf-to-pipo copies it).
@@ -353,17 +402,36 @@ class Config:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
+    # The AR teacher the ``teacher`` stage trains (same tokenizer and vocabulary as ``model``).
+    teacher_model: ModelConfig = ModelConfig()
+    teacher: TrainConfig = TrainConfig()
     ar: TrainConfig = TrainConfig()
     sft: TrainConfig = TrainConfig()
+    opd: OpdConfig = OpdConfig()
     decode: DecodeConfig = DecodeConfig()
 
     def __post_init__(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
             raise ConfigError(f"stages must be a non-empty subset of {STAGES}, got {self.stages}")
+        if list(self.stages) != sorted(self.stages, key=STAGES.index) or \
+                len(set(self.stages)) != len(self.stages):
+            raise ConfigError(f"stages must be listed once each, in the order {STAGES}; got "
+                              f"{list(self.stages)}")
+        if "teacher" in self.stages and self.teacher_model.vocab_size != self.model.vocab_size:
+            raise ConfigError(
+                f"teacher_model.vocab_size ({self.teacher_model.vocab_size}) must equal "
+                f"model.vocab_size ({self.model.vocab_size}): teacher and student share a "
+                f"tokenizer")
+
+    def model_of(self, stage: str) -> ModelConfig:
+        """The architecture a stage trains: ``teacher_model`` for the teacher, else ``model``."""
+        return self.teacher_model if stage == "teacher" else self.model
 
 
-STAGES = ("ar", "sft")
+STAGES = ("teacher", "ar", "sft", "opd")
+# Stages whose model is PIPO (compressor, MTP and confidence heads); the others are AR.
+PIPO_STAGES = ("sft", "opd")
 
 
 # --------------------------------------------------------------------------- (de)serialisation

@@ -1,4 +1,5 @@
-"""Training stages ``ar`` and ``sft`` (SPEC §4): sharded jitted step, checkpoints, metrics.
+"""Training stages ``teacher``, ``ar`` and ``sft`` (SPEC §4), and the loop ``opd`` shares
+(``distill.py``): sharded jitted step, checkpoints, metrics.
 
 Layout of a run directory::
 
@@ -6,6 +7,7 @@ Layout of a run directory::
     <run_dir>/ar/checkpoints/<step>   orbax checkpoints (state + config)
     <run_dir>/ar/metrics.jsonl, events.*   metrics (JSONL and TensorBoard)
     <run_dir>/sft/...                 the same for the PIPO model
+    <run_dir>/teacher/..., opd/...    the larger AR teacher; PIPO after OPD
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from pipo_jax import checkpoint as ckpt
 from pipo_jax import lora as lora_lib
 from pipo_jax import sharding
 from pipo_jax.config import (
+    PIPO_STAGES,
     STAGES,
     Config,
     LoraConfig,
@@ -98,39 +102,54 @@ def abstract_params(mcfg: ModelConfig, pipo: bool, mesh: Mesh,
     return ckpt.abstract_target(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelConfig,
-               tc: TrainConfig, pipo: bool,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step: ``(state, batch) → (state, metrics)``.
+def dropout_rngs(tc: TrainConfig, step: jax.Array) -> dict[str, jax.Array]:
+    """LoRA dropout keys for ``step``, drawn from ``(tc.seed, step)`` so that a resumed run draws
+    the same masks; empty when the stage has no adapter dropout."""
+    lora = tc.adapters
+    if lora is None or lora.dropout <= 0:
+        return {}
+    return {"dropout": jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(tc.seed), _DROPOUT_SALT), step)}
 
-    ``batch`` holds ``tokens`` B×T int32 and ``loss_mask`` B×T bool. PAD augmentation happens
-    on the host, seeded by the step; the only randomness in the step is LoRA dropout, drawn from
-    ``(tc.seed, step)`` so that a resumed run draws the same masks.
+
+def apply_update(state: TrainState, tc: TrainConfig, tx: optax.GradientTransformation,
+                 loss_fn: Callable[[Any, dict[str, jax.Array]],
+                                   tuple[jax.Array, dict[str, jax.Array]]],
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step on ``loss_fn(params, rngs) → (loss, metrics)``.
 
     Gradients, clipping and optimizer state cover only the parameters ``tc.tuner`` trains; the
     frozen ones are passed through unchanged (and no gradient is computed for them).
     """
-    lora = tc.adapters
-    model = PipoLM(mcfg, pipo, lora)
-    objective = sft_loss if pipo else ar_loss
     train_params, frozen = lora_lib.partition(state.params, tc.tuner)
-    rngs = {}
-    if lora is not None and lora.dropout > 0:
-        rngs["dropout"] = jax.random.fold_in(
-            jax.random.fold_in(jax.random.key(tc.seed), _DROPOUT_SALT), state.step)
-
-    def loss_fn(train_params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        params = lora_lib.combine(train_params, frozen)
-        kwargs = {"detach_confidence_inputs": tc.detach_confidence_inputs} if pipo else {}
-        out = model.apply({"params": params}, batch["tokens"], rngs=rngs, **kwargs)
-        return objective(out, lm_head(params), batch["tokens"], batch["loss_mask"], tc)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params)
+    rngs = dropout_rngs(tc, state.step)
+    (_, metrics), grads = jax.value_and_grad(
+        lambda tp: loss_fn(lora_lib.combine(tp, frozen), rngs), has_aux=True)(train_params)
     updates, opt_state = tx.update(grads, state.opt_state, train_params)
     params = lora_lib.combine(optax.apply_updates(train_params, updates), frozen)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                    learning_rate=make_schedule(tc)(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelConfig,
+               tc: TrainConfig, pipo: bool,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step of the ``ar``/``teacher``/``sft`` objective:
+    ``(state, batch) → (state, metrics)``.
+
+    ``batch`` holds ``tokens`` B×T int32 and ``loss_mask`` B×T bool. PAD augmentation happens
+    on the host, seeded by the step; the only randomness in the step is LoRA dropout.
+    """
+    model = PipoLM(mcfg, pipo, tc.adapters)
+    objective = sft_loss if pipo else ar_loss
+
+    def loss_fn(params: Any, rngs: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        kwargs = {"detach_confidence_inputs": tc.detach_confidence_inputs} if pipo else {}
+        out = model.apply({"params": params}, batch["tokens"], rngs=rngs, **kwargs)
+        return objective(out, lm_head(params), batch["tokens"], batch["loss_mask"], tc)
+
+    return apply_update(state, tc, tx, loss_fn)
 
 
 @dataclasses.dataclass
@@ -154,8 +173,8 @@ def _check_same_model(stage_dir: Path, cfg: Config, stage: str) -> None:
     if latest is None:
         return
     saved = ckpt.restore_config(stage_dir)
-    now = to_dict(cfg.model)
-    diff = {k: (v, now[k]) for k, v in to_dict(saved.model).items()
+    now = to_dict(cfg.model_of(stage))
+    diff = {k: (v, now[k]) for k, v in to_dict(saved.model_of(stage)).items()
             if now[k] != v and k not in COMPUTE_ONLY_FIELDS}
     if diff:
         raise TrainingError(
@@ -191,12 +210,13 @@ def checkpoint_adapters(stage_dir: str | Path, pipo: bool,
 def restore_stage_params(stage_dir: str | Path, pipo: bool, mesh: Mesh,
                          step: int | None = None) -> tuple[Any, Config]:
     """A stage's parameters with any LoRA adapters merged (the plain model layout), sharded on
-    ``mesh``, and the config saved with them. The adapter settings are the checkpoint's own."""
+    ``mesh``, and the config saved with them. The adapter settings are the checkpoint's own; the
+    architecture is the saved config's ``model_of(stage)`` (``teacher_model`` for a teacher)."""
     lora, saved = checkpoint_adapters(stage_dir, pipo, step)
-    params, saved = ckpt.restore_params(stage_dir, abstract_params(saved.model, pipo, mesh, lora),
-                                        step)
+    mcfg = saved.model_of(_stage_name(Path(stage_dir), pipo))
+    params, saved = ckpt.restore_params(stage_dir, abstract_params(mcfg, pipo, mesh, lora), step)
     if lora is not None:
-        plain = abstract_params(saved.model, pipo, mesh)
+        plain = abstract_params(mcfg, pipo, mesh)
         params = jax.jit(functools.partial(lora_lib.merge, lora=lora),
                          out_shardings=jax.tree.map(lambda a: a.sharding, plain))(params)
     return params, saved
@@ -214,19 +234,21 @@ def attach_adapters(mcfg: ModelConfig, pipo: bool, lora: LoraConfig | None, base
 def _init_state(cfg: Config, stage: str, tx: optax.GradientTransformation, shardings: Any,
                 mesh: Mesh, base: Any = None, start: int = 0) -> TrainState:
     """A fresh state: from ``base`` parameters (plain layout) when given, else from scratch
-    (``ar``) or from the AR stage of the run (``sft``). Adapters are added and the optimizer
-    initialised for the parameters ``tuner`` trains."""
+    (``teacher``, ``ar``) or from the AR stage of the run (``sft``). Adapters are added and the
+    optimizer initialised for the parameters ``tuner`` trains. (``opd`` always has a ``base``:
+    the student's SFT parameters.)"""
     tc: TrainConfig = getattr(cfg, stage)
     lora = tc.adapters
-    pipo = stage == "sft"
+    pipo = stage in PIPO_STAGES
+    mcfg = cfg.model_of(stage)
     rng, adapter_rng = jax.random.split(jax.random.key(tc.seed))
-    attach = functools.partial(attach_adapters, cfg.model, pipo, lora)
+    attach = functools.partial(attach_adapters, mcfg, pipo, lora)
     if base is not None:
         params = jax.jit(attach, out_shardings=shardings.params)(base, adapter_rng)
-    elif stage == "ar":
-        params = jax.jit(lambda r: nn.unbox(init_params(cfg.model, False, r, lora)),
+    elif not pipo:
+        params = jax.jit(lambda r: nn.unbox(init_params(mcfg, False, r, lora)),
                          out_shardings=shardings.params)(rng)
-    else:
+    elif stage == "sft":
         ar_dir = Path(cfg.run_dir) / "ar"
         try:
             ar_params, _ = restore_stage_params(ar_dir, False, mesh)
@@ -234,8 +256,10 @@ def _init_state(cfg: Config, stage: str, tx: optax.GradientTransformation, shard
             raise TrainingError(
                 f"the sft stage starts from the AR model in {ar_dir}, which is not usable; "
                 f"train the ar stage first (stages=[ar, sft]). Details: {e}") from e
-        params = jax.jit(lambda a, r, ra: attach(pipo_from_ar(cfg.model, a, r), ra),
+        params = jax.jit(lambda a, r, ra: attach(pipo_from_ar(mcfg, a, r), ra),
                          out_shardings=shardings.params)(ar_params, rng, adapter_rng)
+    else:
+        raise ValueError(f"stage {stage} needs base parameters")
     opt_state = jax.jit(lambda p: tx.init(lora_lib.partition(p, tc.tuner)[0]),
                         out_shardings=shardings.opt_state)(params)
     return TrainState(step=jnp.int32(start), params=params, opt_state=opt_state)
@@ -245,51 +269,58 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
 
 
-def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
-                mesh: Mesh | None = None, progress: bool = True) -> StageResult:
-    """Trains one stage to ``cfg.<stage>.steps``, resuming from its latest checkpoint."""
-    tc: TrainConfig = getattr(cfg, stage)
-    pipo = stage == "sft"
+def check_tokenizer(cfg: Config, tokenizer: Tokenizer | None) -> Tokenizer:
     tokenizer = tokenizer or run_tokenizer(cfg.tokenizer, cfg.run_dir, cfg.model.vocab_size)
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise TrainingError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer has "
                             f"{tokenizer.vocab_size} tokens")
-    mesh = mesh or sharding.build_mesh(cfg.mesh)
+    return tokenizer
+
+
+def setup_state(cfg: Config, stage: str, mesh: Mesh, tx: optax.GradientTransformation,
+                base: Callable[[], Any] | None = None) -> tuple[TrainState, int, Any]:
+    """The stage's state: resumed from its latest checkpoint, else fresh (``_init_state``;
+    ``base()`` gives starting parameters when the stage has them). Returns the state, its step
+    and the state shardings."""
+    tc: TrainConfig = getattr(cfg, stage)
+    pipo = stage in PIPO_STAGES
     stage_dir = Path(cfg.run_dir) / stage
-    _check_same_model(stage_dir, cfg, stage)
-    # Before any model work: a bad data file fails in seconds, not after a large restore.
-    data = make_train_dataset(cfg, tokenizer, stage)
-    tx = make_optimizer(tc)
-    abstract, shardings = state_shardings(cfg.model, pipo, tx, mesh, tc.tuner, tc.adapters)
+    abstract, shardings = state_shardings(cfg.model_of(stage), pipo, tx, mesh, tc.tuner,
+                                          tc.adapters)
     start = ckpt.latest_step(stage_dir)
     if start is not None and "opt_state" not in ckpt.saved_keys(stage_dir, start):
         # A params-only checkpoint (an imported or merged model): train from its weights with
         # fresh adapters and a fresh optimizer.
-        base, _ = restore_stage_params(stage_dir, pipo, mesh, start)
-        state = _init_state(cfg, stage, tx, shardings, mesh, base=base, start=start)
-    elif start is not None:
+        params, _ = restore_stage_params(stage_dir, pipo, mesh, start)
+        return _init_state(cfg, stage, tx, shardings, mesh, base=params, start=start), start, \
+            shardings
+    if start is not None:
         state, _ = ckpt.restore(stage_dir, ckpt.abstract_target(abstract, shardings))
-        start = int(state.step)
-    else:
-        state, start = _init_state(cfg, stage, tx, shardings, mesh), 0
-    if start >= tc.steps:
-        return StageResult(stage_dir, start, {}, 0.0)
+        return state, int(state.step), shardings
+    return _init_state(cfg, stage, tx, shardings, mesh, base=base() if base else None), 0, \
+        shardings
 
-    batch_sh = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, mcfg=cfg.model, tc=tc, pipo=pipo, tx=tx),
-        in_shardings=(shardings, {"tokens": batch_sh, "loss_mask": batch_sh}),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
-    def device_batch(step: int) -> tuple[dict[str, jax.Array], float]:
-        b = data[step]
-        arrays = {k: jax.device_put(b[k], batch_sh) for k in ("tokens", "loss_mask")}
-        return arrays, float(b["pad_ratio"])
+# ``advance(state, step) → (state, device metrics, host info)``: one optimiser step.
+Advance = Callable[[TrainState, int], tuple[TrainState, dict[str, jax.Array], Any]]
+# ``summarise(step, host metrics, host info) → extra scalars``, run one step late on the host.
+Summarise = Callable[[int, dict[str, Any], Any], dict[str, float]]
 
+
+def run_steps(cfg: Config, stage: str, state: TrainState, start: int, advance: Advance,
+              summarise: Summarise | None = None, progress: bool = True) -> StageResult:
+    """The training loop shared by every stage: steps ``start … steps-1``, metrics (JSONL and
+    TensorBoard), progress bar, NaN guard and checkpoints every ``ckpt_every`` steps.
+
+    The host side of a step (reading its metrics) runs one step late, so that the device never
+    waits on the host. Non-scalar metrics (e.g. OPD's rollout tokens) are for ``summarise`` only.
+    """
+    tc: TrainConfig = getattr(cfg, stage)
+    stage_dir = Path(cfg.run_dir) / stage
     final: dict[str, float] = {}
     t0 = time.time()
     tokens_seen = 0
-    pending: tuple[int, dict[str, jax.Array], float] | None = None
+    pending: tuple[int, dict[str, jax.Array], Any] | None = None
     # Context managers close the metric files, the bar and the checkpoint manager (waiting for
     # an in-flight save) also when a step raises.
     with MetricWriter(stage_dir, prefix=stage) as writer, \
@@ -298,18 +329,18 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
             ckpt.open_manager(stage_dir, tc.keep_checkpoints) as manager:
         save_config(cfg, Path(cfg.run_dir) / "config.json")
 
-        def finish(step: int, metrics: dict[str, jax.Array], pad_ratio: float) -> None:
-            """Host side of a step, one step late so the device never waits on the host."""
+        def finish(step: int, metrics: dict[str, jax.Array], info: Any) -> None:
             nonlocal final, tokens_seen
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            got = jax.device_get(metrics)
+            host = {k: float(v) for k, v in got.items() if getattr(v, "ndim", 0) == 0}
             if not math.isfinite(host["loss"]):
                 raise TrainingError(
                     f"{stage} loss is {host['loss']} at step {step + 1}; nothing was saved after "
                     f"the last good checkpoint. Lower {stage}.learning_rate or check the data.")
+            if summarise is not None:
+                host.update(summarise(step, got, info))
             tokens_seen += int(host["target_tokens"])
-            elapsed = time.time() - t0
-            host["tokens_per_second"] = tokens_seen / max(elapsed, 1e-9)
-            host["pad_ratio"] = pad_ratio
+            host["tokens_per_second"] = tokens_seen / max(time.time() - t0, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=_fmt(host["loss"]), tok_s=f"{host['tokens_per_second']:.0f}")
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
@@ -317,11 +348,10 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
             final = host
 
         for step in range(start, tc.steps):
-            batch, pad_ratio = device_batch(step)
-            state, metrics = step_fn(state, batch)
+            state, metrics, info = advance(state, step)
             if pending is not None:
                 finish(*pending)
-            pending = (step, metrics, pad_ratio)
+            pending = (step, metrics, info)
             if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
                 finish(*pending)  # the loss must be known finite before its state is saved
                 pending = None
@@ -331,9 +361,44 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
     return StageResult(stage_dir, tc.steps, final, time.time() - t0)
 
 
+def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
+                mesh: Mesh | None = None, progress: bool = True) -> StageResult:
+    """Trains one stage to ``cfg.<stage>.steps``, resuming from its latest checkpoint."""
+    if stage == "opd":
+        from pipo_jax.distill import train_opd  # distill builds on this module
+
+        return train_opd(cfg, tokenizer, mesh, progress)
+    tc: TrainConfig = getattr(cfg, stage)
+    pipo = stage in PIPO_STAGES
+    tokenizer = check_tokenizer(cfg, tokenizer)
+    mesh = mesh or sharding.build_mesh(cfg.mesh)
+    stage_dir = Path(cfg.run_dir) / stage
+    _check_same_model(stage_dir, cfg, stage)
+    # Before any model work: a bad data file fails in seconds, not after a large restore.
+    data = make_train_dataset(cfg, tokenizer, stage)
+    tx = make_optimizer(tc)
+    state, start, shardings = setup_state(cfg, stage, mesh, tx)
+    if start >= tc.steps:
+        return StageResult(stage_dir, start, {}, 0.0)
+
+    batch_sh = sharding.batch_sharding(mesh)
+    step_fn = jax.jit(
+        functools.partial(train_step, mcfg=cfg.model_of(stage), tc=tc, pipo=pipo, tx=tx),
+        in_shardings=(shardings, {"tokens": batch_sh, "loss_mask": batch_sh}),
+        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+    def advance(state: TrainState, step: int) -> tuple[TrainState, dict[str, jax.Array], float]:
+        b = data[step]
+        batch = {k: jax.device_put(b[k], batch_sh) for k in ("tokens", "loss_mask")}
+        state, metrics = step_fn(state, batch)
+        return state, metrics, float(b["pad_ratio"])
+
+    return run_steps(cfg, stage, state, start, advance,
+                     lambda step, host, pad_ratio: {"pad_ratio": pad_ratio}, progress)
+
+
 def train(cfg: Config, progress: bool = True) -> list[StageResult]:
-    """Runs the configured stages in order (``ar`` then ``sft`` by default)."""
+    """Runs the configured stages in order (``teacher``, ``ar``, ``sft``, ``opd``)."""
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     mesh = sharding.build_mesh(cfg.mesh)
     return [train_stage(cfg, stage, mesh=mesh, progress=progress) for stage in cfg.stages]
-

@@ -202,7 +202,7 @@ def test_other_section_validation():
     with pytest.raises(ConfigError, match="max_len"):
         C.load_config(None, ["data.max_len=33"])
     with pytest.raises(ConfigError, match="stages"):
-        C.load_config(None, ["stages=[opd]"])
+        C.load_config(None, ["stages=[rl]"])
     with pytest.raises(ConfigError, match="pad_ratio_max"):
         C.load_config(None, ["sft.pad_ratio_max=1.5"])
     with pytest.raises(ConfigError, match="top_p"):

@@ -12,7 +12,12 @@ from pipo_jax.data.arith import (
     verify,
     worked_solution,
 )
-from pipo_jax.data.loader import example_to_ids, make_train_dataset, test_examples
+from pipo_jax.data.loader import (
+    example_to_ids,
+    make_prompt_dataset,
+    make_train_dataset,
+    test_examples,
+)
 from pipo_jax.data.tfds_builder import ArithConfig, ArithReasoning, build, load_source
 
 __all__ = [
@@ -25,6 +30,7 @@ __all__ = [
     "generate_split",
     "load_source",
     "make_problem",
+    "make_prompt_dataset",
     "make_train_dataset",
     "normalize_answer",
     "split_of",

@@ -29,7 +29,7 @@ import grain
 import numpy as np
 
 from pipo_jax import pairs
-from pipo_jax.config import STAGES, Config, DataConfig
+from pipo_jax.config import PIPO_STAGES, STAGES, Config, DataConfig
 from pipo_jax.data import chat_builder
 from pipo_jax.data.arith import to_messages
 from pipo_jax.data.chat_jsonl import conversation_ids
@@ -107,7 +107,7 @@ def _make_batch(step: int, examples: Sequence[Ids], *, stage: str, seed: int,
     """
     rows: list[tuple[np.ndarray, np.ndarray]] = []
     ratio = 0.0
-    if stage == "ar":
+    if stage not in PIPO_STAGES:
         rows = [_ar_row(p, r) for p, r in examples]
     else:
         rng = np.random.default_rng([seed, step, _PAD_SALT])
@@ -178,7 +178,8 @@ def _fetch(records: Sequence[Any], to_ids: Callable[[Any], Ids], indices: np.nda
 
 
 def make_train_dataset(cfg: Config, tokenizer: Tokenizer, stage: str) -> grain.MapDataset:
-    """Infinite step-indexed training batches for ``stage`` (``"ar"`` or ``"sft"``).
+    """Infinite step-indexed training batches for ``stage`` (``"teacher"``/``"ar"``: AR rows,
+    ``"sft"``: pair rows).
 
     ``ds[step]`` is a dict with ``tokens`` [B, T] int32, ``loss_mask`` [B, T] bool and
     ``pad_ratio`` [] float32, where ``B = cfg.<stage>.batch_size`` and ``T = cfg.data.max_len``
@@ -187,8 +188,9 @@ def make_train_dataset(cfg: Config, tokenizer: Tokenizer, stage: str) -> grain.M
     augmentation. Longer rows are truncated, shorter ones right-padded with PAD (no loss).
     Builds the dataset of ``cfg.data.source`` into ``cfg.data.data_dir`` first if needed.
     """
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage not in STAGES or stage == "opd":
+        raise ValueError(f"stage must be one of {STAGES[:-1]} (opd trains on prompts: "
+                         f"opd_prompts), got {stage!r}")
     train_cfg = getattr(cfg, stage)
     if train_cfg.seed < 0:
         raise ValueError(f"{stage}.seed must be non-negative, got {train_cfg.seed}")
@@ -211,6 +213,40 @@ def make_train_dataset(cfg: Config, tokenizer: Tokenizer, stage: str) -> grain.M
     return (grain.MapDataset.source(steps)
             .map(functools.partial(_fetch, examples.records, examples.to_ids))
             .map_with_index(make_batch))
+
+
+_PROMPT_SALT = 0x0BD5
+
+
+def _prompt_of(examples: _TrainExamples, record: Any) -> dict[str, Any]:
+    prompt, _ = examples.to_ids(record)
+    answer = record.get("answer") if isinstance(record, dict) else None
+    return {"prompt": prompt, "answer": None if answer is None else str(answer)}
+
+
+def _prompt_batch(batch: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {"prompts": [r["prompt"] for r in batch], "answers": [r["answer"] for r in batch]}
+
+
+def make_prompt_dataset(cfg: Config, tokenizer: Tokenizer) -> grain.MapDataset:
+    """Infinite step-indexed prompt batches for the ``opd`` stage.
+
+    ``ds[step]`` is a dict with ``prompts`` (B lists of token ids: the chat template, assistant
+    header and ``<think>\n``, as the SFT rows' prompts) and ``answers`` (B reference answers of
+    the arithmetic task, None for chat data), ``B = cfg.opd.batch_size``. The prompts are the
+    training split's, in an order of their own (``opd.seed``); like the training batches, a
+    batch is a pure function of the step, so a resumed run sees the same prompts.
+    """
+    oc = cfg.opd
+    if oc.seed < 0:
+        raise ValueError(f"opd.seed must be non-negative, got {oc.seed}")
+    examples = _train_examples(cfg.data, tokenizer)
+    return (grain.MapDataset.source(examples.records)
+            .shuffle(seed=_shuffle_seed(oc.seed ^ _PROMPT_SALT))
+            .repeat()
+            .map(functools.partial(_prompt_of, examples))
+            .batch(oc.batch_size, batch_fn=list)
+            .map(_prompt_batch))
 
 
 def test_examples(cfg: Config | DataConfig, n: int | None = None) -> list[dict]:

@@ -1,0 +1,271 @@
+"""The ``opd`` stage (SPEC §5): on-policy distillation of the PIPO student from a frozen AR teacher.
+
+Each step is three jit-compiled programs, with the rollout kept on the device between them:
+
+1. **rollout**: the student generates responses to a batch of prompts with the decoder used at
+   inference (``decoding.pipo_prefill`` + ``decoding.pipo_decode_loop``: one ``lax.while_loop``,
+   ``lax.cond`` pair acceptance), at ``opd.rollout_temperature`` with the current parameters;
+2. **teacher scoring**: the teacher runs on each rollout with its PADs removed, and its hidden
+   states are mapped back to the student's backbone and MTP positions (``opd.compact``);
+3. **update**: the student's compressed teacher-forced forward on the rollout, the divergence at
+   backbone and MTP positions and the confidence BCE (``opd.opd_loss``), one AdamW step.
+
+The host only builds prompt batches and, one step late, scores the finished rollouts' answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from pipo_jax import checkpoint as ckpt
+from pipo_jax import decoding as dec
+from pipo_jax import opd, sharding
+from pipo_jax.config import Config, ModelConfig, OpdConfig, to_dict
+from pipo_jax.data import make_prompt_dataset, verify
+from pipo_jax.model import PipoLM, lm_head
+from pipo_jax.tokenizer import Tokenizer
+from pipo_jax.trainer import (
+    COMPUTE_ONLY_FIELDS,
+    StageResult,
+    TrainingError,
+    TrainState,
+    _check_same_model,
+    _stage_name,
+    apply_update,
+    check_tokenizer,
+    make_optimizer,
+    restore_stage_params,
+    run_steps,
+    setup_state,
+)
+
+Array = jax.Array
+Params = dict[str, Any]
+
+# Salt that keeps the rollout sampling stream apart from the other streams of ``opd.seed``.
+_ROLLOUT_SALT = 0x5011
+
+
+def rollout_seeds(seed: int, step: int, batch: int) -> np.ndarray:
+    """Per-row sampling seeds of a step's rollouts: a pure function of ``(seed, step)``, so a
+    resumed run samples the same rollouts."""
+    return np.random.default_rng([seed, step, _ROLLOUT_SALT]).integers(
+        0, 2**31 - 1, size=batch, dtype=np.uint32)
+
+
+def rollout(params: Params, prompt_BxP: Array, valid_BxP: Array, seeds_B: Array, *,
+            cfg: ModelConfig, oc: OpdConfig, pad_id: int, eos_id: int,
+            vocab_limit: int) -> dict[str, Array]:
+    """Student rollouts → training rows (see ``opd.rollout_rows``), all on the device.
+
+    Returns ``tokens`` B×T, ``prompt_len`` B, ``seq_len`` B and ``n_tokens`` B (real tokens
+    generated, EOS included).
+    """
+    sp = dec.SamplingParams(temperature=oc.rollout_temperature, vocab_limit=vocab_limit)
+    threshold = jnp.float32(oc.rollout_threshold)
+    static = dict(cfg=cfg, sp=sp, use_mtp=oc.rollout_threshold < 1.0,
+                  budget=oc.rollout_max_new_tokens, pad_id=pad_id, eos_id=eos_id)
+    keys = dec.request_keys(seeds_B)
+    state = dec.pipo_prefill(params, prompt_BxP, valid_BxP, keys, threshold, **static)
+    state = dec.pipo_decode_loop(params, state, threshold, **static)
+    tokens, prompt_len, seq_len = opd.rollout_rows(prompt_BxP, valid_BxP, state.out,
+                                                   state.n_passes, pad_id)
+    return {"tokens": tokens, "prompt_len": prompt_len, "seq_len": seq_len,
+            "n_tokens": state.n_tokens}
+
+
+def teacher_hidden(teacher_params: Params, tokens_BxT: Array, *, cfg: ModelConfig,
+                   pad_id: int) -> dict[str, Array]:
+    """The teacher's final hidden states at the student's target positions, B×(L-1)×Ht each:
+    ``backbone`` (token position ``2i+1``) and ``mtp`` (``2i+2``). The teacher reads the row with
+    every PAD removed; a PAD position takes the state of the last real token before it."""
+    t = tokens_BxT.shape[1]
+    _, index = opd.compaction_index(tokens_BxT, pad_id)
+    h = PipoLM(cfg, pipo=False).apply({"params": teacher_params},
+                                      opd.compact(tokens_BxT, pad_id))["h"]
+    mapped = opd.expand(jnp.pad(h, ((0, 0), (0, 1), (0, 0))), index)  # B×T×Ht
+    n = t // 2 - 1
+    return {"backbone": mapped[:, 1::2][:, :n], "mtp": mapped[:, 2::2][:, :n]}
+
+
+def opd_update(state: TrainState, rows: dict[str, Array], teacher: dict[str, Array],
+               teacher_head_VxHt: Array, *, cfg: ModelConfig, oc: OpdConfig,
+               tx: optax.GradientTransformation, pad_id: int,
+               eos_id: int) -> tuple[TrainState, dict[str, Array]]:
+    """One optimiser step of the OPD objective on a batch of rollout rows."""
+    tokens = rows["tokens"]
+    masks = opd.target_masks(tokens, rows["prompt_len"], rows["seq_len"], pad_id, eos_id,
+                             oc.pad_fill)
+    model = PipoLM(cfg, True, oc.adapters)
+
+    def loss_fn(params: Params, rngs: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+        out = model.apply({"params": params}, tokens, rngs=rngs,
+                          detach_confidence_inputs=oc.detach_confidence_inputs)
+        return opd.opd_loss(out, lm_head(params), teacher, teacher_head_VxHt, tokens, masks,
+                            mode=oc.divergence, k=oc.topk, chunk=oc.loss_chunk,
+                            w_backbone=oc.w_backbone, w_mtp=oc.w_mtp, w_conf=oc.w_conf,
+                            ece_bins=oc.ece_bins)
+
+    state, metrics = apply_update(state, oc, tx, loss_fn)
+    response = (rows["seq_len"] - rows["prompt_len"]).astype(jnp.float32)
+    n_tokens = rows["n_tokens"].astype(jnp.float32)
+    metrics.update(rollout_tokens=jnp.mean(n_tokens),
+                   rollout_pads=jnp.mean(response - n_tokens))
+    return state, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    cfg: ModelConfig
+    params: Params
+    stage_dir: Path
+
+
+def load_teacher(cfg: Config, mesh: Mesh) -> Teacher:
+    """The frozen AR teacher: ``opd.teacher_dir`` or ``<run_dir>/teacher``."""
+    teacher_dir = Path(cfg.opd.teacher_dir or Path(cfg.run_dir) / "teacher")
+    if _stage_name(teacher_dir, False) in ("sft", "opd"):
+        raise TrainingError(f"opd.teacher_dir {teacher_dir} is a PIPO stage; the teacher is an "
+                            f"AR model (a run's teacher or ar stage)")
+    try:
+        params, saved = restore_stage_params(teacher_dir, False, mesh)
+    except ckpt.CheckpointError as e:
+        raise TrainingError(
+            f"the opd stage needs a frozen AR teacher in {teacher_dir}, which is not usable; "
+            f"train it first (stages=[teacher, ...]) or set opd.teacher_dir. Details: {e}") from e
+    tcfg = saved.model_of(_stage_name(teacher_dir, False))
+    if tcfg.vocab_size != cfg.model.vocab_size:
+        raise TrainingError(f"the teacher in {teacher_dir} has vocab_size {tcfg.vocab_size}, the "
+                            f"student {cfg.model.vocab_size}: they must share a tokenizer")
+    return Teacher(tcfg, params, teacher_dir)
+
+
+def load_student(cfg: Config, mesh: Mesh) -> Params:
+    """The SFT student's parameters (adapters merged): ``opd.student_dir`` or ``<run_dir>/sft``."""
+    student_dir = Path(cfg.opd.student_dir or Path(cfg.run_dir) / "sft")
+    try:
+        params, saved = restore_stage_params(student_dir, True, mesh)
+    except ckpt.CheckpointError as e:
+        raise TrainingError(
+            f"the opd stage starts from the PIPO SFT model in {student_dir}, which is not usable;"
+            f" train the sft stage first or set opd.student_dir. Details: {e}") from e
+    was = to_dict(saved.model_of(_stage_name(student_dir, True)))
+    now = to_dict(cfg.model)
+    diff = {k: (v, now[k]) for k, v in was.items() if now[k] != v and k not in COMPUTE_ONLY_FIELDS}
+    if diff:
+        raise TrainingError(f"the student in {student_dir} has another model config than "
+                            f"model: (saved vs now: {diff})")
+    return params
+
+
+class OpdStep:
+    """The three jitted programs of an OPD step, for one config (see the module docstring)."""
+
+    def __init__(self, cfg: Config, tokenizer: Tokenizer, teacher_cfg: ModelConfig,
+                 tx: optax.GradientTransformation, mesh: Mesh, state_sh: Any = None) -> None:
+        oc = cfg.opd
+        self.cfg, self.oc, self.tokenizer = cfg, oc, tokenizer
+        ids = dict(pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+        text_vocab = getattr(tokenizer, "tokenizer_vocab_size", cfg.model.vocab_size)
+        self._rollout = jax.jit(functools.partial(
+            rollout, cfg=cfg.model, oc=oc,
+            vocab_limit=text_vocab if text_vocab < cfg.model.vocab_size else 0, **ids))
+        self._score = jax.jit(functools.partial(teacher_hidden, cfg=teacher_cfg,
+                                                pad_id=tokenizer.pad_id))
+        shardings = {} if state_sh is None else dict(
+            out_shardings=(state_sh, sharding.replicated(mesh)))
+        self._update = jax.jit(functools.partial(opd_update, cfg=cfg.model, oc=oc, tx=tx, **ids),
+                               donate_argnums=(0,), **shardings)
+        self._batch_sh = sharding.batch_sharding(mesh)
+
+    def prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[Array, Array]:
+        tokens, valid = dec.prepare_prompts(prompts, True, self.tokenizer.pad_id,
+                                            self.oc.prompt_bucket, self.oc.rollout_max_new_tokens,
+                                            self.cfg.model.max_context)
+        return (jax.device_put(tokens, self._batch_sh), jax.device_put(valid, self._batch_sh))
+
+    def rollout(self, params: Params, prompts: Sequence[Sequence[int]],
+                step: int) -> dict[str, Array]:
+        tokens, valid = self.prompts(prompts)
+        seeds = rollout_seeds(self.oc.seed, step, len(prompts))
+        return self._rollout(params, tokens, valid, seeds)
+
+    def score(self, teacher_params: Params, tokens_BxT: Array) -> dict[str, Array]:
+        return self._score(teacher_params, tokens_BxT)
+
+    def update(self, state: TrainState, rows: dict[str, Array], teacher: dict[str, Array],
+               teacher_head: Array) -> tuple[TrainState, dict[str, Array]]:
+        return self._update(state, rows, teacher, teacher_head)
+
+    def __call__(self, state: TrainState, teacher_params: Params,
+                 prompts: Sequence[Sequence[int]],
+                 step: int) -> tuple[TrainState, dict[str, Array], dict[str, Array]]:
+        """Rollout with ``state.params`` → teacher scoring → update. Returns the new state, the
+        step's metrics and the rollout rows (device arrays)."""
+        rows = self.rollout(state.params, prompts, step)
+        teacher = self.score(teacher_params, rows["tokens"])
+        state, metrics = self.update(state, rows, teacher, lm_head(teacher_params))
+        return state, metrics, rows
+
+
+def response_texts(tokenizer: Tokenizer, rows: dict[str, np.ndarray]) -> list[tuple[str, bool]]:
+    """``(text, finished)`` of each rollout row: its response tokens without PAD, cut at EOS."""
+    out = []
+    for toks, p, n in zip(rows["tokens"], rows["prompt_len"], rows["seq_len"], strict=True):
+        real = [int(t) for t in toks[int(p):int(n)] if t != tokenizer.pad_id]
+        finished = tokenizer.eos_id in real
+        out.append((tokenizer.decode(real[:real.index(tokenizer.eos_id)] if finished else real),
+                    finished))
+    return out
+
+
+def rollout_scores(tokenizer: Tokenizer, rows: dict[str, np.ndarray],
+                   answers: Sequence[str | None]) -> dict[str, float]:
+    """Host metrics of a step's rollouts: the finished rate and, where the prompts have reference
+    answers (the arithmetic task), the accuracy (reward) of the final ``\\boxed{}`` answer."""
+    texts = response_texts(tokenizer, rows)
+    out = {"rollout_finished": float(np.mean([f for _, f in texts]))}
+    graded = [verify(text, a) for (text, _), a in zip(texts, answers, strict=True)
+              if a is not None]
+    if graded:
+        out["rollout_accuracy"] = float(np.mean(graded))
+    return out
+
+
+def train_opd(cfg: Config, tokenizer: Tokenizer | None = None, mesh: Mesh | None = None,
+              progress: bool = True) -> StageResult:
+    """Trains the ``opd`` stage to ``opd.steps``, resuming from its latest checkpoint."""
+    oc = cfg.opd
+    tokenizer = check_tokenizer(cfg, tokenizer)
+    mesh = mesh or sharding.build_mesh(cfg.mesh)
+    stage_dir = Path(cfg.run_dir) / "opd"
+    _check_same_model(stage_dir, cfg, "opd")
+    prompts = make_prompt_dataset(cfg, tokenizer)  # bad data fails before any model work
+    teacher = load_teacher(cfg, mesh)
+    tx = make_optimizer(oc)
+    state, start, shardings = setup_state(cfg, "opd", mesh, tx,
+                                          base=lambda: load_student(cfg, mesh))
+    if start >= oc.steps:
+        return StageResult(stage_dir, start, {}, 0.0)
+    step_fn = OpdStep(cfg, tokenizer, teacher.cfg, tx, mesh, shardings)
+
+    def advance(state: TrainState, step: int) -> tuple[TrainState, dict[str, Array], Any]:
+        batch = prompts[step]
+        state, metrics, rows = step_fn(state, teacher.params, batch["prompts"], step)
+        return state, metrics, (rows, batch["answers"])
+
+    def summarise(step: int, host: dict[str, Any], info: Any) -> dict[str, float]:
+        rows, answers = info
+        return rollout_scores(tokenizer, jax.device_get(rows), answers)
+
+    return run_steps(cfg, "opd", state, start, advance, summarise, progress)

@@ -1,0 +1,348 @@
+"""On-policy distillation (SPEC §5): compaction, masks, divergences, acceptance, on-policy steps."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_params
+
+from pipo_jax import opd, sharding
+from pipo_jax.config import load_config
+from pipo_jax.data.arith import to_messages
+from pipo_jax.distill import OpdStep, response_texts, rollout_scores, teacher_hidden
+from pipo_jax.model import PipoLM, lm_head
+from pipo_jax.tokenizer import ByteTokenizer, reasoning_prompt
+from pipo_jax.trainer import TrainState, make_optimizer
+
+pytestmark = pytest.mark.usefixtures("compilation_cache_dir")
+
+REPO = Path(__file__).resolve().parents[1]
+P = 0  # PAD in the hand-written cases
+
+
+# ---------------------------------------------------------------------------- PAD compaction
+
+
+def test_compaction_maps_positions_as_spec_says():
+    tokens = jnp.array([[5, 6, 7, 8, 9, 4],    # no PAD
+                        [5, P, 7, 8, 9, P],    # PAD mid-row and at the end
+                        [5, 6, 7, P, P, P]],   # PAD after PAD, to the end
+                       jnp.int32)
+    np.testing.assert_array_equal(opd.compact(tokens, P),
+                                  [[5, 6, 7, 8, 9, 4], [5, 7, 8, 9, P, P], [5, 6, 7, P, P, P]])
+    keep, index = opd.compaction_index(tokens, P)
+    np.testing.assert_array_equal(keep, tokens != P)
+    # A real token reads its own compacted index; a PAD the last real token before it.
+    np.testing.assert_array_equal(index, [[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 3, 3],
+                                          [0, 1, 2, 2, 2, 2]])
+    outputs = jnp.arange(6, dtype=jnp.float32)[None, :, None] * 10 + jnp.arange(3)[:, None, None]
+    mapped = opd.expand(jnp.broadcast_to(outputs, (3, 6, 1)), index)[..., 0]
+    np.testing.assert_array_equal(mapped, [[0, 10, 20, 30, 40, 50], [1, 1, 11, 21, 31, 31],
+                                           [2, 12, 22, 22, 22, 22]])
+
+
+@pytest.fixture(scope="module")
+def micro():
+    cfg = load_config(REPO / "configs" / "micro.yaml")
+    return cfg, random_params(cfg.model, True, 1), random_params(cfg.teacher_model, False, 2)
+
+
+def test_teacher_scoring_equals_teacher_on_the_clean_sequence(micro):
+    cfg, _, teacher = micro
+    tcfg = cfg.teacher_model
+    # A prompt with its parity PAD, a rejected draft, an EOS pair and the PAD tail after it.
+    row = [10, 11, 12, P, 20, 21, 22, P, 24, 25, 2, P, P, P]
+    got = teacher_hidden(teacher, jnp.array([row]), cfg=tcfg, pad_id=P)
+    clean = [t for t in row if t != P] + [P]  # one more token: h covers every real token
+    h = PipoLM(tcfg, pipo=False).apply({"params": teacher}, jnp.array([clean]))["h"][0]
+    real_before = np.cumsum(np.array(row) != P) - 1  # compacted index of each position
+    for i in range(len(row) // 2 - 1):
+        # Backbone position i ↔ token 2i+1, MTP position i ↔ token 2i+2 (PAD: the last real).
+        np.testing.assert_allclose(got["backbone"][0, i], h[real_before[2 * i + 1]], atol=1e-5)
+        np.testing.assert_allclose(got["mtp"][0, i], h[real_before[2 * i + 2]], atol=1e-5)
+
+
+# ------------------------------------------------------------------------ rows and masks
+
+
+def test_rollout_rows_shift_prompts_to_the_start():
+    prompt = jnp.array([[P, P, 7, 8], [3, 4, 5, 6]], jnp.int32)
+    valid = prompt != P
+    out = jnp.array([[1, 2, 3, P, P, P], [9, P, P, P, P, P]], jnp.int32)
+    tokens, prompt_len, seq_len = opd.rollout_rows(prompt, valid, out, jnp.array([2, 1]), P)
+    np.testing.assert_array_equal(tokens, [[7, 8, 1, 2, 3, P, P, P, P, P],
+                                           [3, 4, 5, 6, 9, P, P, P, P, P]])
+    np.testing.assert_array_equal(prompt_len, [2, 4])
+    np.testing.assert_array_equal(seq_len, [6, 6])
+
+
+def test_target_masks_cover_drafted_response_positions_only():
+    eos = 2
+    # Row 0: prompt of 4 | (a, b) | (c, PAD: rejected) | (EOS, PAD) | PAD tail.
+    # Row 1: prompt of 2 | (a, b) | (c, PAD): the budget ended the row, so c had no draft.
+    tokens = jnp.array([[10, 11, 12, P, 20, 21, 22, P, eos, P, P, P],
+                        [10, 11, 20, 21, 22, P, P, P, P, P, P, P]], jnp.int32)
+    prompt_len, seq_len = jnp.array([4, 2]), jnp.array([10, 6])
+    m = opd.target_masks(tokens, prompt_len, seq_len, P, eos, "argmax")
+    # Backbone position i targets t_{2i+2}; MTP position i targets t_{2i+3}.
+    np.testing.assert_array_equal(m["backbone"], [[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(m["mtp"], [[0, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(m["fill"], [[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]])
+    masked = opd.target_masks(tokens, prompt_len, seq_len, P, eos, "mask")
+    np.testing.assert_array_equal(masked["mtp"], [[0, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    assert not np.any(masked["fill"])
+
+
+# ------------------------------------------------------------------------------ divergences
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def _topk_reference(zs: np.ndarray, zt: np.ndarray, y: int, k: int) -> tuple[float, float]:
+    """Reverse KL on the de-duplicated union {y} ∪ topk(zs) ∪ topk(zt), and the acceptance."""
+    order = [y, *np.argsort(-zs, kind="stable")[:k], *np.argsort(-zt, kind="stable")[:k]]
+    union = list(dict.fromkeys(int(i) for i in order))
+    ps, pt = _softmax(zs[union]), _softmax(zt[union])
+    return float(np.sum(ps * np.log(ps / pt))), float(min(1.0, pt[0] / ps[0]))
+
+
+def _terms(zs, zt, y, mode, k=3, fill=False):
+    return opd.divergence_terms(jnp.asarray(zs, jnp.float32)[None],
+                                jnp.asarray(zt, jnp.float32)[None], jnp.array([y]),
+                                jnp.array([fill]), mode, k)
+
+
+@pytest.mark.parametrize("case", ["overlap", "label_outside_both"])
+def test_topk_union_dedups_renormalises_and_keeps_the_label(case):
+    rng = np.random.default_rng(0)
+    zs = rng.normal(size=12) * 2
+    if case == "overlap":
+        # Student top-3 and teacher top-3 share two ids, and the label is one of them: the
+        # union has 4 ids; counting duplicates twice would change the renormalisation.
+        zs = np.array([5.0, 4.0, 3.0, 0.1, -1, -2, 0, 0.2, -0.5, -3, 1.0, -1.5])
+        zt = np.array([0.0, 4.5, 3.5, 5.0, -1, -2, 0, 0.2, -0.5, -3, 1.0, -1.5])
+        y = 1
+    else:
+        zt = rng.normal(size=12) * 2
+        y = int(np.argmin(zs + zt))  # in neither top-k
+    got = _terms(zs, zt, y, "topk")
+    kl, acceptance = _topk_reference(zs, zt, y, 3)
+    np.testing.assert_allclose(got["objective"][0], kl, rtol=1e-5)
+    np.testing.assert_allclose(got["acceptance"][0], acceptance, rtol=1e-5)
+    # Renormalised over the union, the label's probability is part of the objective: moving
+    # the label's student logit changes the objective even when it is outside both top-k.
+    grad = jax.grad(lambda z: opd.divergence_terms(
+        z[None], jnp.asarray(zt, jnp.float32)[None], jnp.array([y]), jnp.array([False]),
+        "topk", 3)["objective"][0])(jnp.asarray(zs, jnp.float32))
+    assert abs(float(grad[y])) > 1e-6
+
+
+def test_topk_with_the_whole_vocabulary_is_the_full_reverse_kl():
+    rng = np.random.default_rng(1)
+    zs, zt = rng.normal(size=7), rng.normal(size=7)
+    full = _terms(zs, zt, 3, "full")
+    topk = _terms(zs, zt, 3, "topk", k=7)
+    np.testing.assert_allclose(topk["objective"], full["objective"], rtol=1e-5)
+    np.testing.assert_allclose(full["kl"], full["objective"], rtol=1e-6)
+
+
+def test_acceptance_targets():
+    rng = np.random.default_rng(2)
+    zs, zt = rng.normal(size=9) * 1.5, rng.normal(size=9) * 1.5
+    ps, pt = _softmax(zs), _softmax(zt)
+    for y in range(9):
+        want = min(1.0, pt[y] / ps[y])
+        np.testing.assert_allclose(_terms(zs, zt, y, "sampled")["acceptance"][0], want, rtol=1e-5)
+        np.testing.assert_allclose(_terms(zs, zt, y, "topk", k=9)["acceptance"][0], want,
+                                   rtol=1e-5)
+    # full: the expected acceptance Σ min(p_s, p_t) = 1 − TV(p_s, p_t).
+    one_minus_tv = 1.0 - 0.5 * np.abs(ps - pt).sum()
+    np.testing.assert_allclose(_terms(zs, zt, 0, "full")["acceptance"][0], one_minus_tv,
+                               rtol=1e-5)
+    np.testing.assert_allclose(one_minus_tv, np.minimum(ps, pt).sum(), rtol=1e-6)
+    # Targets are detached: no gradient reaches the student through them.
+    g = jax.grad(lambda z: opd.divergence_terms(z[None], jnp.asarray(zt)[None], jnp.array([0]),
+                                                jnp.array([False]), "topk", 3)["acceptance"][0])
+    np.testing.assert_array_equal(g(jnp.asarray(zs, jnp.float32)), 0.0)
+
+
+def test_pad_fill_uses_the_student_argmax():
+    zs = np.array([0.0, 3.0, 1.0, 0.5])
+    zt = np.array([1.0, 0.0, 2.0, 0.0])
+    got = _terms(zs, zt, P, "sampled", fill=True)
+    assert int(got["labels"][0]) == 1
+    np.testing.assert_allclose(got["acceptance"][0],
+                               min(1.0, _softmax(zt)[1] / _softmax(zs)[1]), rtol=1e-5)
+
+
+def _full_kl(z, zt):
+    ls, lt = jax.nn.log_softmax(z), jax.nn.log_softmax(zt)
+    return jnp.sum(jnp.exp(ls) * (ls - lt))
+
+
+def test_sampled_estimator_gradient_is_unbiased_for_the_reverse_kl_gradient():
+    """Monte Carlo over y ~ p_s: the mean per-sample gradient of the ``sampled`` objective
+    matches ∇ KL(p_s ‖ p_t) within 5 standard errors per component (each component's standard
+    error is measured from the same samples; 5σ makes a false failure ~1e-6 per component),
+    while the naive ``∇(log p_s(y) − log p_t(y))`` averages to zero."""
+    zs = jnp.array([1.0, -0.5, 0.3, 2.0, -1.2, 0.0])
+    zt = jnp.array([0.2, 0.8, -0.3, 1.0, 0.5, -1.0])
+    exact = jax.grad(_full_kl)(zs, zt)
+    n = 40_000
+    ys = jax.random.categorical(jax.random.key(0), zs, shape=(n,))
+
+    def per_sample(y, mode):
+        return jax.grad(lambda z: opd.divergence_terms(
+            z[None], zt[None], y[None], jnp.array([False]), mode, 2)["objective"][0])(zs)
+
+    grads = np.asarray(jax.vmap(lambda y: per_sample(y, "sampled"))(ys))
+    se = grads.std(axis=0) / np.sqrt(n)
+    assert np.all(np.abs(grads.mean(axis=0) - exact) <= 5 * se + 1e-7), (grads.mean(0), exact)
+    assert float(jnp.max(jnp.abs(exact))) > 20 * float(se.max())  # the test has power
+
+    def naive(y):
+        return jax.grad(lambda z: jax.nn.log_softmax(z)[y] - jax.nn.log_softmax(zt)[y])(zs)
+
+    naive_mean = np.asarray(jax.vmap(naive)(ys)).mean(axis=0)
+    np.testing.assert_allclose(naive_mean, 0.0, atol=5 * se.max() + 1e-6)
+
+
+def test_sampled_estimator_lowers_the_true_kl():
+    zt = jnp.array([2.0, 0.5, -1.0, 0.0, 1.0])
+    z = jnp.array([-1.0, 1.0, 2.0, 0.0, -2.0])
+    start = float(_full_kl(z, zt))
+
+    @jax.jit
+    def step(z, key):
+        ys = jax.random.categorical(key, z, shape=(64,))
+        g = jax.grad(lambda w: jnp.mean(opd.divergence_terms(
+            jnp.broadcast_to(w, (64, 5)), jnp.broadcast_to(zt, (64, 5)), ys,
+            jnp.zeros(64, bool), "sampled", 2)["objective"]))(z)
+        return z - 0.5 * g
+
+    for key in jax.random.split(jax.random.key(1), 200):
+        z = step(z, key)
+    assert float(_full_kl(z, zt)) < 0.05 * start
+
+
+def test_expected_calibration_error():
+    pred = jnp.array([0.05, 0.15, 0.95, 0.92, 0.5])
+    target = jnp.array([0.0, 0.2, 1.0, 0.8, 0.0])
+    mask = jnp.array([True, True, True, True, False])
+    # Bins 0, 1, 9, 9: gaps 0.05 + 0.05 + |1.87 − 1.80| over 4 positions.
+    np.testing.assert_allclose(opd.expected_calibration_error(pred, target, mask, 10),
+                               0.17 / 4, rtol=1e-5)
+    np.testing.assert_allclose(opd.expected_calibration_error(pred, pred, mask, 10), 0.0)
+
+
+# ------------------------------------------------------------------------ the jitted step
+
+
+def _prompts(tok: ByteTokenizer) -> list[list[int]]:
+    return [reasoning_prompt(tok, to_messages({"question": f"What is {a} + {b}?"}))
+            for a, b in ((12, 34), (5, 71), (40, 40), (99, 1))]
+
+
+def _setup(micro, *overrides: str):
+    cfg, student, teacher = micro
+    cfg = load_config(REPO / "configs" / "micro.yaml", list(overrides))
+    tok = ByteTokenizer()
+    tx = make_optimizer(cfg.opd)
+    step_fn = OpdStep(cfg, tok, cfg.teacher_model, tx, sharding.build_mesh(cfg.mesh))
+    # A copy: the update donates the state, and the module's fixture must survive it.
+    params = jax.tree.map(jnp.array, student)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+    return cfg, tok, step_fn, state, teacher
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def test_rollouts_are_generated_with_the_current_parameters(micro):
+    cfg, tok, step_fn, state, teacher = _setup(micro, "opd.learning_rate=0.05",
+                                               "opd.warmup_frac=0.0")
+    prompts = _prompts(tok)
+    before = _copy(state.params)
+    state, _, _ = step_fn(state, teacher, prompts, 0)  # lr 0 at step 0 (warmup)
+    state, _, _ = step_fn(state, teacher, prompts, 1)
+    current = _copy(state.params)
+    state, metrics, rows = step_fn(state, teacher, prompts, 2)
+    for key in ("ece", "confidence_pred_mean", "confidence_target_mean", "commit_rate@0.95",
+                "rollout_tokens", "rollout_pads", "loss_confidence", "kl_backbone", "kl_mtp"):
+        assert np.isfinite(float(metrics[key])), key
+    fresh = step_fn.rollout(current, prompts, 2)
+    stale = step_fn.rollout(before, prompts, 2)
+    np.testing.assert_array_equal(rows["tokens"], fresh["tokens"])
+    assert not np.array_equal(rows["tokens"], stale["tokens"])
+    # The pair invariant holds in every rollout row: PAD never opens a pair.
+    toks, n = np.asarray(rows["tokens"]), np.asarray(rows["seq_len"])
+    for r in range(len(prompts)):
+        assert np.all(toks[r, :n[r]:2] != tok.pad_id)
+
+
+@pytest.mark.parametrize("divergence", ["topk", "full", "sampled"])
+def test_opd_steps_lower_the_kl_on_a_fixed_batch(micro, divergence):
+    cfg, tok, step_fn, state, teacher = _setup(
+        micro, f"opd.divergence={divergence}", "opd.learning_rate=1e-2", "opd.warmup_frac=0.0")
+    rows = step_fn.rollout(state.params, _prompts(tok), 0)
+    scored = step_fn.score(teacher, rows["tokens"])
+    chex.assert_shape([scored["backbone"], scored["mtp"]],
+                      (4, rows["tokens"].shape[1] // 2 - 1, cfg.teacher_model.d_model))
+    kls = []
+    for _ in range(7):
+        state, metrics = step_fn.update(state, rows, scored, lm_head(teacher))
+        kls.append(float(metrics["kl_backbone"] + metrics["kl_mtp"]))
+        assert np.isfinite(float(metrics["loss"]))
+    if divergence == "sampled":
+        # One sample per position on a fixed batch is not on-policy after the first update, so
+        # the KL need not fall here; test_sampled_estimator_lowers_the_true_kl covers the
+        # estimator, and the runs above show the step compiles and stays finite.
+        return
+    # kls[0] == kls[1]: the learning rate is 0 at step 0. Then the KL falls at every step.
+    assert all(b < a for a, b in zip(kls[1:], kls[2:], strict=False)), kls
+    assert kls[-1] < 0.9 * kls[1], kls
+
+
+def test_rollout_scores_read_answers_from_the_response():
+    tok = ByteTokenizer()
+    prompt = [tok.eos_id + 1] * 4
+    good = tok.encode("so \\boxed{46}")
+    bad = tok.encode("\\boxed{7}")
+    rows = [prompt + good + [tok.eos_id], prompt + bad]
+    width = max(map(len, rows)) + 2
+    tokens = np.full((2, width), tok.pad_id)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    rows_np = {"tokens": tokens, "prompt_len": np.array([4, 4]),
+               "seq_len": np.array([len(rows[0]), len(rows[1])])}
+    assert [f for _, f in response_texts(tok, rows_np)] == [True, False]
+    scores = rollout_scores(tok, rows_np, ["46", "7"])
+    assert scores == {"rollout_finished": 0.5, "rollout_accuracy": 1.0}
+    assert "rollout_accuracy" not in rollout_scores(tok, rows_np, [None, None])
+
+
+def test_opd_config_is_validated():
+    from pipo_jax.config import ConfigError
+
+    micro_yaml = REPO / "configs" / "micro.yaml"
+    for bad, match in (("opd.divergence=kl", "divergence"), ("opd.topk=0", "topk"),
+                       ("opd.rollout_temperature=0", "rollout_temperature"),
+                       ("opd.rollout_threshold=2", "threshold"), ("opd.pad_fill=zero", "pad_fill"),
+                       ("opd.w_backbone=-1", "weights"), ("stages=[sft,ar]", "order"),
+                       ("teacher_model.vocab_size=300", "share a tokenizer")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(micro_yaml, [bad, "stages=[teacher,ar,sft,opd]"] if "stages" not in bad
+                        else [bad])
+    cfg = load_config(micro_yaml)
+    assert dataclasses.replace(cfg.opd).divergence == "topk"
+    assert cfg.teacher_model.d_model == 48 and cfg.teacher_model.n_layers == cfg.model.n_layers

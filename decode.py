@@ -50,6 +50,11 @@ def main(argv: list[str]) -> int:
                    help="problems timed one at a time (batch 1) for TTFT/TPOT; 0 disables "
                    "(default 8; not with --bench)")
     p.add_argument("--models", default="pipo,ar", help="comma-separated subset of pipo,ar")
+    p.add_argument("--stage", choices=("opd", "sft"),
+                   help="PIPO checkpoint to evaluate (default: opd when the run has it, else sft)")
+    p.add_argument("--ar-stage", choices=("ar", "teacher"), default="ar",
+                   help="the AR model: ar (same backbone, the speed baseline) or teacher (the "
+                        "larger OPD teacher)")
     p.add_argument("--out", help="JSON output path (default: <run>/eval/decode.json)")
     p.add_argument("--prompt", help="answer this one question instead of evaluating")
     p.add_argument("--no-progress", action="store_true")
@@ -80,10 +85,12 @@ def main(argv: list[str]) -> int:
     if not models or set(models) - {"pipo", "ar"}:
         raise ConfigError(f"--models must be a subset of pipo,ar, got {args.models!r}")
     benches = load_benchmarks(args.bench) if args.bench else None  # fail before loading a run
-    runner = load(args.run, system_prompt=args.system_prompt)
+    runner = load(args.run, system_prompt=args.system_prompt, stage=args.stage,
+                  ar_stage=args.ar_stage)
     if runner.ar_params is None and "ar" in models:
         models.remove("ar")
-        print("note: this run has no AR baseline; evaluating PIPO only", file=sys.stderr)
+        print(f"note: this run has no {args.ar_stage} model; evaluating PIPO only",
+              file=sys.stderr)
     if benches is not None:
         out_dir = Path(args.out_dir) if args.out_dir else Path(args.run) / "eval" / "bench"
         summary = evaluate_benchmarks(
@@ -112,7 +119,7 @@ def main(argv: list[str]) -> int:
     timing = 8 if args.timing_problems is None else args.timing_problems
     result = evaluate(runner, examples, samples=samples, models=models, timing_problems=timing,
                       progress=not args.no_progress, **options)
-    result["run"] = str(args.run)
+    result.update(run=str(args.run), stage=runner.stage, ar_stage=runner.ar_stage)
     print(format_table(result))
     out = Path(args.out) if args.out else Path(args.run) / "eval" / "decode.json"
     write_json(result, out)

@@ -1,19 +1,22 @@
-"""Train PIPO: ``python train.py [--config FILE] [key=value ...]``.
+"""Train PIPO: ``python train.py [--config FILE] [--stage NAME ...] [key=value ...]``.
 
-With no arguments it trains the embedded default (``configs/tiny.yaml``): the AR model, then the
-PIPO model built from it, into ``runs/default``. A stage that already has checkpoints resumes
-from its latest one; a finished stage is skipped.
+With no arguments it trains the embedded default (``configs/tiny.yaml``) into ``runs/default``:
+the larger AR teacher, the student's AR base, PIPO SFT from that base, then on-policy
+distillation (OPD) of the PIPO student from the teacher. ``--stage opd`` (repeatable) runs only
+the stages named, in the canonical order. A stage that already has checkpoints resumes from its
+latest one; a finished stage is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from pipo_jax.cli import run_main
-from pipo_jax.config import load_config, to_dict
+from pipo_jax.config import STAGES, load_config, to_dict
 from pipo_jax.trainer import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
@@ -23,15 +26,20 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
+    parser.add_argument("--stage", action="append", choices=STAGES, metavar="NAME",
+                        help=f"run only this stage (repeatable; one of {', '.join(STAGES)}); "
+                             "default: the config's stages")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. sft.steps=100 model.d_model=64")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.stage:
+        cfg = dataclasses.replace(cfg, stages=tuple(s for s in STAGES if s in args.stage))
     print(json.dumps(to_dict(cfg), indent=1), flush=True)
     for result in train(cfg, progress=not args.no_progress):
         summary = {k: round(v, 4) for k, v in result.final_metrics.items()
-                   if k.startswith(("loss", "accuracy", "commit"))}
+                   if k.startswith(("loss", "accuracy", "commit", "kl_", "ece", "rollout_acc"))}
         print(f"{result.stage_dir}: step {result.steps} in {result.seconds:.0f}s {summary}",
               flush=True)
     return 0

@@ -21,7 +21,14 @@ import numpy as np
 
 from pipo_jax import checkpoint as ckpt
 from pipo_jax import decoding as dec
-from pipo_jax.config import Config, DecodeConfig, MeshConfig, validate_threshold
+from pipo_jax.config import (
+    PIPO_STAGES,
+    Config,
+    DecodeConfig,
+    MeshConfig,
+    ModelConfig,
+    validate_threshold,
+)
 from pipo_jax.data.arith import SYSTEM_PROMPT
 from pipo_jax.pairs import assert_pad_at_odd
 from pipo_jax.sharding import build_mesh
@@ -60,10 +67,15 @@ class PipoRunner:
     """A trained run: config, PIPO parameters, the AR baseline's parameters and the tokenizer."""
 
     def __init__(self, config: Config, params: Any, ar_params: Any | None,
-                 tokenizer: Tokenizer | None = None, system_prompt: str = SYSTEM_PROMPT) -> None:
+                 tokenizer: Tokenizer | None = None, system_prompt: str = SYSTEM_PROMPT,
+                 ar_model: ModelConfig | None = None, stage: str = "sft",
+                 ar_stage: str = "ar") -> None:
         self.config = config
         self.params = params
         self.ar_params = ar_params
+        # The AR model's architecture: ``config.model`` (the same backbone), or the teacher's.
+        self.ar_model = ar_model or config.model
+        self.stage, self.ar_stage = stage, ar_stage
         self.tokenizer = tokenizer or ByteTokenizer()
         self.system_prompt = system_prompt
 
@@ -126,7 +138,7 @@ class PipoRunner:
             raise ValueError(f"{len(seeds)} seeds for {len(ids)} prompts")
         pipo = model == "pipo"
         if not pipo and self.ar_params is None:
-            raise ValueError("this run has no AR baseline (no <run_dir>/ar checkpoint)")
+            raise ValueError(f"this run has no AR model (no <run_dir>/{self.ar_stage} checkpoint)")
         outs: list[Generation] = []
         timings: list[Timing] = []
         for start in range(0, len(ids), opts.batch_size):
@@ -140,13 +152,14 @@ class PipoRunner:
     def _generate_batch(self, ids: list[list[int]], seeds: list[int], opts: DecodeConfig,
                         pipo: bool) -> tuple[list[Generation], Timing]:
         tok, cfg = self.tokenizer, self.config
+        mcfg = cfg.model if pipo else self.ar_model
         tokens, valid = dec.prepare_prompts(ids, pipo, tok.pad_id, PROMPT_BUCKET,
-                                            opts.max_new_tokens, cfg.model.max_context)
-        text_vocab = getattr(tok, "tokenizer_vocab_size", cfg.model.vocab_size)
+                                            opts.max_new_tokens, mcfg.max_context)
+        text_vocab = getattr(tok, "tokenizer_vocab_size", mcfg.vocab_size)
         sp = dec.SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.presence_penalty,
-                                text_vocab if text_vocab < cfg.model.vocab_size else 0)
+                                text_vocab if text_vocab < mcfg.vocab_size else 0)
         keys = dec.request_keys(seeds)
-        static = dict(cfg=cfg.model, sp=sp, budget=opts.max_new_tokens, pad_id=tok.pad_id,
+        static = dict(cfg=mcfg, sp=sp, budget=opts.max_new_tokens, pad_id=tok.pad_id,
                       eos_id=tok.eos_id)
         t0 = time.perf_counter()
         if pipo:
@@ -186,8 +199,14 @@ class PipoRunner:
 
 
 def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | None = None,
-         system_prompt: str | None = None) -> PipoRunner:
-    """Loads a run directory written by ``train.py``: PIPO from ``sft/``, AR from ``ar/``.
+         system_prompt: str | None = None, stage: str | None = None,
+         ar_stage: str = "ar") -> PipoRunner:
+    """Loads a run directory written by ``train.py``.
+
+    PIPO comes from ``stage``: ``"opd"`` or ``"sft"``; by default the run's latest, ``opd`` when
+    it has checkpoints. The AR model of ``generate(model="ar")`` comes from ``ar_stage``:
+    ``"ar"`` (the same backbone: the baseline of every speed ratio) or ``"teacher"`` (the larger
+    OPD teacher, for accuracy comparisons); it is optional when the run has none.
 
     ``system_prompt`` is added to prompts that have none; by default the embedded task's for a
     run trained on it, and none for a run trained on chat data (which carries its own).
@@ -199,12 +218,19 @@ def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | No
     if not run_dir.is_dir():
         raise ckpt.CheckpointError(
             f"{run_dir} does not exist: train a run first with `python train.py run_dir={run_dir}`")
-    params, cfg = load_params(run_dir / "sft", True, step)
-    ar_params = None
-    if ckpt.latest_step(run_dir / "ar") is not None:
-        ar_params, _ = load_params(run_dir / "ar", False)
+    if stage is None:
+        stage = "opd" if ckpt.latest_step(run_dir / "opd") is not None else "sft"
+    if stage not in PIPO_STAGES:
+        raise ValueError(f"stage must be one of {PIPO_STAGES}, got {stage!r}")
+    if ar_stage not in ("ar", "teacher"):
+        raise ValueError(f"ar_stage must be 'ar' or 'teacher', got {ar_stage!r}")
+    params, cfg = load_params(run_dir / stage, True, step)
+    ar_params, ar_model = None, None
+    if ckpt.latest_step(run_dir / ar_stage) is not None:
+        ar_params, ar_cfg = load_params(run_dir / ar_stage, False)
+        ar_model = ar_cfg.model_of(ar_stage)
     if tokenizer is None:
         tokenizer = run_tokenizer(cfg.tokenizer, run_dir, cfg.model.vocab_size)
     if system_prompt is None:
         system_prompt = SYSTEM_PROMPT if cfg.data.source == "arith" else ""
-    return PipoRunner(cfg, params, ar_params, tokenizer, system_prompt)
+    return PipoRunner(cfg, params, ar_params, tokenizer, system_prompt, ar_model, stage, ar_stage)

@@ -315,6 +315,9 @@ class OpdConfig(TrainConfig):
     # token (cost ``log p_s(y) - log p_t(y)``, detached).
     divergence: Literal["topk", "full", "sampled"] = "topk"
     topk: int = 32
+    # ``full`` only: vocabulary columns per block of the logits (0: the whole vocabulary at
+    # once). Peak logits memory is loss_chunk × vocab_chunk per model instead of loss_chunk × V.
+    vocab_chunk: int = 0
     # Weight of the divergence at backbone positions (MTP positions: ``w_mtp``).
     w_backbone: float = 1.0
     # A rollout PAD at an MTP target (a rejected or absent draft): "argmax" trains on the
@@ -336,6 +339,9 @@ class OpdConfig(TrainConfig):
         validate_threshold(self.rollout_threshold)
         if self.topk <= 0:
             raise ConfigError(f"opd.topk must be positive, got {self.topk}")
+        if self.vocab_chunk < 0:
+            raise ConfigError(f"opd.vocab_chunk must be >= 0 (0: no vocabulary chunking), got "
+                              f"{self.vocab_chunk}")
         if not (self.rollout_temperature > 0 and math.isfinite(self.rollout_temperature)):
             raise ConfigError(f"opd.rollout_temperature must be positive (1 samples the "
                               f"student's own distribution), got {self.rollout_temperature}")

@@ -27,11 +27,11 @@ head is the checkpoint's own ``mtp.*`` module when it has one (``mtp_init: nativ
 copy of the last full-attention layer; the compressor and the confidence head come from the
 checkpoint when it is a PIPO export, else they are freshly initialised.
 
-``pipo-to-hf`` writes the PIPO (``sft``) parameters back in the reference key layout, streamed
-one tensor at a time into safetensors shards, with config.json (the imported one plus
-``compressor_type``) and the run's tokenizer files. HF → PIPO → HF is bit-exact for every text
-and MTP tensor; the vision tower of a VLM checkpoint is not carried. A LoRA run is exported with
-its adapters merged.
+``pipo-to-hf`` writes the PIPO parameters (``opd`` when the run has them, else ``sft``) back in
+the reference key layout, streamed one tensor at a time into safetensors shards, with
+config.json (the imported one plus ``compressor_type``) and the run's tokenizer files.
+HF → PIPO → HF is bit-exact for every text and MTP tensor; the vision tower of a VLM checkpoint
+is not carried. A LoRA run is exported with its adapters merged.
 
 ``merge-lora`` folds the LoRA adapters of a run's stages into their kernels and writes a new run
 directory of params-only checkpoints in the plain layout (tuner ``full``), with the run's
@@ -64,7 +64,15 @@ from pipo_jax import checkpoint as ckpt
 from pipo_jax import hf_mapping as hm
 from pipo_jax.api import load_params
 from pipo_jax.cli import run_main
-from pipo_jax.config import STAGES, Config, ConfigError, ModelConfig, config_from_json, save_config
+from pipo_jax.config import (
+    PIPO_STAGES,
+    STAGES,
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_from_json,
+    save_config,
+)
 from pipo_jax.layers import slot_name
 from pipo_jax.model import backbone_layer, init_params, pipo_from_ar
 from pipo_jax.tokenizer import HFTokenizer, tokenizer_path
@@ -481,10 +489,16 @@ def _source_dtype(hf_config: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- pipo → hf
 
 
+def latest_pipo_stage(run: str | Path) -> str:
+    """``opd`` when the run has OPD checkpoints, else ``sft``: the run's latest PIPO model."""
+    return "opd" if ckpt.latest_step(Path(run) / "opd") is not None else "sft"
+
+
 def pipo_to_hf(run: str | Path, out: str | Path, dtype: str | None = None,
                step: int | None = None, max_shard_size: str = DEFAULT_SHARD,
-               force: bool = False, log: Any = print) -> dict[str, Any]:
-    """Exports a run's PIPO (``sft``) parameters as a Hugging Face folder; returns a summary."""
+               force: bool = False, log: Any = print, stage: str | None = None) -> dict[str, Any]:
+    """Exports a run's PIPO parameters (``stage``: default the latest, ``opd`` when the run has
+    it, else ``sft``) as a Hugging Face folder; returns a summary."""
     run, out = Path(run), Path(out)
     max_bytes = parse_size(max_shard_size)
     if dtype is not None and dtype not in DTYPES:
@@ -496,7 +510,7 @@ def pipo_to_hf(run: str | Path, out: str | Path, dtype: str | None = None,
         if (run / HF_DTYPES).is_file():
             per_key = _read_json(run / HF_DTYPES, "")
     _check_out(out, force)
-    params, config = load_params(run / "sft", True, step)
+    params, config = load_params(run / (stage or latest_pipo_stage(run)), True, step)
     cfg = config.model
     _prepare_out(out, force, ("config.json", INDEX, *TOKENIZER_FILES))
     for stale in out.glob("*.safetensors"):
@@ -553,7 +567,7 @@ def merge_lora(run: str | Path, out: str | Path, step: int | None = None, force:
     if not stages:
         raise ConvertError(f"{run} has no checkpoints to merge")
     with_lora = [s for s in stages if checkpoint_adapters(
-        run / s, s == "sft", step if s == "sft" else None)[0] is not None]
+        run / s, s in PIPO_STAGES, step if s == "sft" else None)[0] is not None]
     if not with_lora:
         raise ConvertError(f"{run} has no LoRA adapters to merge (its stages were trained with "
                            "tuner: full or are params-only); use it as it is")
@@ -575,7 +589,7 @@ def merge_lora(run: str | Path, out: str | Path, step: int | None = None, force:
     steps = {}
     for stage in stages:
         at = step if stage == "sft" and step is not None else ckpt.latest_step(run / stage)
-        params, _ = load_params(run / stage, stage == "sft", at)
+        params, _ = load_params(run / stage, stage in PIPO_STAGES, at)
         steps[stage] = int(at)
         with ckpt.open_manager(out / stage, getattr(config, stage).keep_checkpoints) as m:
             ckpt.save(m, at, {"step": np.int32(at), "params": params}, config, force=True,
@@ -609,7 +623,9 @@ def main(argv: list[str]) -> int:
     exp.add_argument("--out", required=True, help="folder to write")
     exp.add_argument("--dtype", choices=sorted(DTYPES),
                      help="tensor dtype (default: the imported checkpoint's, else float32)")
-    exp.add_argument("--step", type=int, help="sft checkpoint step (default: the latest)")
+    exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    exp.add_argument("--stage", choices=PIPO_STAGES,
+                     help="PIPO stage to export (default: opd when the run has it, else sft)")
     exp.add_argument("--max-shard-size", default=DEFAULT_SHARD,
                      help=f"largest safetensors file (default {DEFAULT_SHARD})")
     exp.add_argument("--force", action="store_true", help="replace the files of a previous "
@@ -629,7 +645,8 @@ def main(argv: list[str]) -> int:
         hf_to_pipo(args.hf_dir, args.out, args.param_dtype, args.compressor_type,
                    args.max_context, args.seed, args.force)
     else:
-        pipo_to_hf(args.run, args.out, args.dtype, args.step, args.max_shard_size, args.force)
+        pipo_to_hf(args.run, args.out, args.dtype, args.step, args.max_shard_size, args.force,
+                   stage=args.stage)
     return 0
 
 

@@ -27,7 +27,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from pipo_jax import checkpoint as ckpt
 from pipo_jax import decoding as dec
 from pipo_jax import opd, sharding
 from pipo_jax.config import Config, ModelConfig, OpdConfig, to_dict
@@ -44,7 +43,7 @@ from pipo_jax.trainer import (
     apply_update,
     check_tokenizer,
     make_optimizer,
-    restore_stage_params,
+    restore_prerequisite,
     run_steps,
     setup_state,
 )
@@ -114,7 +113,7 @@ def opd_update(state: TrainState, rows: dict[str, Array], teacher: dict[str, Arr
         return opd.opd_loss(out, lm_head(params), teacher, teacher_head_VxHt, tokens, masks,
                             mode=oc.divergence, k=oc.topk, chunk=oc.loss_chunk,
                             w_backbone=oc.w_backbone, w_mtp=oc.w_mtp, w_conf=oc.w_conf,
-                            ece_bins=oc.ece_bins)
+                            ece_bins=oc.ece_bins, vocab_chunk=oc.vocab_chunk)
 
     state, metrics = apply_update(state, oc, tx, loss_fn)
     response = (rows["seq_len"] - rows["prompt_len"]).astype(jnp.float32)
@@ -122,6 +121,45 @@ def opd_update(state: TrainState, rows: dict[str, Array], teacher: dict[str, Arr
     metrics.update(rollout_tokens=jnp.mean(n_tokens),
                    rollout_pads=jnp.mean(response - n_tokens))
     return state, metrics
+
+
+def rollout_statistics(params: Params, teacher_params: Params, rows: dict[str, Array], *,
+                       cfg: ModelConfig, teacher_cfg: ModelConfig, pad_id: int, eos_id: int,
+                       chunk: int = 2048) -> dict[str, Array]:
+    """Per-position student–teacher statistics of rollout rows, for evaluation. Each B×(L-1):
+
+    ``kl_backbone`` / ``kl_mtp``: exact reverse KL ``KL(p_s ‖ p_t)`` at backbone / MTP positions;
+    ``confidence``: the confidence head's probability; ``acceptance``: the realised acceptance
+    probability ``min(1, p_t(y)/p_s(y))`` of the drafted token ``y`` (full-vocabulary
+    probabilities); ``backbone`` / ``mtp``: the positions that count (real drafts only).
+    """
+    tokens = rows["tokens"]
+    masks = opd.target_masks(tokens, rows["prompt_len"], rows["seq_len"], pad_id, eos_id, "mask")
+    teacher = teacher_hidden(teacher_params, tokens, cfg=teacher_cfg, pad_id=pad_id)
+    out = PipoLM(cfg, True).apply({"params": params}, tokens)
+    b, n, _ = out["h"].shape
+    no_fill = jnp.zeros((b * n,), bool)
+
+    def terms(hidden: Array, t_hidden: Array, labels: Array) -> dict[str, Array]:
+        got = opd.chunked_divergence(hidden.reshape(b * n, -1), lm_head(params),
+                                     t_hidden.reshape(b * n, -1), lm_head(teacher_params),
+                                     labels.reshape(-1), no_fill, "sampled", 1, chunk)
+        return {k: v.reshape(b, n) for k, v in got.items()}
+
+    bb = terms(out["h"], teacher["backbone"], tokens[:, 2::2])
+    mtp = terms(out["m"], teacher["mtp"], tokens[:, 3::2])
+    return {"kl_backbone": bb["kl"], "kl_mtp": mtp["kl"],
+            "confidence": jax.nn.sigmoid(out["conf_logits"]), "acceptance": mtp["acceptance"],
+            "backbone": masks["backbone"], "mtp": masks["mtp"]}
+
+
+def rollout_fn(cfg: Config, tokenizer: Tokenizer) -> Any:
+    """``rollout`` jit-compiled for ``cfg.opd``'s sampling and budget and ``tokenizer``'s ids:
+    ``(params, prompt B×P, valid B×P, seeds B) → rows``."""
+    text_vocab = getattr(tokenizer, "tokenizer_vocab_size", cfg.model.vocab_size)
+    return jax.jit(functools.partial(
+        rollout, cfg=cfg.model, oc=cfg.opd, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
+        vocab_limit=text_vocab if text_vocab < cfg.model.vocab_size else 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +175,9 @@ def load_teacher(cfg: Config, mesh: Mesh) -> Teacher:
     if _stage_name(teacher_dir, False) in ("sft", "opd"):
         raise TrainingError(f"opd.teacher_dir {teacher_dir} is a PIPO stage; the teacher is an "
                             f"AR model (a run's teacher or ar stage)")
-    try:
-        params, saved = restore_stage_params(teacher_dir, False, mesh)
-    except ckpt.CheckpointError as e:
-        raise TrainingError(
-            f"the opd stage needs a frozen AR teacher in {teacher_dir}, which is not usable; "
-            f"train it first (stages=[teacher, ...]) or set opd.teacher_dir. Details: {e}") from e
+    params, saved = restore_prerequisite(
+        teacher_dir, False, mesh, "the opd stage needs a frozen AR teacher",
+        "train it first (stages=[teacher, ...]) or set opd.teacher_dir")
     tcfg = saved.model_of(_stage_name(teacher_dir, False))
     if tcfg.vocab_size != cfg.model.vocab_size:
         raise TrainingError(f"the teacher in {teacher_dir} has vocab_size {tcfg.vocab_size}, the "
@@ -153,12 +188,9 @@ def load_teacher(cfg: Config, mesh: Mesh) -> Teacher:
 def load_student(cfg: Config, mesh: Mesh) -> Params:
     """The SFT student's parameters (adapters merged): ``opd.student_dir`` or ``<run_dir>/sft``."""
     student_dir = Path(cfg.opd.student_dir or Path(cfg.run_dir) / "sft")
-    try:
-        params, saved = restore_stage_params(student_dir, True, mesh)
-    except ckpt.CheckpointError as e:
-        raise TrainingError(
-            f"the opd stage starts from the PIPO SFT model in {student_dir}, which is not usable;"
-            f" train the sft stage first or set opd.student_dir. Details: {e}") from e
+    params, saved = restore_prerequisite(
+        student_dir, True, mesh, "the opd stage starts from the PIPO SFT model",
+        "train the sft stage first or set opd.student_dir")
     was = to_dict(saved.model_of(_stage_name(student_dir, True)))
     now = to_dict(cfg.model)
     diff = {k: (v, now[k]) for k, v in was.items() if now[k] != v and k not in COMPUTE_ONLY_FIELDS}
@@ -176,10 +208,7 @@ class OpdStep:
         oc = cfg.opd
         self.cfg, self.oc, self.tokenizer = cfg, oc, tokenizer
         ids = dict(pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
-        text_vocab = getattr(tokenizer, "tokenizer_vocab_size", cfg.model.vocab_size)
-        self._rollout = jax.jit(functools.partial(
-            rollout, cfg=cfg.model, oc=oc,
-            vocab_limit=text_vocab if text_vocab < cfg.model.vocab_size else 0, **ids))
+        self._rollout = rollout_fn(cfg, tokenizer)
         self._score = jax.jit(functools.partial(teacher_hidden, cfg=teacher_cfg,
                                                 pad_id=tokenizer.pad_id))
         shardings = {} if state_sh is None else dict(

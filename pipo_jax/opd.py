@@ -163,15 +163,79 @@ def divergence_terms(zs_NxV: Array, zt_NxV: Array, labels_N: Array, fill_N: Arra
             "acceptance": jax.lax.stop_gradient(acceptance), "labels": y}
 
 
+def _full_terms_by_vocab(h_CxH: Array, ws_VxH: Array, ht_CxHt: Array, wt_VxHt: Array,
+                        labels_C: Array, fill_C: Array, vocab_chunk: int) -> dict[str, Array]:
+    """``divergence_terms(mode="full")`` with the logits made ``vocab_chunk`` columns at a time:
+    two scans over vocabulary blocks (log-normalisers and the student's argmax, then the KL and
+    ``Σ min(p_s, p_t)``), so the peak is ``C × vocab_chunk`` instead of ``C × V``."""
+    v = ws_VxH.shape[0]
+    n_blocks = -(-v // vocab_chunk)
+    pad = n_blocks * vocab_chunk - v
+
+    def blocks(w: Array) -> Array:
+        return jnp.pad(w, ((0, pad), (0, 0))).reshape(n_blocks, vocab_chunk, w.shape[1])
+
+    ws_b, wt_b = blocks(ws_VxH), blocks(wt_VxHt)
+    ids_b = jnp.arange(n_blocks * vocab_chunk).reshape(n_blocks, vocab_chunk)
+
+    def logits(x: Array, w: Array, ids: Array) -> Array:
+        z = jnp.einsum("ch,vh->cv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return jnp.where(ids[None] < v, z, -jnp.inf)
+
+    def online_lse(m: Array, s: Array, z: Array) -> tuple[Array, Array]:
+        new = jnp.maximum(m, jnp.max(z, axis=-1))
+        return new, s * jnp.exp(m - new) + jnp.sum(jnp.exp(z - new[:, None]), axis=-1)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def normalisers(carry: tuple[Array, ...], blk: tuple[Array, ...]) -> tuple[tuple, None]:
+        ms, ss, mt, st, best, arg = carry
+        w_s, w_t, ids = blk
+        zs = logits(h_CxH, w_s, ids)
+        zt = jax.lax.stop_gradient(logits(ht_CxHt, w_t, ids))
+        ms, ss = online_lse(ms, ss, zs)
+        mt, st = online_lse(mt, st, zt)
+        top = jnp.max(zs, axis=-1)
+        arg = jnp.where(top > best, ids[jnp.argmax(zs, axis=-1)], arg)
+        return (ms, ss, mt, st, jnp.maximum(best, top), arg), None
+
+    c = h_CxH.shape[0]
+    lowest = jnp.full((c,), -1e30, jnp.float32)  # finite: exp(lowest - m) is 0, never NaN
+    zeros = jnp.zeros((c,), jnp.float32)
+    init = (lowest, zeros, lowest, zeros, lowest, jnp.zeros((c,), jnp.int32))
+    (ms, ss, mt, st, _, arg), _ = jax.lax.scan(normalisers, init, (ws_b, wt_b, ids_b))
+    log_zs, log_zt = ms + jnp.log(ss), mt + jnp.log(st)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def sums(carry: tuple[Array, Array], blk: tuple[Array, ...]) -> tuple[tuple, None]:
+        kl, overlap = carry
+        w_s, w_t, ids = blk
+        valid = ids[None] < v
+        ls = logits(h_CxH, w_s, ids) - log_zs[:, None]
+        lt = jax.lax.stop_gradient(logits(ht_CxHt, w_t, ids)) - log_zt[:, None]
+        ps = jnp.exp(ls)
+        kl = kl + jnp.sum(jnp.where(valid, ps * (jnp.where(valid, ls, 0) - jnp.where(valid, lt, 0)),
+                                    0.0), axis=-1)
+        overlap = overlap + jnp.sum(jnp.where(valid, jnp.minimum(ps, jnp.exp(lt)), 0.0), axis=-1)
+        return (kl, overlap), None
+
+    (kl, overlap), _ = jax.lax.scan(sums, (zeros, zeros), (ws_b, wt_b, ids_b))
+    y = jnp.where(fill_C, arg.astype(labels_C.dtype), labels_C)
+    return {"objective": kl, "kl": jax.lax.stop_gradient(kl),
+            "acceptance": jax.lax.stop_gradient(overlap), "labels": y}
+
+
 def chunked_divergence(hs_NxH: Array, ws_VxH: Array, ht_NxHt: Array, wt_VxHt: Array,
                        labels_N: Array, fill_N: Array, mode: Divergence, k: int,
-                       chunk: int) -> dict[str, Array]:
+                       chunk: int, vocab_chunk: int = 0) -> dict[str, Array]:
     """``divergence_terms`` over chunks of ``chunk`` positions, logits ``h·Wᵀ`` made per chunk
-    under ``jax.checkpoint`` (peak memory ``chunk × V`` per model, as the SFT loss)."""
+    under ``jax.checkpoint`` (peak memory ``chunk × V`` per model, as the SFT loss). With
+    ``mode="full"`` and ``0 < vocab_chunk < V`` the vocabulary is chunked too (peak
+    ``chunk × vocab_chunk``; see ``_full_terms_by_vocab``)."""
     n = hs_NxH.shape[0]
     chunk = min(chunk, n)
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
+    by_vocab = mode == "full" and 0 < vocab_chunk < ws_VxH.shape[0]
 
     def split(x: Array) -> Array:
         x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
@@ -180,6 +244,8 @@ def chunked_divergence(hs_NxH: Array, ws_VxH: Array, ht_NxHt: Array, wt_VxHt: Ar
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one(args: tuple[Array, ...]) -> dict[str, Array]:
         h_c, ht_c, y_c, f_c = args
+        if by_vocab:
+            return _full_terms_by_vocab(h_c, ws_VxH, ht_c, wt_VxHt, y_c, f_c, vocab_chunk)
         zs = jnp.einsum("ch,vh->cv", h_c, ws_VxH.astype(h_c.dtype),
                         preferred_element_type=jnp.float32)
         zt = jnp.einsum("ch,vh->cv", ht_c, wt_VxHt.astype(ht_c.dtype),
@@ -209,7 +275,7 @@ def expected_calibration_error(pred_N: Array, target_N: Array, mask_N: Array,
 def opd_loss(outputs: dict[str, Array], ws_VxH: Array, teacher: dict[str, Array],
              wt_VxHt: Array, tokens_BxT: Array, masks: dict[str, Array], *, mode: Divergence,
              k: int, chunk: int, w_backbone: float, w_mtp: float, w_conf: float,
-             ece_bins: int) -> tuple[Array, dict[str, Array]]:
+             ece_bins: int, vocab_chunk: int = 0) -> tuple[Array, dict[str, Array]]:
     """``w_backbone·D_backbone + w_mtp·D_mtp + w_conf·BCE(confidence, acceptance)`` (SPEC §5).
 
     ``outputs`` is the student's teacher-forced forward (``h``, ``m``, ``conf_logits``, each over
@@ -221,7 +287,7 @@ def opd_loss(outputs: dict[str, Array], ws_VxH: Array, teacher: dict[str, Array]
     def terms(hidden: Array, t_hidden: Array, labels: Array, fill: Array) -> dict[str, Array]:
         out = chunked_divergence(hidden.reshape(b * n, -1), ws_VxH,
                                  t_hidden.reshape(b * n, -1), wt_VxHt, labels.reshape(-1),
-                                 fill.reshape(-1), mode, k, chunk)
+                                 fill.reshape(-1), mode, k, chunk, vocab_chunk)
         return {name: v.reshape(b, n) for name, v in out.items()}
 
     no_fill = jnp.zeros_like(masks["backbone"])

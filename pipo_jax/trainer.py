@@ -222,6 +222,17 @@ def restore_stage_params(stage_dir: str | Path, pipo: bool, mesh: Mesh,
     return params, saved
 
 
+def restore_prerequisite(stage_dir: Path, pipo: bool, mesh: Mesh, needed_by: str,
+                         remedy: str) -> tuple[Any, Config]:
+    """``restore_stage_params`` of a stage another one starts from; an unusable checkpoint is a
+    ``TrainingError`` that says which stage needs it (``needed_by``) and what to do."""
+    try:
+        return restore_stage_params(stage_dir, pipo, mesh)
+    except ckpt.CheckpointError as e:
+        raise TrainingError(f"{needed_by} in {stage_dir}, which is not usable; {remedy}. "
+                            f"Details: {e}") from e
+
+
 def attach_adapters(mcfg: ModelConfig, pipo: bool, lora: LoraConfig | None, base: Any,
                      rng: jax.Array) -> Any:
     """``base`` (plain layout) plus freshly initialised adapters (A random, B zero)."""
@@ -249,13 +260,9 @@ def _init_state(cfg: Config, stage: str, tx: optax.GradientTransformation, shard
         params = jax.jit(lambda r: nn.unbox(init_params(mcfg, False, r, lora)),
                          out_shardings=shardings.params)(rng)
     elif stage == "sft":
-        ar_dir = Path(cfg.run_dir) / "ar"
-        try:
-            ar_params, _ = restore_stage_params(ar_dir, False, mesh)
-        except ckpt.CheckpointError as e:
-            raise TrainingError(
-                f"the sft stage starts from the AR model in {ar_dir}, which is not usable; "
-                f"train the ar stage first (stages=[ar, sft]). Details: {e}") from e
+        ar_params, _ = restore_prerequisite(
+            Path(cfg.run_dir) / "ar", False, mesh, "the sft stage starts from the AR model",
+            "train the ar stage first (stages=[ar, sft])")
         params = jax.jit(lambda a, r, ra: attach(pipo_from_ar(mcfg, a, r), ra),
                          out_shardings=shardings.params)(ar_params, rng, adapter_rng)
     else:

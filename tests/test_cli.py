@@ -143,6 +143,26 @@ def test_decode_prompt_prints_text_and_stats_of_both_models(trained, env):
     assert json.loads(blocks["ar"][-1])["drafts"] == 0
 
 
+def test_train_stage_opd_distills_the_run_and_decode_picks_it(trained, env, tmp_path):
+    """``train.py --stage opd`` on a copy of the run (its AR model as the teacher), then
+    ``decode.py --stage sft`` on the run that now has both PIPO stages."""
+    run = tmp_path / "run"
+    for stage in ("ar", "sft"):
+        shutil.copytree(trained.run_dir / stage, run / stage)
+    p = run_script(env, "train.py", "--config", MICRO, "--stage", "opd", f"run_dir={run}",
+                   f"data.data_dir={trained.data_dir}", *DATA_OVERRIDES,
+                   f"opd.teacher_dir={run / 'ar'}", "opd.steps=2", "--no-progress")
+    assert p.returncode == 0, describe(p)
+    cfg, end = json.JSONDecoder().raw_decode(p.stdout)
+    assert cfg["stages"] == ["opd"]
+    (line,) = p.stdout[end:].strip().splitlines()
+    assert line.startswith(f"{run / 'opd'}: step 2 in ") and "'kl_mtp'" in line, line
+    d = run_script(env, "decode.py", "--run", str(run), "--prompt", "What is 1 + 2?",
+                   "--models", "pipo", "--stage", "sft")
+    assert d.returncode == 0, describe(d)
+    assert json.loads(d.stdout.splitlines()[-1])["tokens"] > 0
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -12,13 +12,16 @@ import numpy as np
 import pytest
 from helpers import random_params
 
-from pipo_jax import opd, sharding
+from pipo_jax import checkpoint as ckpt
+from pipo_jax import distill, opd, sharding
+from pipo_jax.api import load
 from pipo_jax.config import load_config
 from pipo_jax.data.arith import to_messages
 from pipo_jax.distill import OpdStep, response_texts, rollout_scores, teacher_hidden
+from pipo_jax.metrics import read_jsonl
 from pipo_jax.model import PipoLM, lm_head
 from pipo_jax.tokenizer import ByteTokenizer, reasoning_prompt
-from pipo_jax.trainer import TrainState, make_optimizer
+from pipo_jax.trainer import TrainingError, TrainState, make_optimizer, train_stage
 
 pytestmark = pytest.mark.usefixtures("compilation_cache_dir")
 
@@ -346,3 +349,128 @@ def test_opd_config_is_validated():
     cfg = load_config(micro_yaml)
     assert dataclasses.replace(cfg.opd).divergence == "topk"
     assert cfg.teacher_model.d_model == 48 and cfg.teacher_model.n_layers == cfg.model.n_layers
+
+
+# ------------------------------------------------------------------------------- the stage
+
+
+def _opd_config(run_dir: Path, data_dir: Path, *overrides: str):
+    return load_config(REPO / "configs" / "micro.yaml", [
+        f"run_dir={run_dir}", f"data.data_dir={data_dir}", "data.num_train=16",
+        "data.max_len=128", "stages=[opd]", "opd.steps=4", "opd.ckpt_every=2", "opd.log_every=1",
+        *overrides])
+
+
+def _write_params(stage_dir: Path, params, cfg) -> None:
+    """A params-only checkpoint, as hf-to-pipo writes (an imported or merged model)."""
+    with ckpt.open_manager(stage_dir, 1) as manager:
+        ckpt.save(manager, 0, {"step": np.int32(0), "params": params}, cfg, force=True,
+                  wait=True)
+
+
+def _student_and_teacher(run_dir: Path, micro) -> None:
+    cfg, student, teacher = micro
+    _write_params(run_dir / "sft", student, cfg)
+    _write_params(run_dir / "teacher", teacher, cfg)
+
+
+@pytest.fixture(scope="module")
+def opd_run(tmp_path_factory, micro):
+    root = tmp_path_factory.mktemp("opd")
+    cfg = _opd_config(root / "run", root / "tfds")
+    _student_and_teacher(root / "run", micro)
+    result = train_stage(cfg, "opd", progress=False)
+    return cfg, root, result
+
+
+def test_opd_stage_logs_every_metric_and_checkpoints(opd_run):
+    cfg, root, result = opd_run
+    stage_dir = root / "run" / "opd"
+    assert result.steps == 4 and ckpt.all_steps(stage_dir) == [2, 4]
+    records = read_jsonl(stage_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    want = {"loss", "loss_backbone", "loss_mtp", "loss_confidence", "kl_backbone", "kl_mtp",
+            "confidence_pred_mean", "confidence_target_mean", "ece", "rollout_tokens",
+            "rollout_pads", "rollout_finished", "rollout_accuracy", "grad_norm",
+            *(f"commit_rate@{t}" for t in opd.OPD_COMMIT_THRESHOLDS)}
+    assert want <= set(records[-1]), want - set(records[-1])
+    assert list(stage_dir.glob("events.out.tfevents.*"))  # TensorBoard
+
+
+def test_opd_resume_after_crash_matches_uninterrupted_run(opd_run, micro, tmp_path, monkeypatch):
+    cfg, root, _ = opd_run
+    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"))
+    _student_and_teacher(tmp_path / "run", micro)
+    real = distill.make_prompt_dataset
+
+    class Crashing:
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __getitem__(self, step):
+            if step == 3:
+                raise RuntimeError("killed before step 4")
+            return self.ds[step]
+
+    with monkeypatch.context() as mp:
+        mp.setattr(distill, "make_prompt_dataset", lambda *a: Crashing(real(*a)))
+        with pytest.raises(RuntimeError, match="killed"):
+            train_stage(cfg, "opd", progress=False)
+    assert ckpt.all_steps(tmp_path / "run" / "opd") == [2]
+    train_stage(cfg, "opd", progress=False)
+    got = {r["step"]: r for r in read_jsonl(tmp_path / "run" / "opd")}
+    want = {r["step"]: r for r in read_jsonl(root / "run" / "opd")}
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:  # same prompts, same rollouts (seeded by step), same updates
+        for key in ("loss", "kl_backbone", "kl_mtp", "rollout_tokens", "grad_norm"):
+            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-5,
+                                       err_msg=f"step {step} {key}")
+
+
+def test_opd_stage_says_what_is_missing(micro, opd_run, tmp_path):
+    cfg, root, _ = opd_run
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="frozen AR teacher"):
+        train_stage(dataclasses.replace(cfg, run_dir=str(run)), "opd", progress=False)
+    with pytest.raises(TrainingError, match="is a PIPO stage"):
+        train_stage(_opd_config(run, root / "tfds", f"opd.teacher_dir={root / 'run' / 'sft'}"),
+                    "opd", progress=False)
+    with pytest.raises(TrainingError, match="PIPO SFT model"):
+        train_stage(_opd_config(run, root / "tfds", f"opd.teacher_dir={root / 'run' / 'teacher'}"),
+                    "opd", progress=False)
+
+
+def test_load_picks_the_opd_stage_and_the_teacher(opd_run):
+    _, root, _ = opd_run
+    runner = load(root / "run", ar_stage="teacher")
+    assert runner.stage == "opd" and runner.ar_stage == "teacher"
+    assert runner.ar_model.d_model == 48 and runner.config.model.d_model == 32
+    (gen,) = runner.generate("What is 1 + 2?", model="ar", max_new_tokens=6, batch_size=1)
+    assert gen.stats["tokens"] == 6 or gen.stats["finished"]
+    assert load(root / "run", stage="sft").stage == "sft"
+    with pytest.raises(ValueError, match="stage"):
+        load(root / "run", stage="ar")
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_full_divergence_chunked_over_the_vocabulary_matches_the_whole(fill):
+    rng = np.random.default_rng(3)
+    n, v, h, ht = 5, 23, 6, 8  # 23 columns in blocks of 4: a partial last block
+    hs, ws = jnp.asarray(rng.normal(size=(n, h)), jnp.float32), jnp.asarray(rng.normal(size=(v, h)))
+    hts, wt = jnp.asarray(rng.normal(size=(n, ht))), jnp.asarray(rng.normal(size=(v, ht)))
+    labels = jnp.asarray(rng.integers(0, v, n))
+    fills = jnp.full((n,), fill)
+
+    def run(vocab_chunk):
+        def f(hs_, ws_):
+            out = opd.chunked_divergence(hs_, ws_, hts, wt, labels, fills, "full", 3, 2,
+                                         vocab_chunk)
+            return jnp.sum(out["objective"]), out
+        (_, out), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hs, ws)
+        return out, grads
+
+    whole, g_whole = run(0)
+    blocks, g_blocks = run(4)
+    for key in ("objective", "kl", "acceptance", "labels"):
+        np.testing.assert_allclose(blocks[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    chex.assert_trees_all_close(g_blocks, g_whole, rtol=1e-4, atol=1e-6)

@@ -41,7 +41,6 @@ from pipo_jax.bench.store import ResultFile, result_path
 from pipo_jax.config import DecodeConfig
 from pipo_jax.evaluate import pass_at_k, write_json
 
-STAGE_OF_MODEL = {"pipo": "sft", "ar": "ar"}
 SUMMARY_FILE = "summary.json"
 
 
@@ -56,14 +55,15 @@ def decode_config(runner: PipoRunner, options: dict[str, Any]) -> DecodeConfig:
 
 def result_header(bench: Benchmark, model: str, samples: int, decode: DecodeConfig,
                   run_dir: str | Path | None, step: int | None,
-                  system_prompt: str) -> dict[str, Any]:
+                  system_prompt: str, stage: str | None = None) -> dict[str, Any]:
     """What decides a result file's contents; a file is resumed only under an equal header.
 
     The batch size is left out (it does not change a request's samples, up to floating-point
     noise), and so is the threshold for AR, which never drafts.
     """
     header = {"benchmark": bench.name, "benchmark_sha256": bench.sha256, "model": model,
-              "run": None if run_dir is None else str(Path(run_dir).resolve()), "step": step,
+              "run": None if run_dir is None else str(Path(run_dir).resolve()), "stage": stage,
+              "step": step,
               "samples": samples, "system_prompt": system_prompt,
               "max_new_tokens": decode.max_new_tokens, "temperature": decode.temperature,
               "top_k": decode.top_k, "top_p": decode.top_p,
@@ -143,10 +143,14 @@ def summarise(records: Sequence[dict[str, Any]], samples: int) -> dict[str, Any]
     }
 
 
-def _latest_step(run_dir: str | Path | None, model: str) -> int | None:
+def _model_stage(runner: PipoRunner, model: str) -> str:
+    return runner.stage if model == "pipo" else runner.ar_stage
+
+
+def _latest_step(run_dir: str | Path | None, stage: str) -> int | None:
     if run_dir is None:
         return None
-    return ckpt.latest_step(Path(run_dir) / STAGE_OF_MODEL[model])
+    return ckpt.latest_step(Path(run_dir) / stage)
 
 
 def evaluate_benchmarks(runner: PipoRunner, benches: Sequence[Benchmark], *,
@@ -180,7 +184,7 @@ def evaluate_benchmarks(runner: PipoRunner, benches: Sequence[Benchmark], *,
     for b in benches:
         check_prompt_lengths(runner, selected[b.name], decode.max_new_tokens)
     out_dir = Path(out_dir)
-    steps = {m: _latest_step(run_dir, m) for m in models}
+    steps = {m: _latest_step(run_dir, _model_stage(runner, m)) for m in models}
     summary: dict[str, Any] = {
         "run": None if run_dir is None else str(run_dir), "steps": steps, "samples": samples,
         "options": dataclasses.asdict(decode), "system_prompt": runner.system_prompt,
@@ -191,7 +195,7 @@ def evaluate_benchmarks(runner: PipoRunner, benches: Sequence[Benchmark], *,
                                  "models": {}}
         for model in models:
             header = result_header(b, model, samples, decode, run_dir, steps[model],
-                                   runner.system_prompt)
+                                   runner.system_prompt, _model_stage(runner, model))
             path = result_path(out_dir, b.name, model)
             with ResultFile(path, header, restart=restart) as store:
                 evaluate_questions(runner, selected[b.name], model, samples, decode, store,

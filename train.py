@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. sft.steps=100 model.d_model=64")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags and key=value overrides in any order
     cfg = load_config(args.config, args.overrides)
     if args.stage:
         cfg = dataclasses.replace(cfg, stages=tuple(s for s in STAGES if s in args.stage))

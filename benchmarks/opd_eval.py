@@ -11,8 +11,9 @@ For the run's ``sft`` and ``opd`` PIPO checkpoints and its ``teacher``, on the f
    teacher at backbone and MTP positions, the confidence head's mean prediction against the
    realised acceptance probability ``α = min(1, p_t(y)/p_s(y))`` of each drafted token, and the
    head's expected calibration error against ``α`` (10 equal-width bins).
-2. **Accuracy vs speed.** ``decode`` at temperature 1 (``--samples`` per problem: pass@1 is the
-   mean over samples, pass@k the unbiased estimator) for every threshold of ``--thresholds``:
+2. **Accuracy vs speed.** ``decode`` at temperature 1 (optionally with ``--top-k`` /
+   ``--top-p``, the paper's 20 / 0.95; ``--samples`` per problem: pass@1 is the mean over
+   samples, pass@k the unbiased estimator) for every threshold of ``--thresholds``:
    accuracy, committed-token rate and real tokens per backbone pass (the speed-up over AR in
    backbone passes; AR is 1 by definition). The teacher (AR) is evaluated the same way.
 
@@ -76,11 +77,11 @@ def rollout_quality(runner: PipoRunner, teacher: PipoRunner, examples: list[dict
 
 
 def sweep(runner: PipoRunner, examples: list[dict], thresholds: list[float], samples: int,
-          batch: int) -> list[dict[str, Any]]:
+          batch: int, sampling: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for thr in thresholds:
         res = evaluate(runner, examples, samples=samples, models=("pipo",), timing_problems=0,
-                       progress=False, threshold=thr, temperature=1.0, batch_size=batch)["pipo"]
+                       progress=False, threshold=thr, batch_size=batch, **sampling)["pipo"]
         rows.append({"threshold": thr, "pass@1": res["pass@1"],
                      f"pass@{samples}": res[f"pass@{samples}"],
                      "commit_rate": res["commit_rate"], "tokens_per_pass": res["tokens_per_pass"]})
@@ -103,16 +104,26 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         rows = result["sweep"][stage]
         ax.plot([r["tokens_per_pass"] for r in rows], [100 * r["pass@1"] for r in rows],
                 marker=marker, label=f"PIPO {stage.upper()}")
+        # Thresholds that give the same point share one label ("-1,0.5,0.7").
+        labels: dict[tuple[float, float], list[str]] = {}
         for r in rows:
-            ax.annotate(f"{r['threshold']:g}", (r["tokens_per_pass"], 100 * r["pass@1"]),
-                        textcoords="offset points", xytext=(3, 3), fontsize=7)
+            point = (r["tokens_per_pass"], 100 * r["pass@1"])
+            labels.setdefault(point, []).append(f"{r['threshold']:g}")
+        offset = (4, 4) if stage == "opd" else (4, -10)
+        for point, names in labels.items():
+            ax.annotate("τ " + ",".join(names), point, textcoords="offset points",
+                        xytext=offset, fontsize=7)
     t = result["teacher"]
     ax.plot([1.0], [100 * t["pass@1"]], marker="*", markersize=12, linestyle="none",
             label="AR teacher")
+    ax.set_xlim(0.9, 2.25)  # room for the labels right of the points near 2
     ax.set_xlabel("speed-up over AR in backbone passes (real tokens per pass)")
-    ax.set_ylabel("pass@1 (%), temperature 1")
-    ax.set_title(f"{result['num_problems']} held-out problems x {result['samples']} samples; "
-                 "labels: threshold", fontsize=9)
+    sp = result["sampling"]
+    how = "temperature 1" + (f", top-k {sp['top_k']}" if sp["top_k"] else "") + \
+        (f", top-p {sp['top_p']:g}" if sp["top_p"] < 1 else "")
+    ax.set_ylabel(f"pass@1 (%), {how}")
+    ax.set_title(f"{result['num_problems']} held-out problems x {result['samples']} samples, "
+                 f"{how}; labels: confidence threshold τ", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -130,26 +141,32 @@ def main() -> None:
     p.add_argument("--thresholds", default="-1,0.5,0.7,0.9,0.95,0.99,0.999")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--ece-bins", type=int, default=10)
+    p.add_argument("--top-k", type=int, default=0,
+                   help="decode sweep and teacher only (the paper's protocol: 20); rollouts "
+                        "always sample the plain temperature-1 distribution")
+    p.add_argument("--top-p", type=float, default=1.0, help="as --top-k (the paper: 0.95)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/opd_eval.json)")
     p.add_argument("--plot", help="PNG path (default benchmarks/results/"
                                   "opd_accuracy_vs_speedup.png)")
     args = p.parse_args()
     thresholds = [float(t) for t in args.thresholds.split(",")]
+    sampling = {"temperature": 1.0, "top_k": args.top_k, "top_p": args.top_p}
     runners = {s: load(args.run, stage=s, ar_stage="teacher") for s in STAGES}
     teacher = runners["sft"]
     if teacher.ar_params is None:
         raise SystemExit(f"{args.run} has no teacher stage to compare with")
     examples = test_examples(teacher.config, args.num_problems)
     result: dict[str, Any] = {"run": args.run, "num_problems": len(examples),
-                              "samples": args.samples, "rollouts": {}, "sweep": {}}
+                              "samples": args.samples, "sampling": sampling, "rollouts": {},
+                              "sweep": {}}
     for stage, runner in runners.items():
         print(f"{stage}: rollouts", flush=True)
         result["rollouts"][stage] = rollout_quality(runner, teacher, examples, args.samples,
                                                     args.batch_size, args.ece_bins)
         result["sweep"][stage] = sweep(runner, examples, thresholds, args.samples,
-                                       args.batch_size)
+                                       args.batch_size, sampling)
     t = evaluate(teacher, examples, samples=args.samples, models=("ar",), timing_problems=0,
-                 progress=False, temperature=1.0, batch_size=args.batch_size)["ar"]
+                 progress=False, batch_size=args.batch_size, **sampling)["ar"]
     k = f"pass@{args.samples}"
     result["teacher"] = {"pass@1": t["pass@1"], k: t[k], "tokens_per_pass": 1.0}
     r = result["rollouts"]
@@ -164,7 +181,7 @@ def main() -> None:
     print(table([{"stage": s, **r[s]} for s in STAGES], cols))
     print(f"KL OPD/SFT: backbone {result['ratios']['kl_backbone_opd/sft']:.2f}x, "
           f"MTP {result['ratios']['kl_mtp_opd/sft']:.2f}x")
-    print(f"\nThreshold sweep, decode at temperature 1 ({args.samples} samples per problem):")
+    print(f"\nThreshold sweep, decode with {sampling} ({args.samples} samples per problem):")
     cols = [("threshold", "g"), ("pass@1", ".3f"), (k, ".3f"), ("commit_rate", ".3f"),
             ("tokens_per_pass", ".3f")]
     for stage in STAGES:

@@ -329,8 +329,10 @@ class OpdConfig(TrainConfig):
     rollout_temperature: float = 1.0
     rollout_threshold: float = -1.0
     rollout_max_new_tokens: int = 256
-    # Prompts are left-padded to a multiple of this many tokens (fewer recompilations).
+    # Prompts are left-padded to a multiple of this many tokens, and rollout rows are cut to a
+    # multiple of ``row_bucket`` tokens past the longest rollout (fewer recompilations).
     prompt_bucket: int = 32
+    row_bucket: int = 64
     # Bins of the confidence head's expected calibration error.
     ece_bins: int = 10
 
@@ -345,9 +347,12 @@ class OpdConfig(TrainConfig):
         if not (self.rollout_temperature > 0 and math.isfinite(self.rollout_temperature)):
             raise ConfigError(f"opd.rollout_temperature must be positive (1 samples the "
                               f"student's own distribution), got {self.rollout_temperature}")
-        if self.rollout_max_new_tokens <= 0 or self.prompt_bucket <= 0 or self.ece_bins <= 0:
+        if min(self.rollout_max_new_tokens, self.prompt_bucket, self.ece_bins) <= 0:
             raise ConfigError("opd.rollout_max_new_tokens, opd.prompt_bucket and opd.ece_bins "
                               "must be positive")
+        if self.row_bucket <= 0 or self.row_bucket % 2:
+            raise ConfigError(f"opd.row_bucket must be a positive even number, got "
+                              f"{self.row_bucket}")
         if min(self.w_backbone, self.w_mtp, self.w_conf) < 0:
             raise ConfigError("opd loss weights (w_backbone, w_mtp, w_conf) must be >= 0")
 

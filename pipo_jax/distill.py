@@ -225,9 +225,18 @@ class OpdStep:
 
     def rollout(self, params: Params, prompts: Sequence[Sequence[int]],
                 step: int) -> dict[str, Array]:
+        """Rollout rows, cut to a multiple of ``opd.row_bucket`` tokens past the longest one.
+
+        Rows are sized for the whole budget, but most rollouts end well before it; teacher
+        scoring and the update run on the cut rows (one scalar read back per step, and a
+        handful of shapes to compile)."""
         tokens, valid = self.prompts(prompts)
         seeds = rollout_seeds(self.oc.seed, step, len(prompts))
-        return self._rollout(params, tokens, valid, seeds)
+        rows = self._rollout(params, tokens, valid, seeds)
+        longest = int(jax.device_get(jnp.max(rows["seq_len"])))
+        bucket = self.oc.row_bucket
+        width = min(rows["tokens"].shape[1], max(-(-longest // bucket) * bucket, 4))
+        return dict(rows, tokens=rows["tokens"][:, :width])
 
     def score(self, teacher_params: Params, tokens_BxT: Array) -> dict[str, Array]:
         return self._score(teacher_params, tokens_BxT)

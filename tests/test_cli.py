@@ -149,7 +149,8 @@ def test_train_stage_opd_distills_the_run_and_decode_picks_it(trained, env, tmp_
     run = tmp_path / "run"
     for stage in ("ar", "sft"):
         shutil.copytree(trained.run_dir / stage, run / stage)
-    p = run_script(env, "train.py", "--config", MICRO, "--stage", "opd", f"run_dir={run}",
+    # Flags and overrides in any order: --stage between key=value overrides.
+    p = run_script(env, "train.py", "--config", MICRO, f"run_dir={run}", "--stage", "opd",
                    f"data.data_dir={trained.data_dir}", *DATA_OVERRIDES,
                    f"opd.teacher_dir={run / 'ar'}", "opd.steps=2", "--no-progress")
     assert p.returncode == 0, describe(p)

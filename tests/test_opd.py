@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import chex
@@ -293,27 +294,64 @@ def test_rollouts_are_generated_with_the_current_parameters(micro):
         assert np.all(toks[r, :n[r]:2] != tok.pad_id)
 
 
-@pytest.mark.parametrize("divergence", ["topk", "full", "sampled"])
-def test_opd_steps_lower_the_kl_on_a_fixed_batch(micro, divergence):
+def test_opd_steps_lower_the_kl_on_a_fixed_batch(micro):
     cfg, tok, step_fn, state, teacher = _setup(
-        micro, f"opd.divergence={divergence}", "opd.learning_rate=1e-2", "opd.warmup_frac=0.0")
+        micro, "opd.learning_rate=1e-2", "opd.warmup_frac=0.0", "opd.pad_fill=mask")
     rows = step_fn.rollout(state.params, _prompts(tok), 0)
     scored = step_fn.score(teacher, rows["tokens"])
     chex.assert_shape([scored["backbone"], scored["mtp"]],
                       (4, rows["tokens"].shape[1] // 2 - 1, cfg.teacher_model.d_model))
+    # Rows are cut to a multiple of row_bucket past the longest rollout, or kept whole.
+    full = 64 + 2 * cfg.opd.rollout_max_new_tokens  # the prompt width and the budget's slots
+    bucket = cfg.opd.row_bucket
+    want = min(full, -(-int(jnp.max(rows["seq_len"])) // bucket) * bucket)
+    assert rows["tokens"].shape[1] == want
+    # The evaluation statistics agree with the loss's metrics.
+    stats = jax.jit(functools.partial(
+        distill.rollout_statistics, cfg=cfg.model, teacher_cfg=cfg.teacher_model,
+        pad_id=tok.pad_id, eos_id=tok.eos_id))(state.params, teacher, rows)
     kls = []
-    for _ in range(7):
+    for _ in range(6):
         state, metrics = step_fn.update(state, rows, scored, lm_head(teacher))
         kls.append(float(metrics["kl_backbone"] + metrics["kl_mtp"]))
         assert np.isfinite(float(metrics["loss"]))
-    if divergence == "sampled":
-        # One sample per position on a fixed batch is not on-policy after the first update, so
-        # the KL need not fall here; test_sampled_estimator_lowers_the_true_kl covers the
-        # estimator, and the runs above show the step compiles and stays finite.
-        return
+        if len(kls) == 1:
+            for name, mask in (("kl_backbone", "backbone"), ("kl_mtp", "mtp")):
+                np.testing.assert_allclose(np.mean(stats[name][stats[mask]]), metrics[name],
+                                           rtol=1e-4)
+    acceptance = np.asarray(stats["acceptance"])[np.asarray(stats["mtp"])]
+    assert np.all((acceptance >= 0) & (acceptance <= 1 + 1e-6))
     # kls[0] == kls[1]: the learning rate is 0 at step 0. Then the KL falls at every step.
     assert all(b < a for a, b in zip(kls[1:], kls[2:], strict=False)), kls
     assert kls[-1] < 0.9 * kls[1], kls
+
+
+@pytest.mark.parametrize("divergence", ["topk", "full", "sampled"])
+def test_opd_loss_under_jit_has_finite_gradients_for_every_divergence(divergence):
+    """The loss of every divergence on random hidden states: jit-compiled, finite, with a
+    gradient for the student's hidden states and none leaking from the detached targets."""
+    rng = np.random.default_rng(4)
+    b, n, h, ht, v = 2, 6, 8, 12, 20
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    tokens = jnp.asarray(rng.integers(1, v, (b, 2 * n + 2)), jnp.int32)
+    masks = {"backbone": jnp.ones((b, n), bool), "mtp": jnp.ones((b, n), bool),
+             "fill": jnp.zeros((b, n), bool).at[0, 2].set(True)}
+    teacher = {"backbone": normal(b, n, ht), "mtp": normal(b, n, ht)}
+
+    @jax.jit
+    def loss(hm):
+        out = {"h": hm[0], "m": hm[1], "conf_logits": hm[2]}
+        return opd.opd_loss(out, normal_ws, teacher, wt, tokens, masks, mode=divergence, k=4,
+                            chunk=5, w_backbone=1.0, w_mtp=1.0, w_conf=1.0, ece_bins=10,
+                            vocab_chunk=7)
+
+    normal_ws, wt = normal(v, h), normal(v, ht)
+    hm = (normal(b, n, h), normal(b, n, h), normal(b, n))
+    (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(hm)
+    assert np.isfinite(float(value))
+    for g in grads:
+        assert np.all(np.isfinite(g)) and float(jnp.abs(g).sum()) > 0
+    assert float(metrics["kl_backbone"]) > 0 and 0 <= float(metrics["ece"]) <= 1
 
 
 def test_rollout_scores_read_answers_from_the_response():
@@ -348,7 +386,9 @@ def test_opd_config_is_validated():
                         else [bad])
     cfg = load_config(micro_yaml)
     assert dataclasses.replace(cfg.opd).divergence == "topk"
-    assert cfg.teacher_model.d_model == 48 and cfg.teacher_model.n_layers == cfg.model.n_layers
+    # The micro teacher is wider and deeper than the student.
+    assert (cfg.teacher_model.d_model, cfg.teacher_model.n_layers) == (48, 4)
+    assert (cfg.model.d_model, cfg.model.n_layers) == (32, 2)
 
 
 # ------------------------------------------------------------------------------- the stage

@@ -289,12 +289,12 @@ def train_opd(cfg: Config, tokenizer: Tokenizer | None = None, mesh: Mesh | None
     stage_dir = Path(cfg.run_dir) / "opd"
     _check_same_model(stage_dir, cfg, "opd")
     prompts = make_prompt_dataset(cfg, tokenizer)  # bad data fails before any model work
-    teacher = load_teacher(cfg, mesh)
     tx = make_optimizer(oc)
     state, start, shardings = setup_state(cfg, "opd", mesh, tx,
                                           base=lambda: load_student(cfg, mesh))
     if start >= oc.steps:
         return StageResult(stage_dir, start, {}, 0.0)
+    teacher = load_teacher(cfg, mesh)
     step_fn = OpdStep(cfg, tokenizer, teacher.cfg, tx, mesh, shardings)
 
     def advance(state: TrainState, step: int) -> tuple[TrainState, dict[str, Array], Any]:

@@ -469,15 +469,15 @@ def test_opd_resume_after_crash_matches_uninterrupted_run(opd_run, micro, tmp_pa
 
 def test_opd_stage_says_what_is_missing(micro, opd_run, tmp_path):
     cfg, root, _ = opd_run
-    run = tmp_path / "run"
-    with pytest.raises(TrainingError, match="frozen AR teacher"):
-        train_stage(dataclasses.replace(cfg, run_dir=str(run)), "opd", progress=False)
-    with pytest.raises(TrainingError, match="is a PIPO stage"):
-        train_stage(_opd_config(run, root / "tfds", f"opd.teacher_dir={root / 'run' / 'sft'}"),
-                    "opd", progress=False)
+    run, tfds = tmp_path / "run", root / "tfds"
+    student = f"opd.student_dir={root / 'run' / 'sft'}"
     with pytest.raises(TrainingError, match="PIPO SFT model"):
-        train_stage(_opd_config(run, root / "tfds", f"opd.teacher_dir={root / 'run' / 'teacher'}"),
-                    "opd", progress=False)
+        train_stage(dataclasses.replace(cfg, run_dir=str(run)), "opd", progress=False)
+    with pytest.raises(TrainingError, match="frozen AR teacher"):
+        train_stage(_opd_config(run, tfds, student), "opd", progress=False)
+    with pytest.raises(TrainingError, match="is a PIPO stage"):
+        train_stage(_opd_config(tmp_path / "run2", tfds, student,
+                                f"opd.teacher_dir={root / 'run' / 'sft'}"), "opd", progress=False)
 
 
 def test_load_picks_the_opd_stage_and_the_teacher(opd_run):

@@ -29,12 +29,11 @@ from jax.sharding import Mesh
 
 from pipo_jax import decoding as dec
 from pipo_jax import opd, sharding
-from pipo_jax.config import Config, ModelConfig, OpdConfig, to_dict
+from pipo_jax.config import Config, ModelConfig, OpdConfig
 from pipo_jax.data import make_prompt_dataset, verify
 from pipo_jax.model import PipoLM, lm_head
 from pipo_jax.tokenizer import Tokenizer
 from pipo_jax.trainer import (
-    COMPUTE_ONLY_FIELDS,
     StageResult,
     TrainingError,
     TrainState,
@@ -43,6 +42,7 @@ from pipo_jax.trainer import (
     apply_update,
     check_tokenizer,
     make_optimizer,
+    model_diff,
     restore_prerequisite,
     run_steps,
     setup_state,
@@ -191,9 +191,7 @@ def load_student(cfg: Config, mesh: Mesh) -> Params:
     params, saved = restore_prerequisite(
         student_dir, True, mesh, "the opd stage starts from the PIPO SFT model",
         "train the sft stage first or set opd.student_dir")
-    was = to_dict(saved.model_of(_stage_name(student_dir, True)))
-    now = to_dict(cfg.model)
-    diff = {k: (v, now[k]) for k, v in was.items() if now[k] != v and k not in COMPUTE_ONLY_FIELDS}
+    diff = model_diff(saved.model_of(_stage_name(student_dir, True)), cfg.model)
     if diff:
         raise TrainingError(f"the student in {student_dir} has another model config than "
                             f"model: (saved vs now: {diff})")

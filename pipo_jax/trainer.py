@@ -166,6 +166,13 @@ class StageResult:
 COMPUTE_ONLY_FIELDS = frozenset({"dtype", "remat_policy", "max_context", "linear_chunk"})
 
 
+def model_diff(saved: ModelConfig, now: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, now)}`` of the fields that differ, compute-only fields left out."""
+    was, is_ = to_dict(saved), to_dict(now)
+    return {k: (v, is_[k]) for k, v in was.items()
+            if is_[k] != v and k not in COMPUTE_ONLY_FIELDS}
+
+
 def _check_same_model(stage_dir: Path, cfg: Config, stage: str) -> None:
     """Refuses to resume a stage whose checkpoints were trained with another model config or
     another set of adapters (a params-only checkpoint, an imported model, starts any tuner)."""
@@ -173,9 +180,7 @@ def _check_same_model(stage_dir: Path, cfg: Config, stage: str) -> None:
     if latest is None:
         return
     saved = ckpt.restore_config(stage_dir)
-    now = to_dict(cfg.model_of(stage))
-    diff = {k: (v, now[k]) for k, v in to_dict(saved.model_of(stage)).items()
-            if now[k] != v and k not in COMPUTE_ONLY_FIELDS}
+    diff = model_diff(saved.model_of(stage), cfg.model_of(stage))
     if diff:
         raise TrainingError(
             f"{stage_dir} holds checkpoints of a different model (saved vs now: {diff}); use a "

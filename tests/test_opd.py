@@ -478,6 +478,9 @@ def test_opd_stage_says_what_is_missing(micro, opd_run, tmp_path):
     with pytest.raises(TrainingError, match="is a PIPO stage"):
         train_stage(_opd_config(tmp_path / "run2", tfds, student,
                                 f"opd.teacher_dir={root / 'run' / 'sft'}"), "opd", progress=False)
+    with pytest.raises(TrainingError, match="another model config.*mlp_dim"):
+        train_stage(_opd_config(tmp_path / "run3", tfds, student, "model.mlp_dim=96"), "opd",
+                    progress=False)
 
 
 def test_load_picks_the_opd_stage_and_the_teacher(opd_run):

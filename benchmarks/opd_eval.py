@@ -31,11 +31,16 @@ import jax
 import numpy as np
 
 from benchmarks.common import RESULTS, table, write
-from pipo_jax import decoding as dec
 from pipo_jax import opd
 from pipo_jax.api import PipoRunner, load
 from pipo_jax.data import example_to_ids, test_examples
-from pipo_jax.distill import rollout_fn, rollout_scores, rollout_seeds, rollout_statistics
+from pipo_jax.distill import (
+    rollout_fn,
+    rollout_prompts,
+    rollout_scores,
+    rollout_seeds,
+    rollout_statistics,
+)
 from pipo_jax.evaluate import evaluate
 
 STAGES = ("sft", "opd")
@@ -55,9 +60,7 @@ def rollout_quality(runner: PipoRunner, teacher: PipoRunner, examples: list[dict
     scores = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
-        tokens, valid = dec.prepare_prompts(chunk, True, tok.pad_id, cfg.opd.prompt_bucket,
-                                            cfg.opd.rollout_max_new_tokens,
-                                            cfg.model.max_context)
+        tokens, valid = rollout_prompts(cfg, tok, chunk)
         rows = roll(runner.params, tokens, valid, rollout_seeds(12345, start, len(chunk)))
         got = jax.device_get(stats(runner.params, teacher.ar_params, rows))
         for name in ("kl_backbone", "kl_mtp", "confidence", "acceptance"):

@@ -153,6 +153,14 @@ def rollout_statistics(params: Params, teacher_params: Params, rows: dict[str, A
             "backbone": masks["backbone"], "mtp": masks["mtp"]}
 
 
+def rollout_prompts(cfg: Config, tokenizer: Tokenizer,
+                    prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt ids → the left-padded batch ``rollout`` takes (tokens B×P, valid B×P), padded to
+    ``opd.prompt_bucket`` and checked against the context with ``opd``'s token budget."""
+    return dec.prepare_prompts(prompts, True, tokenizer.pad_id, cfg.opd.prompt_bucket,
+                               cfg.opd.rollout_max_new_tokens, cfg.model.max_context)
+
+
 def rollout_fn(cfg: Config, tokenizer: Tokenizer) -> Any:
     """``rollout`` jit-compiled for ``cfg.opd``'s sampling and budget and ``tokenizer``'s ids:
     ``(params, prompt B×P, valid B×P, seeds B) → rows``."""
@@ -216,9 +224,7 @@ class OpdStep:
         self._batch_sh = sharding.batch_sharding(mesh)
 
     def prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[Array, Array]:
-        tokens, valid = dec.prepare_prompts(prompts, True, self.tokenizer.pad_id,
-                                            self.oc.prompt_bucket, self.oc.rollout_max_new_tokens,
-                                            self.cfg.model.max_context)
+        tokens, valid = rollout_prompts(self.cfg, self.tokenizer, prompts)
         return (jax.device_put(tokens, self._batch_sh), jax.device_put(valid, self._batch_sh))
 
     def rollout(self, params: Params, prompts: Sequence[Sequence[int]],

@@ -3,7 +3,8 @@
 Decodes the test split with PIPO and with the AR baseline on the same prompts and prints a table
 (also written as JSON): pass@1 and pass@k, committed-token rate, tokens per backbone pass, time to
 first token and time per output token, and the PIPO/AR ratios. ``--prompt TEXT`` instead answers
-one question with both models and prints the text and per-request stats.
+one question with both models and prints the text and per-request stats. ``--mesh fsdp=8``
+(axes ``data``, ``fsdp``, ``tensor``) shards the model over a device mesh and decodes there.
 
 ``--bench FILE [FILE ...]`` evaluates on benchmark files instead (JSONL, schema in
 ``pipo_jax/bench/schema.py``): avg@k and pass@k per file and overall, resumable from
@@ -19,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+
 from pipo_jax.api import load
 from pipo_jax.bench.harness import SUMMARY_FILE, evaluate_benchmarks, format_summary
 from pipo_jax.bench.protocol import PRESETS, resolve_options
@@ -27,6 +30,7 @@ from pipo_jax.cli import run_main
 from pipo_jax.config import ConfigError, validate_threshold
 from pipo_jax.data import test_examples
 from pipo_jax.evaluate import evaluate, format_table, write_json
+from pipo_jax.sharding import build_mesh, parse_mesh
 
 
 def main(argv: list[str]) -> int:
@@ -55,6 +59,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ar-stage", choices=("ar", "teacher"), default="ar",
                    help="the AR model: ar (same backbone, the speed baseline) or teacher (the "
                         "larger OPD teacher)")
+    p.add_argument("--mesh", metavar="data=D,fsdp=F,tensor=T",
+                   help="decode on a device mesh: parameters sharded by the logical rules, "
+                        "programs compiled for it (axes left out are 1; default: one device)")
+    p.add_argument("--cpu-devices", type=int, metavar="N",
+                   help="simulate N CPU devices (trying --mesh without accelerators)")
     p.add_argument("--out", help="JSON output path (default: <run>/eval/decode.json)")
     p.add_argument("--prompt", help="answer this one question instead of evaluating")
     p.add_argument("--no-progress", action="store_true")
@@ -85,8 +94,18 @@ def main(argv: list[str]) -> int:
     if not models or set(models) - {"pipo", "ar"}:
         raise ConfigError(f"--models must be a subset of pipo,ar, got {args.models!r}")
     benches = load_benchmarks(args.bench) if args.bench else None  # fail before loading a run
+    mesh = None
+    if args.mesh:
+        mesh_cfg = parse_mesh(args.mesh)  # a bad flag fails before JAX starts
+        if args.cpu_devices is not None:
+            if args.cpu_devices < 1:
+                raise ConfigError(f"--cpu-devices must be positive, got {args.cpu_devices}")
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        mesh = build_mesh(mesh_cfg)
+    elif args.cpu_devices is not None:
+        raise ConfigError("--cpu-devices only applies with --mesh")
     runner = load(args.run, system_prompt=args.system_prompt, stage=args.stage,
-                  ar_stage=args.ar_stage)
+                  ar_stage=args.ar_stage, mesh=mesh)
     if runner.ar_params is None and "ar" in models:
         models.remove("ar")
         print(f"note: this run has no {args.ar_stage} model; evaluating PIPO only",

@@ -15,6 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+
+from pipo_jax import distributed
 from pipo_jax.cli import run_main
 from pipo_jax.config import STAGES, load_config, to_dict
 from pipo_jax.trainer import train
@@ -32,12 +35,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. sft.steps=100 model.d_model=64")
+    distributed.add_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # flags and key=value overrides in any order
     cfg = load_config(args.config, args.overrides)
     if args.stage:
         cfg = dataclasses.replace(cfg, stages=tuple(s for s in STAGES if s in args.stage))
-    print(json.dumps(to_dict(cfg), indent=1), flush=True)
+    distributed.initialize(args)
+    lead = jax.process_index() == 0  # one process speaks for the job
+    if lead:
+        print(json.dumps(to_dict(cfg), indent=1), flush=True)
+        print(distributed.describe(), file=sys.stderr, flush=True)
     for result in train(cfg, progress=not args.no_progress):
+        if not lead:
+            continue
         summary = {k: round(v, 4) for k, v in result.final_metrics.items()
                    if k.startswith(("loss", "accuracy", "commit", "kl_", "ece", "rollout_acc"))}
         print(f"{result.stage_dir}: step {result.steps} in {result.seconds:.0f}s {summary}",

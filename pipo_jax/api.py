@@ -6,6 +6,10 @@
 
 ``generate(..., model="ar")`` runs the autoregressive baseline of the same run (same backbone,
 one token per pass), so every speed claim is a ratio measured on the same machine.
+
+``load(run_dir, mesh=build_mesh(MeshConfig(...)))`` spreads the parameters over a device mesh
+(the logical rules of ``pipo_jax.sharding``) and decodes with programs compiled for it
+(``decoding.MeshDecoder``): a model too large for one device, or larger batches.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from pipo_jax import checkpoint as ckpt
 from pipo_jax import decoding as dec
@@ -31,7 +36,7 @@ from pipo_jax.config import (
 )
 from pipo_jax.data.arith import SYSTEM_PROMPT
 from pipo_jax.pairs import assert_pad_at_odd
-from pipo_jax.sharding import build_mesh
+from pipo_jax.sharding import batch_parallel, batch_sharding, build_mesh
 from pipo_jax.tokenizer import ByteTokenizer, Tokenizer, reasoning_prompt, run_tokenizer
 from pipo_jax.trainer import restore_stage_params
 
@@ -56,10 +61,12 @@ class Timing:
     decode: float
 
 
-def load_params(stage_dir: str | Path, pipo: bool, step: int | None = None) -> tuple[Any, Config]:
-    """Parameters (and the config saved with them) of one training stage, on one device; LoRA
-    adapters are merged into their kernels, so decoding runs the plain model at full speed."""
-    mesh = build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+def load_params(stage_dir: str | Path, pipo: bool, step: int | None = None,
+                mesh: Mesh | None = None) -> tuple[Any, Config]:
+    """Parameters (and the config saved with them) of one training stage, on ``mesh`` (default:
+    one device); LoRA adapters are merged into their kernels, so decoding runs the plain model
+    at full speed."""
+    mesh = mesh or build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     return restore_stage_params(stage_dir, pipo, mesh, step)
 
 
@@ -69,7 +76,9 @@ class PipoRunner:
     def __init__(self, config: Config, params: Any, ar_params: Any | None,
                  tokenizer: Tokenizer | None = None, system_prompt: str = SYSTEM_PROMPT,
                  ar_model: ModelConfig | None = None, stage: str = "sft",
-                 ar_stage: str = "ar") -> None:
+                 ar_stage: str = "ar", mesh: Mesh | None = None) -> None:
+        """``mesh``: decode with programs compiled for this mesh (the parameters must already
+        be placed on it, e.g. by ``load(..., mesh=)``); None: wherever the parameters are."""
         self.config = config
         self.params = params
         self.ar_params = ar_params
@@ -78,6 +87,8 @@ class PipoRunner:
         self.stage, self.ar_stage = stage, ar_stage
         self.tokenizer = tokenizer or ByteTokenizer()
         self.system_prompt = system_prompt
+        self.mesh = mesh
+        self._decoders: dict[tuple[Any, ...], dec.MeshDecoder] = {}
 
     # -------------------------------------------------------------------------------- prompts
 
@@ -158,23 +169,34 @@ class PipoRunner:
         text_vocab = getattr(tok, "tokenizer_vocab_size", mcfg.vocab_size)
         sp = dec.SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.presence_penalty,
                                 text_vocab if text_vocab < mcfg.vocab_size else 0)
-        keys = dec.request_keys(seeds)
-        static = dict(cfg=mcfg, sp=sp, budget=opts.max_new_tokens, pad_id=tok.pad_id,
-                      eos_id=tok.eos_id)
-        t0 = time.perf_counter()
+        static: dict[str, Any] = dict(cfg=mcfg, sp=sp, budget=opts.max_new_tokens,
+                                      pad_id=tok.pad_id, eos_id=tok.eos_id)
         if pipo:
-            thr = np.float32(opts.threshold)
-            use_mtp = opts.threshold < 1.0
-            state = dec.pipo_prefill(self.params, tokens, valid, keys, thr, use_mtp=use_mtp,
-                                     **static)
-            jax.block_until_ready(state.out)
-            t1 = time.perf_counter()
-            state = dec.pipo_decode_loop(self.params, state, thr, use_mtp=use_mtp, **static)
+            static["use_mtp"] = opts.threshold < 1.0
+        params = self.params if pipo else self.ar_params
+        extra = (np.float32(opts.threshold),) if pipo else ()
+        if self.mesh is None:
+            prefill = dec.pipo_prefill if pipo else dec.ar_prefill
+            loop = dec.pipo_decode_loop if pipo else dec.ar_decode_loop
+            run_prefill = lambda *a: prefill(*a, **static)
+            run_loop = lambda *a: loop(*a, **static)
         else:
-            state = dec.ar_prefill(self.ar_params, tokens, valid, keys, **static)
-            jax.block_until_ready(state.out)
-            t1 = time.perf_counter()
-            state = dec.ar_decode_loop(self.ar_params, state, **static)
+            decoder = self._decoder(pipo, static)
+            run_prefill, run_loop = decoder.prefill, decoder.loop
+            # Rows split evenly over the batch axes: repeat the last request, drop its copies.
+            fill = -len(ids) % batch_parallel(self.mesh)
+            tokens, valid = (np.concatenate([a, np.repeat(a[-1:], fill, 0)])
+                             for a in (tokens, valid))
+            seeds = [*seeds, *[seeds[-1]] * fill]
+        keys = dec.request_keys(seeds)
+        if self.mesh is not None:
+            tokens, valid, keys = jax.device_put((tokens, valid, keys),
+                                                 batch_sharding(self.mesh))
+        t0 = time.perf_counter()
+        state = run_prefill(params, tokens, valid, keys, *extra)
+        jax.block_until_ready(state.out)
+        t1 = time.perf_counter()
+        state = run_loop(params, state, *extra)
         jax.block_until_ready(state.out)
         t2 = time.perf_counter()
         host = jax.device_get({k: getattr(state, k) for k in
@@ -197,10 +219,19 @@ class PipoRunner:
                        "prompt_tokens": len(ids[i])}))
         return gens, Timing(prefill=t1 - t0, decode=t2 - t1)
 
+    def _decoder(self, pipo: bool, static: dict[str, Any]) -> dec.MeshDecoder:
+        key = (pipo, *sorted(static.items(), key=lambda kv: kv[0]))
+        if key not in self._decoders:
+            params = self.params if pipo else self.ar_params
+            assert self.mesh is not None
+            self._decoders[key] = dec.MeshDecoder(
+                self.mesh, jax.tree.map(lambda a: a.sharding, params), pipo, **static)
+        return self._decoders[key]
+
 
 def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | None = None,
          system_prompt: str | None = None, stage: str | None = None,
-         ar_stage: str = "ar") -> PipoRunner:
+         ar_stage: str = "ar", mesh: Mesh | None = None) -> PipoRunner:
     """Loads a run directory written by ``train.py``.
 
     PIPO comes from ``stage``: ``"opd"`` or ``"sft"``; by default the run's latest, ``opd`` when
@@ -212,7 +243,9 @@ def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | No
     run trained on it, and none for a run trained on chat data (which carries its own).
 
     Raises ``CheckpointError`` with what to do when the directory or its checkpoints are missing
-    or corrupt. ``step`` selects a PIPO checkpoint (default: the latest).
+    or corrupt. ``step`` selects a PIPO checkpoint (default: the latest). ``mesh`` places the
+    parameters on a device mesh (sharded by the logical rules, whatever mesh trained them) and
+    decodes there; the default is one device.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -224,13 +257,14 @@ def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | No
         raise ValueError(f"stage must be one of {PIPO_STAGES}, got {stage!r}")
     if ar_stage not in ("ar", "teacher"):
         raise ValueError(f"ar_stage must be 'ar' or 'teacher', got {ar_stage!r}")
-    params, cfg = load_params(run_dir / stage, True, step)
+    params, cfg = load_params(run_dir / stage, True, step, mesh)
     ar_params, ar_model = None, None
     if ckpt.latest_step(run_dir / ar_stage) is not None:
-        ar_params, ar_cfg = load_params(run_dir / ar_stage, False)
+        ar_params, ar_cfg = load_params(run_dir / ar_stage, False, mesh=mesh)
         ar_model = ar_cfg.model_of(ar_stage)
     if tokenizer is None:
         tokenizer = run_tokenizer(cfg.tokenizer, run_dir, cfg.model.vocab_size)
     if system_prompt is None:
         system_prompt = SYSTEM_PROMPT if cfg.data.source == "arith" else ""
-    return PipoRunner(cfg, params, ar_params, tokenizer, system_prompt, ar_model, stage, ar_stage)
+    return PipoRunner(cfg, params, ar_params, tokenizer, system_prompt, ar_model, stage, ar_stage,
+                      mesh)

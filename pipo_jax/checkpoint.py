@@ -15,6 +15,14 @@ renamed to ``<step>`` only once every file is on disk, so a process killed mid-s
 previous checkpoint untouched and the unfinished directory is invisible to ``latest_step``.
 ``open_manager`` deletes such leftovers (``cleanup_tmp_directories=True``) before the next save.
 
+Which checkpoints are kept is orbax's preservation policy: the newest ``keep`` steps, plus every
+step that is a multiple of ``keep_every`` (kept forever; ``0`` turns this off). A step is deleted
+only after a newer save has been committed, so a failed save never costs an older checkpoint.
+
+Preemption (see ``StopSignals``): while the training loop runs, SIGTERM and SIGINT only set a
+flag; the loop finishes the current step, saves it synchronously and raises ``Preempted``, which
+``pipo_jax.cli.run_main`` turns into a one-line message and exit status ``128 + signal``.
+
 Restoring needs an *abstract* target: a pytree of ``jax.ShapeDtypeStruct`` that carry the
 target sharding, usually ``abstract_target(jax.eval_shape(init_fn), shardings)``. Every array
 is then read straight into its final sharding, without first materialising it on one device.
@@ -25,8 +33,12 @@ that the abstract target is derived from.
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import Any
 
 import jax
@@ -143,29 +155,51 @@ def _write_config_json(stage_dir: Path, cfg: Config) -> None:
 # --------------------------------------------------------------------------- saving
 
 
-def open_manager(stage_dir: str | Path, keep: int,
-                 save_every: int | None = None) -> ocp.CheckpointManager:
+def preservation_policy(keep: int,
+                        keep_every: int = 0) -> ocp.checkpoint_managers.PreservationPolicy:
+    """Orbax's policy for which committed steps survive a save: the newest ``keep``, plus every
+    multiple of ``keep_every`` (forever; ``0``: none).
+
+    Raises ValueError for ``keep < 1`` or ``keep_every < 0``.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    if keep_every < 0:
+        raise ValueError(f"keep_every must be >= 0 (0: off), got {keep_every}")
+    policies = ocp.checkpoint_managers
+    keep_newest = policies.LatestN(n=keep)
+    if not keep_every:
+        return keep_newest
+    # exact_interval: keep steps divisible by keep_every, not "at least keep_every apart", so
+    # the kept set does not depend on where preemption saves happened to fall.
+    return policies.AnyPreservationPolicy([
+        keep_newest, policies.EveryNSteps(interval_steps=keep_every, exact_interval=True)])
+
+
+def open_manager(stage_dir: str | Path, keep: int, save_every: int | None = None,
+                 keep_every: int = 0) -> ocp.CheckpointManager:
     """Opens (creating if needed) the checkpoint manager of ``stage_dir`` for saving.
 
     Args:
       stage_dir: the stage's run directory, e.g. ``runs/default/sft``.
-      keep: how many of the newest checkpoints to keep; older ones are deleted after a save.
+      keep: how many of the newest checkpoints to keep; older ones are deleted after a save
+        commits (unless ``keep_every`` keeps them).
       save_every: if set, ``save`` only writes steps that are multiples of it (unless
         ``force``); if None every ``save`` call writes.
+      keep_every: also keep every checkpoint whose step is a multiple of this, forever; 0: off.
 
     Use it as a context manager (or call ``.close()``): closing waits for the last
-    asynchronous save to be committed.
+    asynchronous save to be committed and raises its error if it failed.
     """
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
     if save_every is not None and save_every < 1:
         raise ValueError(f"save_every must be positive or None, got {save_every}")
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        preservation_policy=preservation_policy(keep, keep_every),
         # Spelled out because the default policy built from save_interval_steps also saves the
-        # first step of a fresh run (InitialSavePolicy), whatever its number. Preemption saves
-        # (multi-host jobs told to stop by the cluster) stay enabled as in orbax's default.
+        # first step of a fresh run (InitialSavePolicy), whatever its number. The preemption
+        # policy matters only to callers that let the manager decide (``force=False``) in a
+        # multi-process job; the training loop asks ``StopSignals.requested`` itself.
         save_decision_policy=policies.AnySavePolicy([
             policies.FixedIntervalPolicy(save_every or 1),
             policies.PreemptionCheckpointingPolicy(),
@@ -175,7 +209,8 @@ def open_manager(stage_dir: str | Path, keep: int,
         # ignores it, but each one can hold a full copy of the state, so delete them on open.
         cleanup_tmp_directories=True,
         # Writes happen in a background thread after the arrays are copied to host memory, so
-        # training continues during the disk write; errors surface on the next save or close.
+        # training continues during the disk write; an error surfaces from the next save, from
+        # ``wait_until_finished`` or from ``close``, and the step is then not committed.
         enable_async_checkpointing=True,
     )
     return ocp.CheckpointManager(checkpoint_dir(stage_dir), options=options,
@@ -196,18 +231,119 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, cfg: Config,
     refuses to overwrite a committed step.
 
     The save is asynchronous; pass ``wait=True`` (or close the manager) to block until it is
-    committed. ``config.json`` in the stage directory is rewritten by every save that starts.
+    committed, which also raises the error of a failed write. ``config.json`` in the stage
+    directory is rewritten (by process 0) for every save that starts.
     """
     if step in manager.all_steps():
         return False
     args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
                                  _CONFIG: ocp.args.JsonSave(to_dict(cfg))})
     started = manager.save(step, args=args, force=force)
-    if started:
+    # Every process calls save (orbax coordinates the array writes); one writes the JSON copy,
+    # so that processes sharing a file system do not race on it.
+    if started and jax.process_index() == 0:
         _write_config_json(Path(manager.directory).parent, cfg)
     if wait:
         manager.wait_until_finished()
     return started
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving its current step; run it again to resume.
+
+    Not a ``CheckpointError`` or ``TrainingError``: nothing is wrong, and the exit status should
+    tell a scheduler which signal ended the process (``exit_code``: 143 for SIGTERM, 130 for
+    SIGINT, as a shell reports a process killed by that signal).
+    """
+
+    def __init__(self, message: str, signum: int, step: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.step = step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class StopSignals:
+    """While active, SIGTERM (preemption) and SIGINT (Ctrl-C) ask the training loop to stop.
+
+    The handler only records the signal; the loop polls ``requested(manager, step)`` after each
+    step, then saves and raises ``Preempted``. Doing the save in the handler instead would run
+    orbax (threads, locks, device transfers) re-entrantly in the middle of arbitrary code.
+
+    * A second SIGINT raises ``KeyboardInterrupt`` at once: the way out of a step or a save that
+      hangs. The committed checkpoints stay intact (orbax commits by renaming).
+    * Signals set to be ignored (``SIG_IGN``: a ``nohup`` job, a background job's SIGINT) stay
+      ignored, and handlers installed outside Python (``getsignal`` gives None) are left alone,
+      as they could not be put back afterwards.
+    * Handlers can only be installed from the main thread; elsewhere (a loop run in a worker
+      thread) nothing is installed, with a warning, and signals act as they did before.
+    * Multi-process jobs (``jax.process_count() > 1``) install nothing: every process must stop
+      at the same step, which a signal delivered to one host cannot arrange. JAX's preemption
+      service (started by ``jax.distributed.initialize``) owns SIGTERM there; ``requested``
+      asks it whether all processes reached the agreed sync step
+      (``CheckpointManager.reached_preemption``), and every process then saves that step.
+
+    The previous handlers are restored on exit, so nothing is left behind.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._multiprocess = False
+
+    def __enter__(self) -> StopSignals:
+        self.signum = None
+        self._multiprocess = jax.process_count() > 1
+        if self._multiprocess:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            warnings.warn("training runs outside the main thread, so it cannot catch SIGTERM or "
+                          "SIGINT: a signal stops it without saving the current step",
+                          RuntimeWarning, stacklevel=2)
+            return self
+        for sig in self.SIGNALS:
+            previous = signal.getsignal(sig)
+            if previous is None or previous == signal.SIG_IGN:
+                continue
+            self._previous[sig] = previous
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, manager: ocp.CheckpointManager, step: int) -> int | None:
+        """The signal that asks to stop after ``step`` (steps completed), or None.
+
+        In a multi-process job this is a preemption sync point: every process must call it
+        after every step, with the same ``step``.
+        """
+        if self.signum is None and self._multiprocess and manager.reached_preemption(step):
+            self.signum = signal.SIGTERM  # JAX's preemption notice is SIGTERM by default
+        return self.signum
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
 
 # --------------------------------------------------------------------------- restoring

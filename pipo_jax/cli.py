@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from pipo_jax.checkpoint import CheckpointError
+from pipo_jax.checkpoint import CheckpointError, Preempted
 from pipo_jax.config import ConfigError
 from pipo_jax.decoding import PromptError
 from pipo_jax.trainer import TrainingError
@@ -14,9 +14,16 @@ USER_ERRORS = (ConfigError, CheckpointError, TrainingError, PromptError)
 
 
 def run_main(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
-    """Runs ``main``; a user error prints ``error: <message>`` on stderr and exits with 2."""
+    """Runs ``main``; a user error prints ``error: <message>`` on stderr and exits with 2.
+
+    Training stopped by a signal after saving (``Preempted``) prints ``preempted: <message>``
+    and exits with ``128 + signal`` (143 for SIGTERM), as if the signal had killed it.
+    """
     try:
         return main(sys.argv[1:] if argv is None else argv)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return e.exit_code
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

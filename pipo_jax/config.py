@@ -270,7 +270,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20
     ckpt_every: int = 200
+    # Checkpoints kept: the newest ``keep_checkpoints``, plus (forever) every step that is a
+    # multiple of ``keep_every`` (0: none), e.g. for evaluating the run's history later.
     keep_checkpoints: int = 2
+    keep_every: int = 0
     # SPEC §4 loss weights and PAD augmentation (ignored by the ``ar`` stage).
     w_mtp: float = 1.0
     w_conf: float = 1.0
@@ -297,6 +300,11 @@ class TrainConfig:
             raise ConfigError("loss_chunk, log_every and ckpt_every must be positive")
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints must be at least 1")
+        if self.keep_every < 0 or self.keep_every % self.ckpt_every:
+            # Only saved steps can be kept: keep_every 30 with ckpt_every 20 would silently keep
+            # every 60th step instead of every 30th.
+            raise ConfigError(f"keep_every must be 0 (off) or a multiple of ckpt_every "
+                              f"({self.ckpt_every}), got {self.keep_every}")
 
 
 @dataclasses.dataclass(frozen=True)

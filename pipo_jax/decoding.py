@@ -22,11 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipo_jax.config import ModelConfig
 from pipo_jax.layers import DecoderLayer, norm, slot_name
 from pipo_jax.model import PipoLM
 from pipo_jax.pairs import parity_pad
+from pipo_jax.sharding import batch_sharding
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -355,9 +357,7 @@ def _emit_pair(state: DecodeState, token1: Array, token2: Array, drafted: bool, 
 # ------------------------------------------------------------------------------- PIPO decode
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sp", "use_mtp", "budget", "pad_id",
-                                             "eos_id"))
-def pipo_prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array,
+def _pipo_prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array,
                  threshold: Array, *, cfg: ModelConfig, sp: SamplingParams, use_mtp: bool,
                  budget: int, pad_id: int, eos_id: int) -> DecodeState:
     """Prefill: compress the prompt, fill backbone and MTP caches, emit the first pair.
@@ -416,9 +416,7 @@ def _loop(step_fn: Callable[[DecodeState], DecodeState], state: DecodeState,
     return jax.lax.while_loop(lambda s: (s.step < max_steps) & ~jnp.all(s.done), step_fn, state)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sp", "use_mtp", "budget", "pad_id",
-                                             "eos_id"), donate_argnames=("state",))
-def pipo_decode_loop(params: Params, state: DecodeState, threshold: Array, *, cfg: ModelConfig,
+def _pipo_decode_loop(params: Params, state: DecodeState, threshold: Array, *, cfg: ModelConfig,
                      sp: SamplingParams, use_mtp: bool, budget: int, pad_id: int,
                      eos_id: int) -> DecodeState:
     """Decodes until every row is done or has spent its budget (at most ``budget - 1`` steps)."""
@@ -441,8 +439,7 @@ def _emit_token(state: DecodeState, token: Array, slot: Array, eos_id: int, pad_
     return state.replace(out=out, done=done, n_tokens=n_tokens, seen=seen, last=token[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sp", "budget", "pad_id", "eos_id"))
-def ar_prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array, *,
+def _ar_prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array, *,
                cfg: ModelConfig, sp: SamplingParams, budget: int, pad_id: int,
                eos_id: int) -> DecodeState:
     """AR prefill over all prompt tokens → state with the first sampled token."""
@@ -472,10 +469,81 @@ def ar_step(params: Params, state: DecodeState, *, cfg: ModelConfig, sp: Samplin
     return _emit_token(state, token, step, eos_id, pad_id, budget, sp)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sp", "budget", "pad_id", "eos_id"),
-                   donate_argnames=("state",))
-def ar_decode_loop(params: Params, state: DecodeState, *, cfg: ModelConfig, sp: SamplingParams,
+def _ar_decode_loop(params: Params, state: DecodeState, *, cfg: ModelConfig, sp: SamplingParams,
                    budget: int, pad_id: int, eos_id: int) -> DecodeState:
     step_fn = functools.partial(ar_step, params, cfg=cfg, sp=sp, budget=budget, pad_id=pad_id,
                                 eos_id=eos_id)
     return _loop(step_fn, state, budget - 1)
+
+
+_PIPO_STATIC = ("cfg", "sp", "use_mtp", "budget", "pad_id", "eos_id")
+_AR_STATIC = ("cfg", "sp", "budget", "pad_id", "eos_id")
+# Compiled with the shardings their inputs carry (one device, or whatever the caller placed);
+# ``MeshDecoder`` compiles the same functions with explicit shardings for a mesh.
+pipo_prefill = jax.jit(_pipo_prefill, static_argnames=_PIPO_STATIC)
+pipo_decode_loop = jax.jit(_pipo_decode_loop, static_argnames=_PIPO_STATIC,
+                           donate_argnames=("state",))
+ar_prefill = jax.jit(_ar_prefill, static_argnames=_AR_STATIC)
+ar_decode_loop = jax.jit(_ar_decode_loop, static_argnames=_AR_STATIC, donate_argnames=("state",))
+
+
+# ------------------------------------------------------------------------------ on a device mesh
+
+
+def state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:
+    """Shardings of a (possibly abstract) ``DecodeState`` on ``mesh``: every batch-major leaf
+    split over the batch axes (the cache's stacked layers on their second axis, after
+    ``n_blocks``), scalars replicated."""
+    batch_axes = batch_sharding(mesh).spec[0]
+
+    def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        if not leaf.shape:
+            return NamedSharding(mesh, PartitionSpec())
+        stacked = any(getattr(k, "name", None) == "layers" for k in path)
+        return NamedSharding(mesh, PartitionSpec(None, batch_axes) if stacked
+                             else PartitionSpec(batch_axes))
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+class MeshDecoder:
+    """Prefill and decode loop of PIPO (``pipo=True``) or the AR model, compiled for ``mesh``
+    with explicit shardings: parameters as ``params_sh``, prompts, keys and the decode state
+    split over the batch axes (``data × fsdp``; the batch must divide evenly), the threshold
+    replicated. ``static``: the keyword arguments of ``pipo_prefill`` / ``ar_prefill``."""
+
+    def __init__(self, mesh: Mesh, params_sh: Any, pipo: bool, **static: Any) -> None:
+        self.mesh, self.params_sh, self.pipo = mesh, params_sh, pipo
+        self._prefill_fn = functools.partial(_pipo_prefill if pipo else _ar_prefill, **static)
+        self._loop_fn = functools.partial(_pipo_decode_loop if pipo else _ar_decode_loop,
+                                          **static)
+        self._programs: tuple[Any, Any] | None = None
+
+    def _compile(self, params: Params, args: tuple[Any, ...]) -> tuple[Any, Any]:
+        # The state's shardings depend on its tree (the model's layer pattern), not on the
+        # batch or prompt length, so one pair of jitted programs serves every shape.
+        if self._programs is None:
+            batch, rep = batch_sharding(self.mesh), NamedSharding(self.mesh, PartitionSpec())
+            extra = (rep,) if self.pipo else ()  # the threshold
+            state_sh = state_shardings(jax.eval_shape(self._prefill_fn, params, *args),
+                                       self.mesh)
+            self._programs = (
+                jax.jit(self._prefill_fn, in_shardings=(self.params_sh, batch, batch, batch,
+                                                        *extra), out_shardings=state_sh),
+                jax.jit(self._loop_fn, in_shardings=(self.params_sh, state_sh, *extra),
+                        out_shardings=state_sh, donate_argnums=(1,)))
+        return self._programs
+
+    def prefill(self, params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array,
+                *threshold: Array) -> DecodeState:
+        """``pipo_prefill`` / ``ar_prefill`` (PIPO also takes the threshold)."""
+        args = (prompt_BxP, valid_BxP, keys_B, *threshold)
+        with jax.set_mesh(self.mesh):
+            return self._compile(params, args)[0](params, *args)
+
+    def loop(self, params: Params, state: DecodeState, *threshold: Array) -> DecodeState:
+        """``pipo_decode_loop`` / ``ar_decode_loop`` on a state from ``prefill``."""
+        if self._programs is None:
+            raise RuntimeError("MeshDecoder.loop needs a state from MeshDecoder.prefill")
+        with jax.set_mesh(self.mesh):
+            return self._programs[1](params, state, *threshold)

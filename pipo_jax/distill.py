@@ -39,6 +39,7 @@ from pipo_jax.trainer import (
     TrainState,
     _check_same_model,
     _stage_name,
+    abstract_params,
     apply_update,
     check_tokenizer,
     make_optimizer,
@@ -46,6 +47,7 @@ from pipo_jax.trainer import (
     restore_prerequisite,
     run_steps,
     setup_state,
+    state_shardings,
 )
 
 Array = jax.Array
@@ -97,24 +99,31 @@ def teacher_hidden(teacher_params: Params, tokens_BxT: Array, *, cfg: ModelConfi
     return {"backbone": mapped[:, 1::2][:, :n], "mtp": mapped[:, 2::2][:, :n]}
 
 
+def opd_objective(params: Params, rngs: dict[str, Array], *, rows: dict[str, Array],
+                  teacher: dict[str, Array], teacher_head_VxHt: Array, cfg: ModelConfig,
+                  oc: OpdConfig, pad_id: int, eos_id: int) -> tuple[Array, dict[str, Array]]:
+    """The OPD loss of rollout ``rows`` scored by the ``teacher`` (``teacher_hidden``):
+    ``(params, rngs) → (loss, metrics)``."""
+    tokens = rows["tokens"]
+    masks = opd.target_masks(tokens, rows["prompt_len"], rows["seq_len"], pad_id, eos_id,
+                             oc.pad_fill)
+    out = PipoLM(cfg, True, oc.adapters).apply(
+        {"params": params}, tokens, rngs=rngs, detach_confidence_inputs=oc.detach_confidence_inputs)
+    return opd.opd_loss(out, lm_head(params), teacher, teacher_head_VxHt, tokens, masks,
+                        mode=oc.divergence, k=oc.topk, chunk=oc.loss_chunk,
+                        w_backbone=oc.w_backbone, w_mtp=oc.w_mtp, w_conf=oc.w_conf,
+                        ece_bins=oc.ece_bins, vocab_chunk=oc.vocab_chunk)
+
+
 def opd_update(state: TrainState, rows: dict[str, Array], teacher: dict[str, Array],
                teacher_head_VxHt: Array, *, cfg: ModelConfig, oc: OpdConfig,
                tx: optax.GradientTransformation, pad_id: int,
                eos_id: int) -> tuple[TrainState, dict[str, Array]]:
-    """One optimiser step of the OPD objective on a batch of rollout rows."""
-    tokens = rows["tokens"]
-    masks = opd.target_masks(tokens, rows["prompt_len"], rows["seq_len"], pad_id, eos_id,
-                             oc.pad_fill)
-    model = PipoLM(cfg, True, oc.adapters)
-
-    def loss_fn(params: Params, rngs: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
-        out = model.apply({"params": params}, tokens, rngs=rngs,
-                          detach_confidence_inputs=oc.detach_confidence_inputs)
-        return opd.opd_loss(out, lm_head(params), teacher, teacher_head_VxHt, tokens, masks,
-                            mode=oc.divergence, k=oc.topk, chunk=oc.loss_chunk,
-                            w_backbone=oc.w_backbone, w_mtp=oc.w_mtp, w_conf=oc.w_conf,
-                            ece_bins=oc.ece_bins, vocab_chunk=oc.vocab_chunk)
-
+    """One optimiser step of the OPD objective (``opd_objective``) on a batch of rollout
+    rows."""
+    loss_fn = functools.partial(opd_objective, rows=rows, teacher=teacher,
+                                teacher_head_VxHt=teacher_head_VxHt, cfg=cfg, oc=oc,
+                                pad_id=pad_id, eos_id=eos_id)
     state, metrics = apply_update(state, oc, tx, loss_fn)
     response = (rows["seq_len"] - rows["prompt_len"]).astype(jnp.float32)
     n_tokens = rows["n_tokens"].astype(jnp.float32)
@@ -161,13 +170,14 @@ def rollout_prompts(cfg: Config, tokenizer: Tokenizer,
                                cfg.opd.rollout_max_new_tokens, cfg.model.max_context)
 
 
-def rollout_fn(cfg: Config, tokenizer: Tokenizer) -> Any:
+def rollout_fn(cfg: Config, tokenizer: Tokenizer, **shardings: Any) -> Any:
     """``rollout`` jit-compiled for ``cfg.opd``'s sampling and budget and ``tokenizer``'s ids:
-    ``(params, prompt B×P, valid B×P, seeds B) → rows``."""
+    ``(params, prompt B×P, valid B×P, seeds B) → rows``; ``shardings`` are ``jax.jit``'s
+    ``in_shardings`` / ``out_shardings``."""
     text_vocab = getattr(tokenizer, "tokenizer_vocab_size", cfg.model.vocab_size)
     return jax.jit(functools.partial(
         rollout, cfg=cfg.model, oc=cfg.opd, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
-        vocab_limit=text_vocab if text_vocab < cfg.model.vocab_size else 0))
+        vocab_limit=text_vocab if text_vocab < cfg.model.vocab_size else 0), **shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,25 +217,43 @@ def load_student(cfg: Config, mesh: Mesh) -> Params:
 
 
 class OpdStep:
-    """The three jitted programs of an OPD step, for one config (see the module docstring)."""
+    """The three jitted programs of an OPD step, for one config (see the module docstring).
+
+    Each compiles with explicit shardings on ``mesh``: parameters and optimizer state as
+    ``state_sh`` (the student) and as the teacher's restored parameters carry them, rollout rows
+    and teacher states split over the batch axes, metrics replicated.
+    """
 
     def __init__(self, cfg: Config, tokenizer: Tokenizer, teacher_cfg: ModelConfig,
-                 tx: optax.GradientTransformation, mesh: Mesh, state_sh: Any = None) -> None:
+                 tx: optax.GradientTransformation, mesh: Mesh, state_sh: Any = None,
+                 teacher_sh: Any = None) -> None:
+        """``state_sh`` / ``teacher_sh``: the shardings of the student's train state and of the
+        teacher's parameters; by default those the logical rules give on ``mesh``."""
         oc = cfg.opd
-        self.cfg, self.oc, self.tokenizer = cfg, oc, tokenizer
+        if state_sh is None:
+            state_sh = state_shardings(cfg.model, True, tx, mesh, oc.tuner, oc.adapters)[1]
+        if teacher_sh is None:
+            teacher_sh = jax.tree.map(lambda a: a.sharding,
+                                      abstract_params(teacher_cfg, False, mesh))
+        self.cfg, self.oc, self.tokenizer, self.mesh = cfg, oc, tokenizer, mesh
         ids = dict(pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
-        self._rollout = rollout_fn(cfg, tokenizer)
+        batch = sharding.batch_sharding(mesh)
+        self._batch_sh = batch
+        self._rollout = rollout_fn(cfg, tokenizer, in_shardings=(state_sh.params, batch, batch,
+                                                                 batch), out_shardings=batch)
         self._score = jax.jit(functools.partial(teacher_hidden, cfg=teacher_cfg,
-                                                pad_id=tokenizer.pad_id))
-        shardings = {} if state_sh is None else dict(
-            out_shardings=(state_sh, sharding.replicated(mesh)))
+                                                pad_id=tokenizer.pad_id),
+                              in_shardings=(teacher_sh, batch), out_shardings=batch)
         self._update = jax.jit(functools.partial(opd_update, cfg=cfg.model, oc=oc, tx=tx, **ids),
-                               donate_argnums=(0,), **shardings)
-        self._batch_sh = sharding.batch_sharding(mesh)
+                               in_shardings=(state_sh, batch, batch, lm_head(teacher_sh)),
+                               out_shardings=(state_sh, sharding.replicated(mesh)),
+                               donate_argnums=(0,))
+        self._trim = jax.jit(lambda t, width: t[:, :width], static_argnums=(1,),
+                             out_shardings=batch)
 
     def prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[Array, Array]:
         tokens, valid = rollout_prompts(self.cfg, self.tokenizer, prompts)
-        return (jax.device_put(tokens, self._batch_sh), jax.device_put(valid, self._batch_sh))
+        return sharding.global_batch((tokens, valid), self.mesh)
 
     def rollout(self, params: Params, prompts: Sequence[Sequence[int]],
                 step: int) -> dict[str, Array]:
@@ -235,12 +263,12 @@ class OpdStep:
         scoring and the update run on the cut rows (one scalar read back per step, and a
         handful of shapes to compile)."""
         tokens, valid = self.prompts(prompts)
-        seeds = rollout_seeds(self.oc.seed, step, len(prompts))
+        seeds = sharding.global_batch(rollout_seeds(self.oc.seed, step, len(prompts)), self.mesh)
         rows = self._rollout(params, tokens, valid, seeds)
         longest = int(jax.device_get(jnp.max(rows["seq_len"])))
         bucket = self.oc.row_bucket
         width = min(rows["tokens"].shape[1], max(-(-longest // bucket) * bucket, 4))
-        return dict(rows, tokens=rows["tokens"][:, :width])
+        return dict(rows, tokens=self._trim(rows["tokens"], width))
 
     def score(self, teacher_params: Params, tokens_BxT: Array) -> dict[str, Array]:
         return self._score(teacher_params, tokens_BxT)
@@ -290,24 +318,28 @@ def train_opd(cfg: Config, tokenizer: Tokenizer | None = None, mesh: Mesh | None
     oc = cfg.opd
     tokenizer = check_tokenizer(cfg, tokenizer)
     mesh = mesh or sharding.build_mesh(cfg.mesh)
+    sharding.check_batch(mesh, oc.batch_size, "opd.batch_size")
     stage_dir = Path(cfg.run_dir) / "opd"
     _check_same_model(stage_dir, cfg, "opd")
     prompts = make_prompt_dataset(cfg, tokenizer)  # bad data fails before any model work
     tx = make_optimizer(oc)
-    state, start, shardings = setup_state(cfg, "opd", mesh, tx,
-                                          base=lambda: load_student(cfg, mesh))
-    if start >= oc.steps:
-        return StageResult(stage_dir, start, {}, 0.0)
-    teacher = load_teacher(cfg, mesh)
-    step_fn = OpdStep(cfg, tokenizer, teacher.cfg, tx, mesh, shardings)
+    # Programs traced in the mesh context place the model's activation constraints on it.
+    with jax.set_mesh(mesh):
+        state, start, shardings = setup_state(cfg, "opd", mesh, tx,
+                                              base=lambda: load_student(cfg, mesh))
+        if start >= oc.steps:
+            return StageResult(stage_dir, start, {}, 0.0)
+        teacher = load_teacher(cfg, mesh)
+        step_fn = OpdStep(cfg, tokenizer, teacher.cfg, tx, mesh, shardings,
+                          jax.tree.map(lambda a: a.sharding, teacher.params))
 
-    def advance(state: TrainState, step: int) -> tuple[TrainState, dict[str, Array], Any]:
-        batch = prompts[step]
-        state, metrics, rows = step_fn(state, teacher.params, batch["prompts"], step)
-        return state, metrics, (rows, batch["answers"])
+        def advance(state: TrainState, step: int) -> tuple[TrainState, dict[str, Array], Any]:
+            batch = prompts[step]
+            state, metrics, rows = step_fn(state, teacher.params, batch["prompts"], step)
+            return state, metrics, (rows, batch["answers"])
 
-    def summarise(step: int, host: dict[str, Any], info: Any) -> dict[str, float]:
-        rows, answers = info
-        return rollout_scores(tokenizer, jax.device_get(rows), answers)
+        def summarise(step: int, host: dict[str, Any], info: Any) -> dict[str, float]:
+            rows, answers = info
+            return rollout_scores(tokenizer, sharding.to_host(rows), answers)
 
-    return run_steps(cfg, "opd", state, start, advance, summarise, progress)
+        return run_steps(cfg, "opd", state, start, advance, summarise, progress)

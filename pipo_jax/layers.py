@@ -22,9 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pipo_jax import deltanet
+from pipo_jax import deltanet, sharding
 from pipo_jax.config import LoraConfig, ModelConfig
 from pipo_jax.lora import LoraDenseGeneral
+
+# Logical axes of the residual stream (and of latents and MTP states), B×L×H.
+RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
 
 Array = jax.Array
 _NEG_INF = -1e30
@@ -341,7 +344,8 @@ class DecoderLayer(nn.Module):
         else:
             a, cache = self.linear_attn(h, key_valid_BxL)
         x = x_BxLxH + a
-        return x + self.mlp(self.post_attn_norm(x)), cache
+        x = x + self.mlp(self.post_attn_norm(x))
+        return sharding.constrain(x, RESIDUAL_AXES), cache
 
     def decode(self, x_Bx1xH: Array, positions_B: Array, cache: LayerCache,
                cache_valid_BxS: Array) -> tuple[Array, LayerCache]:

@@ -15,7 +15,8 @@ the latter hands events to a background thread through a queue, and its ``flush(
 drain that queue, so recent points could be missing after ``flush()`` or lost in a crash. A few
 scalars every ``log_every`` steps cost nothing to write synchronously.
 
-Only one process should write metrics; in a multi-host run, construct the writer on process 0.
+In a multi-process (multi-host) run only process 0 writes: a ``MetricWriter`` on any other
+process is inactive (no files, writes are no-ops), so every process can run the same loop code.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import jax
 import numpy as np
 from tensorboardX import summary as tb_summary
 from tensorboardX.event_file_writer import EventsWriter
@@ -54,21 +56,29 @@ class MetricWriter:
     without a prefix), e.g. ``sft/loss_backbone``.
 
     The JSONL file is appended to, so a resumed run continues its log; steps logged after the
-    last checkpoint of the interrupted run then appear twice, and the later record is the one
-    from the resumed run.
+    last checkpoint of a crashed run then appear twice, and the later record is the one from the
+    resumed run. (A run stopped by SIGTERM saves the step it stopped at, so its resumed log has
+    no repeats.)
     """
 
-    def __init__(self, log_dir: str | Path, prefix: str = "") -> None:
+    def __init__(self, log_dir: str | Path, prefix: str = "", active: bool | None = None) -> None:
         """Opens the writers; every write is flushed to disk before it returns.
 
         Args:
           log_dir: directory for ``metrics.jsonl`` and the event files (created if missing).
           prefix: TensorBoard tag prefix, usually the stage name (``"sft"``).
+          active: whether this writer writes at all; None means "on process 0 only"
+            (``jax.process_index() == 0``). An inactive writer opens no files and ignores
+            writes: processes sharing a file system must not append to the same log.
         """
         self.log_dir = Path(log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.log_dir / JSONL_FILE
         self._prefix = prefix.rstrip("/")
+        self.active = jax.process_index() == 0 if active is None else active
+        self._closed = False
+        if not self.active:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         # A process killed mid-write can leave a final line without its newline; start on a
         # fresh line so the first new record is not glued to that fragment.
         needs_newline = False
@@ -83,7 +93,6 @@ class MetricWriter:
         # reopened within the same second (a quick resume) from truncating the previous file.
         self._tb = EventsWriter(str(self.log_dir / "events"),
                                 filename_suffix=f".{uuid.uuid4().hex[:8]}")
-        self._closed = False
 
     def _tag(self, name: str) -> str:
         return f"{self._prefix}/{name}" if self._prefix else name
@@ -99,6 +108,8 @@ class MetricWriter:
             raise ValueError("'step' is reserved for the step number; rename that metric")
         step = int(step)
         values = {name: _to_float(name, value) for name, value in scalars.items()}
+        if not self.active:
+            return
         record: dict[str, Any] = {"step": step}
         record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
         # Flushing each record keeps both logs complete up to the last logged step after a
@@ -111,7 +122,8 @@ class MetricWriter:
     def write_text(self, step: int, tag: str, text: str) -> None:
         """Logs a text sample (e.g. a decoded generation) to TensorBoard only."""
         self._check_open()
-        self._write_event(int(step), list(tb_summary.text(self._tag(tag), text).value))
+        if self.active:
+            self._write_event(int(step), list(tb_summary.text(self._tag(tag), text).value))
 
     def _write_event(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
         event = event_pb2.Event(wall_time=time.time(), step=step,
@@ -122,16 +134,18 @@ class MetricWriter:
     def flush(self) -> None:
         """Flushes both files (each write already does; kept for the writer protocol)."""
         self._check_open()
-        self._jsonl.flush()
-        self._tb.flush()
+        if self.active:
+            self._jsonl.flush()
+            self._tb.flush()
 
     def close(self) -> None:
         """Flushes and closes both writers; closing twice is harmless."""
         if self._closed:
             return
         self._closed = True
-        self._jsonl.close()
-        self._tb.close()
+        if self.active:
+            self._jsonl.close()
+            self._tb.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -18,8 +18,17 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from pipo_jax import sharding
 from pipo_jax.config import LoraConfig, ModelConfig
-from pipo_jax.layers import Backbone, DecoderLayer, dense_init, dtype_of, norm, slot_name
+from pipo_jax.layers import (
+    RESIDUAL_AXES,
+    Backbone,
+    DecoderLayer,
+    dense_init,
+    dtype_of,
+    norm,
+    slot_name,
+)
 
 Array = jax.Array
 
@@ -177,7 +186,7 @@ class PipoLM(nn.Module):
     def compress(self, tokens_BxT: Array) -> Array:
         """Pairs of tokens → latents ``B×T/2×H``."""
         e = self.embedder(tokens_BxT)
-        return self.compressor(e[:, 0::2], e[:, 1::2])
+        return sharding.constrain(self.compressor(e[:, 0::2], e[:, 1::2]), RESIDUAL_AXES)
 
     def __call__(self, tokens_BxT: Array,
                  detach_confidence_inputs: bool = True) -> dict[str, Array]:
@@ -200,6 +209,7 @@ class PipoLM(nn.Module):
         h = h[:, :-1]
         tok1 = tokens_BxT[:, 2::2]  # the known first token of the next pair
         m, _ = self.mtp_head(h, self.embedder(tok1), positions[:, :-1])
+        m = sharding.constrain(m, RESIDUAL_AXES)
         h_c, m_c = (jax.lax.stop_gradient(h), jax.lax.stop_gradient(m)) \
             if detach_confidence_inputs else (h, m)
         return {"h": h, "m": m, "conf_logits": self.confidence_head(h_c, m_c)}

@@ -132,6 +132,18 @@ def apply_update(state: TrainState, tc: TrainConfig, tx: optax.GradientTransform
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def stage_loss(params: Any, rngs: dict[str, jax.Array], *, batch: dict[str, jax.Array],
+               mcfg: ModelConfig, tc: TrainConfig,
+               pipo: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The ``ar``/``teacher`` (``pipo=False``) or ``sft`` objective of one batch:
+    ``(params, rngs) → (loss, metrics)``; ``batch`` as in ``train_step``."""
+    model = PipoLM(mcfg, pipo, tc.adapters)
+    objective = sft_loss if pipo else ar_loss
+    kwargs = {"detach_confidence_inputs": tc.detach_confidence_inputs} if pipo else {}
+    out = model.apply({"params": params}, batch["tokens"], rngs=rngs, **kwargs)
+    return objective(out, lm_head(params), batch["tokens"], batch["loss_mask"], tc)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelConfig,
                tc: TrainConfig, pipo: bool,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -141,15 +153,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelCon
     ``batch`` holds ``tokens`` B×T int32 and ``loss_mask`` B×T bool. PAD augmentation happens
     on the host, seeded by the step; the only randomness in the step is LoRA dropout.
     """
-    model = PipoLM(mcfg, pipo, tc.adapters)
-    objective = sft_loss if pipo else ar_loss
-
-    def loss_fn(params: Any, rngs: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        kwargs = {"detach_confidence_inputs": tc.detach_confidence_inputs} if pipo else {}
-        out = model.apply({"params": params}, batch["tokens"], rngs=rngs, **kwargs)
-        return objective(out, lm_head(params), batch["tokens"], batch["loss_mask"], tc)
-
-    return apply_update(state, tc, tx, loss_fn)
+    return apply_update(state, tc, tx, functools.partial(stage_loss, batch=batch, mcfg=mcfg,
+                                                         tc=tc, pipo=pipo))
 
 
 @dataclasses.dataclass
@@ -326,24 +331,44 @@ def run_steps(cfg: Config, stage: str, state: TrainState, start: int, advance: A
 
     The host side of a step (reading its metrics) runs one step late, so that the device never
     waits on the host. Non-scalar metrics (e.g. OPD's rollout tokens) are for ``summarise`` only.
+    Checkpoints are written asynchronously; the loop waits for a save only when it is stopped
+    and at the end (closing the manager), where a failed write raises.
+
+    SIGTERM or SIGINT (``ckpt.StopSignals``; in a multi-process job, JAX's preemption sync point)
+    stops the loop after the current step: that step's metrics are checked (NaN guard) and
+    logged, its state is saved and committed, the files are closed, the previous signal
+    handlers restored, and ``ckpt.Preempted`` is raised. Running the stage again resumes from
+    that step and reproduces the uninterrupted run exactly: batches and dropout keys are
+    functions of the step, and the saved state is the whole training state.
+
+    In a multi-process job every process runs this loop (and every save; orbax coordinates
+    them); only process 0 writes metrics and shows the progress bar.
     """
     tc: TrainConfig = getattr(cfg, stage)
     stage_dir = Path(cfg.run_dir) / stage
+    lead = jax.process_index() == 0
     final: dict[str, float] = {}
     t0 = time.time()
     tokens_seen = 0
     pending: tuple[int, dict[str, jax.Array], Any] | None = None
+    stopped: tuple[int, int] | None = None  # (signal, step saved)
     # Context managers close the metric files, the bar and the checkpoint manager (waiting for
-    # an in-flight save) also when a step raises.
-    with MetricWriter(stage_dir, prefix=stage) as writer, \
-            tqdm(total=tc.steps, initial=start, desc=stage, disable=not progress, unit="step",
-                 dynamic_ncols=True) as bar, \
-            ckpt.open_manager(stage_dir, tc.keep_checkpoints) as manager:
-        save_config(cfg, Path(cfg.run_dir) / "config.json")
+    # an in-flight save) also when a step raises. StopSignals is outermost so that a signal
+    # during the final save or close is still only recorded, not fatal.
+    with ckpt.StopSignals() as signals, \
+            MetricWriter(stage_dir, prefix=stage) as writer, \
+            tqdm(total=tc.steps, initial=start, desc=stage, disable=not (progress and lead),
+                 unit="step", dynamic_ncols=True) as bar, \
+            ckpt.open_manager(stage_dir, tc.keep_checkpoints,
+                              keep_every=tc.keep_every) as manager:
+        if lead:
+            save_config(cfg, Path(cfg.run_dir) / "config.json")
 
         def finish(step: int, metrics: dict[str, jax.Array], info: Any) -> None:
             nonlocal final, tokens_seen
-            got = jax.device_get(metrics)
+            # Not jax.device_get: in a multi-process job the replicated metrics span devices of
+            # other processes; to_host reads a local replica (and gathers sharded values).
+            got = sharding.to_host(metrics)
             host = {k: float(v) for k, v in got.items() if getattr(v, "ndim", 0) == 0}
             if not math.isfinite(host["loss"]):
                 raise TrainingError(
@@ -364,12 +389,28 @@ def run_steps(cfg: Config, stage: str, state: TrainState, start: int, advance: A
             if pending is not None:
                 finish(*pending)
             pending = (step, metrics, info)
-            if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
+            # Polled every step on every process: in a multi-process job it is a sync point.
+            signum = signals.requested(manager, step + 1)
+            if signum is not None or (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
                 finish(*pending)  # the loss must be known finite before its state is saved
                 pending = None
-                ckpt.save(manager, step + 1, state, cfg, force=True)
+                # A stopping process is about to exit: wait until the step is committed.
+                ckpt.save(manager, step + 1, state, cfg, force=True, wait=signum is not None)
+            if signum is not None:
+                stopped = (signum, step + 1)
+                break
         if pending is not None:
             finish(*pending)
+    if stopped is None and signals.signum is not None:
+        # The signal came after the last step's check: that step is saved (the final step
+        # always is, and closing the manager committed it), so stop before any next stage.
+        stopped = (signals.signum, tc.steps)
+    if stopped is not None:
+        signum, step = stopped
+        raise ckpt.Preempted(
+            f"{stage} stopped by {ckpt.signal_name(signum)} after step {step} of {tc.steps}; "
+            f"checkpoint {step} is saved in {ckpt.checkpoint_dir(stage_dir)}; run the same "
+            f"command again to resume", signum, step)
     return StageResult(stage_dir, tc.steps, final, time.time() - t0)
 
 
@@ -381,32 +422,43 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
 
         return train_opd(cfg, tokenizer, mesh, progress)
     tc: TrainConfig = getattr(cfg, stage)
-    pipo = stage in PIPO_STAGES
     tokenizer = check_tokenizer(cfg, tokenizer)
     mesh = mesh or sharding.build_mesh(cfg.mesh)
+    sharding.check_batch(mesh, tc.batch_size, f"{stage}.batch_size")
     stage_dir = Path(cfg.run_dir) / stage
     _check_same_model(stage_dir, cfg, stage)
     # Before any model work: a bad data file fails in seconds, not after a large restore.
     data = make_train_dataset(cfg, tokenizer, stage)
     tx = make_optimizer(tc)
-    state, start, shardings = setup_state(cfg, stage, mesh, tx)
-    if start >= tc.steps:
-        return StageResult(stage_dir, start, {}, 0.0)
+    # Programs traced in the mesh context place the model's activation constraints on it.
+    with jax.set_mesh(mesh):
+        state, start, shardings = setup_state(cfg, stage, mesh, tx)
+        if start >= tc.steps:
+            return StageResult(stage_dir, start, {}, 0.0)
+        step_fn = jit_train_step(cfg, stage, tx, mesh, shardings)
 
+        def advance(state: TrainState, step: int) -> tuple[TrainState, dict[str, jax.Array],
+                                                            float]:
+            b = data[step]
+            batch = sharding.global_batch({k: b[k] for k in ("tokens", "loss_mask")}, mesh)
+            state, metrics = step_fn(state, batch)
+            return state, metrics, float(b["pad_ratio"])
+
+        return run_steps(cfg, stage, state, start, advance,
+                         lambda step, host, pad_ratio: {"pad_ratio": pad_ratio}, progress)
+
+
+def jit_train_step(cfg: Config, stage: str, tx: optax.GradientTransformation, mesh: Mesh,
+                   shardings: Any) -> Callable[[TrainState, dict[str, jax.Array]],
+                                               tuple[TrainState, dict[str, jax.Array]]]:
+    """``train_step`` of ``stage`` compiled for ``mesh``: the state in and out with its
+    ``shardings`` (donated), the batch split over the batch axes, metrics replicated."""
     batch_sh = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, mcfg=cfg.model_of(stage), tc=tc, pipo=pipo, tx=tx),
+    return jax.jit(
+        functools.partial(train_step, mcfg=cfg.model_of(stage), tc=getattr(cfg, stage),
+                          pipo=stage in PIPO_STAGES, tx=tx),
         in_shardings=(shardings, {"tokens": batch_sh, "loss_mask": batch_sh}),
         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-
-    def advance(state: TrainState, step: int) -> tuple[TrainState, dict[str, jax.Array], float]:
-        b = data[step]
-        batch = {k: jax.device_put(b[k], batch_sh) for k in ("tokens", "loss_mask")}
-        state, metrics = step_fn(state, batch)
-        return state, metrics, float(b["pad_ratio"])
-
-    return run_steps(cfg, stage, state, start, advance,
-                     lambda step, host, pad_ratio: {"pad_ratio": pad_ratio}, progress)
 
 
 def train(cfg: Config, progress: bool = True) -> list[StageResult]:

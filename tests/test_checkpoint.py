@@ -1,4 +1,5 @@
-"""Tests for pipo_jax.checkpoint: round trips, pruning, error messages and crash safety."""
+"""Tests for pipo_jax.checkpoint: round trips, pruning, error messages and crash safety
+(the signal handling of ``StopSignals`` is tested in test_preemption.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import optax
 import pytest
 
 from pipo_jax import checkpoint as ck
-from pipo_jax.config import Config, config_from_json, from_dict
+from pipo_jax.config import Config, ConfigError, config_from_json, from_dict
 
 # A restore that fails inside orbax leaves tensorstore callbacks that fire after orbax closed its
 # event loop; Python reports them as "unraisable" at some later garbage collection. They are
@@ -90,6 +91,29 @@ def test_keep_n_prunes_oldest(tmp_path):
     assert ck.latest_step(tmp_path) == 40
 
 
+def test_keep_every_also_keeps_multiples_forever(tmp_path):
+    """keep=2, keep_every=20: the newest two plus every multiple of 20, also after later saves
+    and across managers (a resumed run)."""
+    state = make_state()
+    with ck.open_manager(tmp_path, keep=2, keep_every=20) as manager:
+        for step in (10, 20, 30, 40, 50):
+            assert ck.save(manager, step, state, small_config())
+    assert ck.all_steps(tmp_path) == [20, 40, 50]
+    with ck.open_manager(tmp_path, keep=2, keep_every=20) as manager:
+        for step in (55, 60, 70):  # 55: an odd step, as a preemption save writes
+            assert ck.save(manager, step, state, small_config())
+    assert ck.all_steps(tmp_path) == [20, 40, 60, 70]
+
+
+def test_keep_every_config_validation():
+    base = {"run_dir": "runs/test", "sft": {"ckpt_every": 50}}
+    assert from_dict({**base, "sft": {"ckpt_every": 50, "keep_every": 500}}).sft.keep_every == 500
+    for bad in (-50, 30):
+        with pytest.raises(ConfigError, match=rf"keep_every must be 0 .*multiple of ckpt_every "
+                                              rf"\(50\), got {bad}"):
+            from_dict({**base, "sft": {"ckpt_every": 50, "keep_every": bad}})
+
+
 def test_restore_explicit_step_and_unknown_step(tmp_path):
     states = save_steps(tmp_path, [1, 2, 3])
     restored, cfg = ck.restore(tmp_path, abstract_of(states[1]), step=2)
@@ -133,6 +157,8 @@ def test_save_every_force_and_existing_step(tmp_path):
 def test_open_manager_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="keep"):
         ck.open_manager(tmp_path, keep=0)
+    with pytest.raises(ValueError, match="keep_every"):
+        ck.open_manager(tmp_path, keep=1, keep_every=-1)
     with pytest.raises(ValueError, match="save_every"):
         ck.open_manager(tmp_path, keep=1, save_every=0)
 
@@ -297,3 +323,27 @@ def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, hang_in):
     assert sorted(p.name for p in ckpt_root.iterdir()) == ["1", "2"]
     restored, _ = ck.restore(stage, {"w": target})
     np.testing.assert_array_equal(restored["w"], 3.0)
+
+
+def test_failed_background_save_surfaces_and_keeps_previous_step(tmp_path, monkeypatch):
+    """An asynchronous save that fails (here: its final rename) raises from the wait that ends
+    it, not silently; the step is not committed and, although keep=1, the older step survives
+    (orbax prunes only after a commit)."""
+    from orbax.checkpoint._src.path import atomicity
+
+    async def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full (simulated)")
+
+    manager = ck.open_manager(tmp_path, keep=1)
+    try:
+        assert ck.save(manager, 1, make_state(1), small_config(1), wait=True)
+        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
+        assert ck.save(manager, 2, make_state(2), small_config(2))  # returns at once (async)
+        with pytest.raises(OSError, match="disk full"):
+            manager.wait_until_finished()
+    finally:
+        monkeypatch.undo()
+        manager.close()
+    assert ck.all_steps(tmp_path) == [1]
+    restored, _ = ck.restore(tmp_path, abstract_of(make_state(1)))
+    chex.assert_trees_all_equal(restored, make_state(1))

@@ -143,6 +143,16 @@ def test_decode_prompt_prints_text_and_stats_of_both_models(trained, env):
     assert json.loads(blocks["ar"][-1])["drafts"] == 0
 
 
+def test_decode_on_a_mesh_answers_as_on_one_device(trained, env):
+    """``--mesh`` shards the parameters over two simulated devices and decodes with programs
+    compiled for the mesh (both models: the prompt is padded to the batch-parallel size)."""
+    args = ("decode.py", "--run", str(trained.run_dir), "--prompt", "What is 12 + 34?")
+    one = run_script(env, *args)
+    mesh = run_script(env, *args, "--mesh", "fsdp=2", "--cpu-devices", "2")
+    assert one.returncode == 0 and mesh.returncode == 0, describe(mesh)
+    assert mesh.stdout == one.stdout
+
+
 def test_train_stage_opd_distills_the_run_and_decode_picks_it(trained, env, tmp_path):
     """``train.py --stage opd`` on a copy of the run (its AR model as the teacher), then
     ``decode.py --stage sft`` on the run that now has both PIPO stages."""

@@ -1,0 +1,512 @@
+"""Memory planner: per-device bytes of one training step, before any array is allocated.
+
+``python -m pipo_jax.plan --config configs/qwen3_5_4b_sft.yaml --mesh fsdp=8 --device h100-80gb``
+
+For a stage (``teacher``, ``ar`` or ``sft``), a mesh, a sequence length and a global batch it
+prints, per device:
+
+* parameters, optimizer state and gradients: exact, from ``jax.eval_shape`` of the train state
+  and its shardings (``Σ prod(sharding.shard_shape(shape)) · itemsize`` over the leaves);
+  gradients cover only the trained parameters (LoRA: the adapters and the SPEC §4 PIPO modules),
+  in the parameter dtype;
+* temporaries: ``memory_analysis()`` of the train step exactly as ``trainer.train_stage`` builds
+  it (``trainer.jit_train_step``: in/out shardings, donated state, the configured remat policy
+  and chunked loss, traced in the mesh context that places the activation constraints), lowered
+  and compiled on abstract ``jax.ShapeDtypeStruct`` inputs. They hold the gradients and the
+  activations at the step's peak; ``activations`` is temporaries minus gradients;
+* the peak (arguments + temporaries + outputs not aliased to donated arguments + code) and,
+  against a device's memory, whether it fits and by how much.
+
+The compiled numbers come from the backend the planner runs on. On a GPU the planned peak was
+the measured ``peak_bytes_in_use`` of a real step to within 2 KB (Qwen3.5-4B and 9B SFT, one
+device). A mesh larger than the machine (or ``--simulate``) is compiled on simulated CPU devices:
+the planner re-runs itself with ``--xla_force_host_platform_device_count``. XLA:CPU partitions
+the program as an accelerator would but fuses and schedules differently and widens some
+bfloat16 temporaries to float32: its temporaries were 1.3–1.8× a GPU's for the same step, so a
+simulated plan errs on the safe side. ``analytic activations`` is an independent
+order-of-magnitude check (``activation_estimate``).
+
+The ``opd`` stage is not planned: its step also runs rollouts and a teacher model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from pipo_jax import lora as lora_lib
+from pipo_jax import sharding
+from pipo_jax.cli import run_main
+from pipo_jax.config import PIPO_STAGES, Config, ConfigError, MeshConfig, TrainConfig, load_config
+from pipo_jax.layers import dtype_of
+from pipo_jax.sharding import MESH_AXES, parse_mesh
+from pipo_jax.trainer import jit_train_step, make_optimizer, state_shardings
+
+MiB = 1 << 20
+GiB = 1 << 30
+GB = 10 ** 9
+
+# Memory per device in bytes (``--device-memory`` for anything else, or to plan against what the
+# runtime leaves usable: JAX on GPU preallocates 75 % of the memory unless
+# XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise, and a TPU runtime reserves some HBM).
+DEVICE_PRESETS: dict[str, int] = {
+    "tpu-v4": 32 * GiB,       # 32 GiB HBM2 per chip
+    "tpu-v5e": 16 * GiB,      # 16 GiB HBM2 per chip
+    "tpu-v5p": 95 * GiB,      # 95 GiB HBM2e per chip (Cloud TPU docs: "95GB")
+    "tpu-v6e": 32 * GiB,      # 32 GiB HBM per chip
+    # NVIDIA's "80GB" / "141GB": the totals nvidia-smi reports (the CUDA context takes a little).
+    "a100-80gb": 81920 * MiB,
+    "h100-80gb": 81559 * MiB,  # 79.6 GiB
+    "h200": 143771 * MiB,      # 140.4 GiB
+}
+
+# Stages whose step is ``trainer.train_step`` (OPD's also rolls out and scores a teacher).
+PLANNED_STAGES = ("teacher", "ar", "sft")
+
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": GB, "tb": 10 ** 12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": GiB, "tib": 1 << 40}
+_CHILD_FLAG = "--simulated-child"
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def mesh_device_count(mesh_cfg: MeshConfig, num_devices: int | None, available: int) -> int:
+    """Devices the mesh needs: the product of its sizes; with a -1 axis, ``num_devices`` or, when
+    that is None, the ``available`` devices of this machine (what training would use)."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    if -1 in sizes:
+        return available if num_devices is None else num_devices
+    n = math.prod(sizes)
+    if num_devices is not None and num_devices != n:
+        raise ConfigError(f"the mesh {dict(zip(MESH_AXES, sizes, strict=True))} has {n} devices "
+                          f"but --num-devices is {num_devices}")
+    return n
+
+
+def parse_bytes(text: str) -> int:
+    """``"80GiB"``, ``"95 GB"``, ``"17179869184"`` → bytes (GB = 10⁹, GiB = 2³⁰)."""
+    s = text.strip().lower().replace(" ", "")
+    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or not value > 0:
+        raise ConfigError(f"device memory {text!r} must be a positive number with an optional "
+                          "unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 80GiB")
+    return int(value * _UNITS[unit])
+
+
+def resolve_devices(presets: list[str], memory: str | None) -> list[tuple[str, int]]:
+    """``--device`` presets and ``--device-memory`` → ``[(name, bytes)]``."""
+    out = []
+    for name in presets:
+        if name not in DEVICE_PRESETS:
+            raise ConfigError(f"unknown --device {name!r}; presets: "
+                              f"{', '.join(DEVICE_PRESETS)} (or give --device-memory BYTES)")
+        out.append((name, DEVICE_PRESETS[name]))
+    if memory is not None:
+        out.append((f"{memory.strip()} device", parse_bytes(memory)))
+    return out
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    device: str
+    memory_bytes: int
+    fits: bool
+    headroom_bytes: int  # device memory − peak; negative when it does not fit
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Per-device bytes of one train step (see the module docstring for how each is obtained).
+
+    The compiled fields are None when the step was not compiled (``--state-only``); the peak is
+    then the state alone (parameters + optimizer state + gradients + batch), a lower bound.
+    """
+
+    stage: str
+    mesh: dict[str, int]
+    seq_len: int
+    global_batch: int
+    batch_per_device: int  # rows per batch-parallel shard (data × fsdp)
+    tuner: str
+    remat_policy: str
+    loss_chunk: int
+    backend: str           # platform of the mesh's devices ("cpu" when simulated)
+    simulated: bool        # True: more devices than the machine has, simulated on CPU
+    params_bytes: int
+    opt_state_bytes: int
+    grads_bytes: int
+    batch_bytes: int
+    activations_estimate_bytes: int  # analytic, independent of the compiler (estimate_total)
+    estimate_terms: dict[str, int]   # activation_estimate's terms
+    peak_bytes: int        # compiled: argument + output − alias + temp + code
+    compiled: bool
+    compile_seconds: float | None = None
+    argument_bytes: int | None = None  # compiled: state + batch, as the executable sees them
+    output_bytes: int | None = None
+    alias_bytes: int | None = None     # outputs written into donated arguments
+    temp_bytes: int | None = None      # compiled: gradients + activations + workspace
+    code_bytes: int | None = None
+    activations_bytes: int | None = None  # temp − grads
+    verdicts: tuple[Verdict, ...] = ()
+
+    def with_devices(self, devices: list[tuple[str, int]]) -> MemoryPlan:
+        """The plan with a fits / does-not-fit verdict for each ``(name, bytes)`` device."""
+        return dataclasses.replace(self, verdicts=tuple(
+            Verdict(name, mem, self.peak_bytes <= mem, mem - self.peak_bytes)
+            for name, mem in devices))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def tree_bytes_per_device(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of ``tree`` (abstract leaves) laid out with ``shardings``: the
+    largest shard of each leaf (shards are equal unless a dim does not divide)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    shards = treedef.flatten_up_to(shardings)
+    return sum(math.prod(sh.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+               for leaf, sh in zip(leaves, shards, strict=True))
+
+
+def _axis_size(mesh: Mesh, axes: Any) -> int:
+    """Devices a logical axis is split over (``axes``: a mesh axis name, a tuple of them or
+    None)."""
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def activation_estimate(cfg: Config, stage: str, mesh: Mesh, seq_len: int,
+                        batch_per_device: int, block_params: int) -> dict[str, int]:
+    """A rough per-device activation estimate in bytes, independent of XLA: ``residuals`` plus
+    the largest of the other terms, the phases of the backward pass, which run one after
+    another (``estimate_total``).
+
+    With ``T`` tokens the backbone runs over ``L = T/2`` latents (PIPO) or ``T`` positions (AR),
+    ``b`` rows per device, ``H = d_model``; a ``layer``'s intermediates are ``b·L·(8H + 3·mlp)``
+    compute-dtype values (norm outputs, projections, MLP gate/up/activation) plus, for full
+    attention, ``b·heads·L²`` scores: float32 scores and their gradient, compute-dtype
+    probabilities (``layers.Attention`` materialises them). Gated DeltaNet layers count the
+    linear part only (their chunked form is linear in ``L``). Heads, MLP and vocabulary are
+    divided by their mesh split.
+
+    * ``residuals``: kept from the forward pass to the backward. With remat, one ``b×L×H`` block
+      input per scanned block; without, every layer's intermediates.
+    * ``block`` (remat): one block recomputed for its backward pass, plus its ``block_params``
+      weights in the compute dtype (and gathered in the parameter dtype under fsdp).
+    * ``mtp_layer`` (PIPO): the MTP head's layer, which is not rematerialised.
+    * ``loss_chunk``: one ``loss_chunk × V`` float32 chunk of logits, its softmax and gradient.
+    """
+    mcfg = cfg.model_of(stage)
+    tc: TrainConfig = getattr(cfg, stage)
+    pipo = stage in PIPO_STAGES
+    rules = dict(sharding.LOGICAL_AXIS_RULES)
+    length = seq_len // 2 if pipo else seq_len
+    b, h = batch_per_device, mcfg.d_model
+    dt = jnp.dtype(dtype_of(mcfg.dtype)).itemsize
+    pdt = jnp.dtype(dtype_of(mcfg.param_dtype)).itemsize
+    mlp = mcfg.mlp_dim // _axis_size(mesh, rules.get("mlp"))
+    heads = max(mcfg.n_heads // _axis_size(mesh, rules.get("heads")), 1)
+    vocab = mcfg.vocab_size // _axis_size(mesh, rules.get("vocab"))
+    linear = b * length * (8 * h + 3 * mlp) * dt
+    attention = b * heads * length * length * (4 + 4 + dt)
+
+    def layer(kind: str) -> int:
+        return linear + (attention if kind == "full_attention" else 0)
+
+    pattern = mcfg.layer_pattern
+    terms: dict[str, int] = {}
+    if mcfg.remat_policy == "none":
+        terms["residuals"] = mcfg.n_blocks * sum(layer(k) for k in pattern)
+    else:
+        terms["residuals"] = mcfg.n_blocks * b * length * h * dt
+        weights = block_params // mesh.shape["tensor"]
+        terms["block"] = (sum(layer(k) for k in pattern)
+                          + weights * (dt + (pdt if mesh.shape["fsdp"] > 1 else 0)))
+    if pipo:
+        terms["mtp_layer"] = layer("full_attention")
+    terms["loss_chunk"] = 3 * min(tc.loss_chunk, b * length) * vocab * 4
+    return terms
+
+
+def estimate_total(terms: dict[str, int]) -> int:
+    """``residuals`` + the largest phase of ``activation_estimate``'s terms."""
+    return terms["residuals"] + max(v for k, v in terms.items() if k != "residuals")
+
+
+def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch: int,
+                compile_step: bool = True, simulated: bool = False) -> MemoryPlan:
+    """Plans one train step of ``stage`` on ``mesh`` for a ``global_batch × seq_len`` batch.
+
+    Nothing is allocated: the state is ``jax.eval_shape``d and the step compiled on
+    ``jax.ShapeDtypeStruct`` inputs (tokens B×T int32, loss_mask B×T bool). With
+    ``compile_step=False`` only the state is sized (seconds instead of minutes for a 9B model).
+    """
+    if stage not in PLANNED_STAGES:
+        raise ConfigError(f"--stage {stage} cannot be planned; one of {', '.join(PLANNED_STAGES)} "
+                          "(the opd step also runs rollouts and a teacher)")
+    if seq_len <= 0 or seq_len % 2:
+        raise ConfigError(f"--seq-len must be a positive even number, got {seq_len}")
+    if global_batch <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {global_batch}")
+    sharding.check_batch(mesh, global_batch, "the global batch (--batch-size)")
+    batch_parallel = sharding.batch_parallel(mesh)
+    tc: TrainConfig = getattr(cfg, stage)
+    mcfg = cfg.model_of(stage)
+    pipo = stage in PIPO_STAGES
+    tx = make_optimizer(tc)
+    abstract, shardings = state_shardings(mcfg, pipo, tx, mesh, tc.tuner, tc.adapters)
+
+    params_bytes = tree_bytes_per_device(abstract.params, shardings.params)
+    opt_bytes = tree_bytes_per_device(abstract.opt_state, shardings.opt_state)
+    # Gradients: one per trained parameter, same dtype and layout as the parameter.
+    trained = lora_lib.partition(abstract.params, tc.tuner)[0]
+    trained_sh = lora_lib.partition(shardings.params, tc.tuner)[0]
+    grads_bytes = tree_bytes_per_device(trained, trained_sh)
+
+    batch_sh = sharding.batch_sharding(mesh)
+    batch = {"tokens": jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=batch_sh),
+             "loss_mask": jax.ShapeDtypeStruct((global_batch, seq_len), jnp.bool_,
+                                               sharding=batch_sh)}
+    batch_bytes = tree_bytes_per_device(batch, {"tokens": batch_sh, "loss_mask": batch_sh})
+    per_device = global_batch // batch_parallel
+    block_params = sum(x.size for x in jax.tree.leaves(abstract.params["backbone"]["layers"]))
+    terms = activation_estimate(cfg, stage, mesh, seq_len, per_device,
+                                block_params // mcfg.n_blocks)
+    common = dict(
+        stage=stage, mesh=dict(mesh.shape), seq_len=seq_len, global_batch=global_batch,
+        batch_per_device=per_device, tuner=tc.tuner, remat_policy=mcfg.remat_policy,
+        loss_chunk=tc.loss_chunk, backend=mesh.devices.flat[0].platform, simulated=simulated,
+        params_bytes=params_bytes, opt_state_bytes=opt_bytes, grads_bytes=grads_bytes,
+        batch_bytes=batch_bytes, activations_estimate_bytes=estimate_total(terms),
+        estimate_terms=terms)
+    if not compile_step:
+        return MemoryPlan(**common, compiled=False,
+                          peak_bytes=params_bytes + opt_bytes + grads_bytes + batch_bytes)
+
+    state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    t0 = time.perf_counter()
+    # The step exactly as trainer.train_stage jits it, traced in the mesh context that places
+    # the model's activation constraints.
+    with jax.set_mesh(mesh):
+        step_fn = jit_train_step(cfg, stage, tx, mesh, shardings)
+        lowered = step_fn.lower(state_in, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            # XLA:GPU's autotuner runs each matmul once while compiling; an intermediate larger
+            # than the device (a 64 GiB attention score tensor at 64K tokens) fails it.
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise ConfigError(
+                f"compiling the step on {common['backend']} ran out of device memory: one of its "
+                f"intermediates alone does not fit on this device, so the step does not either "
+                f"({str(e).strip().splitlines()[-1][:200]}). For the numbers, add --simulate (plan "
+                f"on CPU) or set XLA_FLAGS=--xla_gpu_autotune_level=0 (no autotuning)") from None
+    compile_seconds = time.perf_counter() - t0
+    stats = compiled.memory_analysis()
+    if stats is None:
+        raise ConfigError(f"the {common['backend']} backend reports no memory analysis; rerun "
+                          "with --state-only")
+    temp = int(stats.temp_size_in_bytes)
+    peak = int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+               - stats.alias_size_in_bytes + temp + stats.generated_code_size_in_bytes)
+    return MemoryPlan(
+        **common, compiled=True, peak_bytes=peak, compile_seconds=round(compile_seconds, 1),
+        argument_bytes=int(stats.argument_size_in_bytes),
+        output_bytes=int(stats.output_size_in_bytes), alias_bytes=int(stats.alias_size_in_bytes),
+        temp_bytes=temp, code_bytes=int(stats.generated_code_size_in_bytes),
+        activations_bytes=max(temp - grads_bytes, 0))
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` → ``"1.50 KiB"``; binary units, as memory is sized."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _estimate_text(terms: dict[str, int]) -> str:
+    phases = ", ".join(f"{k} {human_bytes(v)}" for k, v in terms.items() if k != "residuals")
+    return f"residuals {human_bytes(terms['residuals'])} + max({phases})"
+
+
+def format_plan(plan: MemoryPlan, config_name: str) -> str:
+    """The human-readable table (per device; KiB/MiB/GiB are powers of 2)."""
+    mesh = ",".join(f"{k}={v}" for k, v in plan.mesh.items())
+    n_devices = math.prod(plan.mesh.values())
+    where = (f"{plan.backend}, {n_devices} simulated devices" if plan.simulated
+             else f"{plan.backend}, {n_devices} device{'s' if n_devices > 1 else ''}")
+    rows = [
+        ("parameters", plan.params_bytes, "exact: eval_shape × shardings"),
+        ("optimizer state", plan.opt_state_bytes,
+         f"exact: AdamW state of the {plan.tuner} trainable set"),
+        ("gradients", plan.grads_bytes, "exact: trained parameters in param dtype"),
+        ("batch", plan.batch_bytes, "tokens int32 + loss_mask bool"),
+    ]
+    if plan.compiled:
+        rows += [
+            ("activations/temporaries", plan.activations_bytes,
+             f"compiled ({where}): temp − gradients"),
+            ("  analytic activations", plan.activations_estimate_bytes,
+             "rough check: " + _estimate_text(plan.estimate_terms)),
+            ("temp (compiled)", plan.temp_bytes, "gradients + activations + workspace"),
+            ("peak", plan.peak_bytes, "compiled: arguments + temp + non-donated outputs + code"),
+        ]
+    else:
+        rows += [
+            ("  analytic activations", plan.activations_estimate_bytes,
+             "rough, not in the peak: " + _estimate_text(plan.estimate_terms)),
+            ("peak (state only)", plan.peak_bytes,
+             "--state-only: parameters + optimizer + gradients + batch, a lower bound"),
+        ]
+    how = (f"compiled on {where} in {plan.compile_seconds:.1f}s" if plan.compiled
+           else "step not compiled (--state-only)")
+    lines = [
+        f"memory plan: {config_name}, stage {plan.stage} ({plan.tuner}, remat "
+        f"{plan.remat_policy}, loss_chunk {plan.loss_chunk})",
+        f"mesh {mesh}; seq_len {plan.seq_len}; global batch {plan.global_batch} "
+        f"({plan.batch_per_device} per batch-parallel device); {how}",
+        "",
+        f"{'per device':<26}{'bytes':>12}  how",
+    ]
+    lines += [f"{name:<26}{human_bytes(n):>12}  {note}" for name, n, note in rows]
+    if plan.verdicts:
+        lines.append("")
+    for v in plan.verdicts:
+        if v.fits:
+            word = "fits" if plan.compiled else "state fits (activations not planned)"
+            lines.append(f"{v.device} ({human_bytes(v.memory_bytes)}): {word}, headroom "
+                         f"{human_bytes(v.headroom_bytes)}")
+        else:
+            lines.append(f"{v.device} ({human_bytes(v.memory_bytes)}): DOES NOT FIT, short by "
+                         f"{human_bytes(-v.headroom_bytes)}")
+    if plan.compiled and plan.backend == "cpu":
+        lines += ["", "note: the temporaries are XLA:CPU's; a TPU or GPU compile fuses and "
+                      "schedules differently and keeps bfloat16 as bfloat16, so treat them as "
+                      "an estimate; run the planner on the target for its own numbers."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def simulation_command(argv: list[str], n_devices: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that re-run the planner on ``n_devices`` simulated CPU
+    devices: XLA reads the device count once, when its backend starts, so a process that has
+    started one cannot change it."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={n_devices}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    return [sys.executable, "-m", "pipo_jax.plan", *argv, _CHILD_FLAG], env
+
+
+def _simulate(argv: list[str], n_devices: int) -> int:
+    """Runs ``simulation_command`` in a child process and returns its exit status."""
+    print(f"note: the mesh needs {n_devices} device{'s' if n_devices > 1 else ''} and this "
+          f"machine has {jax.device_count()} ({jax.default_backend()}); planning on "
+          f"{n_devices} simulated CPU devices in a child process", file=sys.stderr, flush=True)
+    cmd, env = simulation_command(argv, n_devices)
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipo_jax.plan", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--stage", default="sft", choices=PLANNED_STAGES,
+                        help="the stage whose train step is planned (default: sft)")
+    parser.add_argument("--mesh", default=None,
+                        help="mesh sizes, e.g. data=1,fsdp=8,tensor=1 (axes left out are 1; one "
+                             "may be -1: see --num-devices); default: the config's mesh")
+    parser.add_argument("--num-devices", type=int, default=None,
+                        help="total devices, to resolve a -1 mesh axis (default: this machine's)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per row (default: data.max_len)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="global batch in rows (default: the stage's batch_size)")
+    parser.add_argument("--device", action="append", default=[], metavar="NAME",
+                        help=f"device preset to check against (repeatable): "
+                             f"{', '.join(DEVICE_PRESETS)}")
+    parser.add_argument("--device-memory", default=None, metavar="BYTES",
+                        help="device memory to check against, e.g. 80GiB or 85899345920")
+    parser.add_argument("--simulate", action="store_true",
+                        help="compile on simulated CPU devices even where this machine has "
+                             "enough accelerators (their compile can fail on an intermediate "
+                             "that does not fit)")
+    parser.add_argument("--state-only", action="store_true",
+                        help="skip compiling the step: parameters, optimizer state and gradients "
+                             "only (seconds, where a 9B compile takes minutes)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the plan here")
+    parser.add_argument(_CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. model.remat_policy=none sft.loss_chunk=1024")
+    args = parser.parse_intermixed_args(argv)
+
+    cfg = load_config(args.config, args.overrides)
+    devices = resolve_devices(args.device, args.device_memory)  # bad presets fail before compiling
+    mesh_cfg = parse_mesh(args.mesh) if args.mesh else cfg.mesh
+    n_devices = mesh_device_count(mesh_cfg, args.num_devices, jax.device_count())
+    if -1 in (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor) and args.num_devices is None:
+        print(f"note: the mesh's -1 axis takes this machine's {n_devices} device(s); give "
+              "--num-devices N or every size with --mesh to plan another machine",
+              file=sys.stderr, flush=True)
+    tc: TrainConfig = getattr(cfg, args.stage)
+    seq_len = cfg.data.max_len if args.seq_len is None else args.seq_len
+    batch_size = tc.batch_size if args.batch_size is None else args.batch_size
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = max(n_devices // -math.prod(sizes), 1)
+    if batch_size % (sizes[0] * sizes[1]):  # before a child process is started for nothing
+        raise ConfigError(f"the global batch (--batch-size) is {batch_size}, which data × fsdp = "
+                          f"{sizes[0] * sizes[1]} cannot split evenly")
+    simulated = args.simulated_child
+    if simulated and n_devices > jax.device_count():
+        raise ConfigError(f"the simulated CPU backend has {jax.device_count()} devices, not "
+                          f"{n_devices}: XLA_FLAGS was not honoured")
+    if not simulated and (args.simulate or n_devices > jax.device_count()):
+        return _simulate(argv, n_devices)
+    mesh = sharding.build_mesh(mesh_cfg, jax.devices()[:n_devices])
+    plan = plan_memory(cfg, args.stage, mesh, seq_len, batch_size,
+                       compile_step=not args.state_only, simulated=simulated)
+    plan = plan.with_devices(devices)
+    print(format_plan(plan, args.config), flush=True)
+    if args.json:
+        payload = dict(plan.to_json(), config=args.config, overrides=list(args.overrides))
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,198 @@
+"""The memory planner (``python -m pipo_jax.plan``): exact state bytes, compiled temporaries,
+verdicts, errors, and per-device bytes on a simulated 8-device mesh."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from pipo_jax import plan as plan_lib
+from pipo_jax.cli import run_main
+from pipo_jax.config import ConfigError, MeshConfig, load_config
+from pipo_jax.sharding import build_mesh
+
+REPO = Path(__file__).resolve().parent.parent
+MICRO = str(REPO / "configs" / "micro.yaml")
+# The micro model as a plain attention stack (no Gated DeltaNet): short to compile and simple to
+# count by hand.
+PLAIN = ["model.family=qwen3", "model.layer_types=[full_attention,full_attention]"]
+
+
+def _one_device_mesh() -> jax.sharding.Mesh:
+    return build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
+def _hand_counts(overrides: list[str]) -> tuple[int, int]:
+    """(parameters, LoRA adapter parameters) of the plain AR micro model, from its config."""
+    cfg = load_config(MICRO, PLAIN + overrides)
+    m = cfg.model
+    h, n, k, d, f, r = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.mlp_dim, cfg.ar.lora.rank
+    per_layer = (h * n * d + 2 * h * k * d + n * d * h  # q, k, v, o projections
+                 + 2 * d + 2 * h                        # q/k norms, input/post-attention norms
+                 + 3 * h * f)                           # gate, up, down
+    params = m.n_layers * per_layer + m.vocab_size * h + h  # + embedding (tied) + final norm
+    adapters_per_layer = ((h + n * d) + 2 * (h + k * d) + (n * d + h)  # q, k, v, o: A + B
+                          + 3 * (h + f))                               # gate, up, down
+    return params, m.n_layers * adapters_per_layer * r
+
+
+@pytest.mark.parametrize("tuner", ["full", "lora"])
+def test_state_bytes_match_a_hand_count(tuner: str) -> None:
+    overrides = [f"ar.tuner={tuner}", "ar.lora.rank=4"]
+    cfg = load_config(MICRO, PLAIN + overrides)
+    plan = plan_lib.plan_memory(cfg, "ar", _one_device_mesh(), seq_len=64, global_batch=2,
+                                compile_step=False)
+    params, adapters = _hand_counts(overrides)
+    f32 = 4
+    trained = params if tuner == "full" else adapters
+    assert plan.params_bytes == f32 * (params + (adapters if tuner == "lora" else 0))
+    assert plan.grads_bytes == f32 * trained
+    # AdamW: two moments per trained parameter, plus two int32 step counts (Adam, schedule).
+    assert plan.opt_state_bytes == 2 * f32 * trained + 2 * 4
+    assert plan.batch_bytes == 2 * 64 * (4 + 1)  # int32 tokens + bool mask
+    assert not plan.compiled and plan.temp_bytes is None
+    assert plan.peak_bytes == (plan.params_bytes + plan.opt_state_bytes + plan.grads_bytes
+                               + plan.batch_bytes)
+
+
+@pytest.fixture(scope="module")
+def compiled_plan() -> plan_lib.MemoryPlan:
+    """One compiled plan of the plain micro AR step (the only compile in this module)."""
+    cfg = load_config(MICRO, PLAIN)
+    return plan_lib.plan_memory(cfg, "ar", _one_device_mesh(), seq_len=32, global_batch=2)
+
+
+def test_compiled_step_has_temporaries(compiled_plan: plan_lib.MemoryPlan) -> None:
+    p = compiled_plan
+    assert p.compiled and p.backend == jax.default_backend() and not p.simulated
+    assert p.temp_bytes > 0 and p.activations_bytes > 0
+    # The executable's arguments are the state (plus its int32 step) and the batch.
+    assert p.argument_bytes == p.params_bytes + p.opt_state_bytes + 4 + p.batch_bytes
+    assert p.peak_bytes >= p.argument_bytes + p.temp_bytes - p.alias_bytes
+    phases = [v for k, v in p.estimate_terms.items() if k != "residuals"]
+    assert p.activations_estimate_bytes == p.estimate_terms["residuals"] + max(phases) > 0
+
+
+def test_a_compile_out_of_device_memory_is_a_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    def oom(self: jax.stages.Lowered) -> None:
+        raise jax.errors.JaxRuntimeError(
+            "NOT_FOUND: All configs failed during profiling.\nEXECUTION FAILED: "
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 64.02GiB")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", oom)
+    with pytest.raises(ConfigError, match=r"ran out of device memory: one of its intermediates "
+                                          r"alone does not fit.*64.02GiB.*--simulate"):
+        plan_lib.plan_memory(load_config(MICRO, PLAIN), "ar", _one_device_mesh(), seq_len=32,
+                             global_batch=2)
+
+
+def test_verdict_flips_at_the_peak(compiled_plan: plan_lib.MemoryPlan) -> None:
+    peak = compiled_plan.peak_bytes
+    plan = compiled_plan.with_devices([("exact", peak), ("one byte short", peak - 1)])
+    exact, short = plan.verdicts
+    assert (exact.fits, exact.headroom_bytes) == (True, 0)
+    assert (short.fits, short.headroom_bytes) == (False, -1)
+    text = plan_lib.format_plan(plan, "micro")
+    assert "exact (" in text and "fits, headroom 0 B" in text
+    assert "one byte short" in text and "DOES NOT FIT, short by 1 B" in text
+    assert json.loads(json.dumps(plan.to_json()))["verdicts"][1]["fits"] is False
+
+
+def test_device_presets_and_memory_sizes() -> None:
+    assert plan_lib.resolve_devices(["tpu-v5p", "h100-80gb"], "12.5GB") == [
+        ("tpu-v5p", 95 * 2 ** 30), ("h100-80gb", 81559 * 2 ** 20),
+        ("12.5GB device", 12_500_000_000)]
+    assert plan_lib.parse_bytes("80GiB") == 80 * 2 ** 30
+    assert plan_lib.parse_bytes("1024") == 1024
+    with pytest.raises(ConfigError, match="unknown --device 'tpu-v9'; presets: tpu-v4"):
+        plan_lib.resolve_devices(["tpu-v9"], None)
+    for bad in ("lots", "-1GB", "8 parsecs"):
+        with pytest.raises(ConfigError, match="must be a positive number with an optional unit"):
+            plan_lib.parse_bytes(bad)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fsdp:8", "each item must be AXIS=SIZE"),
+    ("pipeline=2", "each item must be AXIS=SIZE with AXIS one of data, fsdp, tensor"),
+    ("fsdp=8,fsdp=2", "axis fsdp is given twice"),
+    ("fsdp=two", "size of fsdp must be an integer"),
+    ("tensor=0", "size of tensor must be positive or -1"),
+    (",", "names no axis"),
+])
+def test_bad_mesh_strings(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan_lib.parse_mesh(text)
+
+
+def test_mesh_strings() -> None:
+    assert plan_lib.parse_mesh("fsdp=8") == MeshConfig(data=1, fsdp=8, tensor=1)
+    assert plan_lib.parse_mesh("data=2, tensor=-1") == MeshConfig(data=2, fsdp=1, tensor=-1)
+    assert plan_lib.mesh_device_count(MeshConfig(data=2, fsdp=1, tensor=-1), 8, 1) == 8
+    assert plan_lib.mesh_device_count(MeshConfig(data=1, fsdp=-1, tensor=1), None, 4) == 4
+    assert plan_lib.mesh_device_count(MeshConfig(data=2, fsdp=4, tensor=1), None, 1) == 8
+    with pytest.raises(ConfigError, match="has 8 devices but --num-devices is 16"):
+        plan_lib.mesh_device_count(MeshConfig(data=2, fsdp=4, tensor=1), 16, 1)
+
+
+def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main(plan_lib.main, ["--config", MICRO, "--mesh", "fsdp:8"]) == 2
+    assert "error: --mesh 'fsdp:8': each item must be AXIS=SIZE" in capsys.readouterr().err
+    assert run_main(plan_lib.main, ["--config", MICRO, "--device", "tpu-v9"]) == 2
+    assert "error: unknown --device 'tpu-v9'" in capsys.readouterr().err
+    # Checked before any child process is started for a mesh this machine lacks.
+    assert run_main(plan_lib.main, ["--config", MICRO, "--mesh", "fsdp=3"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the global batch (--batch-size) is 4, which data × fsdp = 3 cannot" in err
+    assert "child process" not in err
+
+
+def test_a_mesh_larger_than_the_machine_reruns_on_simulated_devices(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    runs: list[tuple[list[str], dict[str, str]]] = []
+
+    def fake_run(cmd: list[str], env: dict[str, str], check: bool) -> subprocess.CompletedProcess:
+        runs.append((cmd, env))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(plan_lib.subprocess, "run", fake_run)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+    n = jax.device_count() + 1
+    argv = ["--config", MICRO, "--mesh", f"fsdp={n}", "--state-only"]
+    assert plan_lib.main(argv) == 0
+    (cmd, env), = runs
+    assert cmd == [sys.executable, "-m", "pipo_jax.plan", *argv, "--simulated-child"]
+    assert env["XLA_FLAGS"] == ("--xla_cpu_use_thunk_runtime=true "
+                                f"--xla_force_host_platform_device_count={n}")
+    assert env["JAX_PLATFORMS"] == "cpu"
+    assert f"planning on {n} simulated CPU devices in a child process" in capsys.readouterr().err
+    # --simulate asks for the same even where the devices exist.
+    argv = ["--config", MICRO, "--mesh", "data=1", "--state-only", "--simulate"]
+    assert plan_lib.main(argv) == 0
+    assert runs[1][0][-2:] == ["--simulate", "--simulated-child"]
+
+
+def test_fsdp_shards_the_state_on_simulated_devices(tmp_path: Path) -> None:
+    """One child process, run as the planner re-runs itself: on 8 simulated CPU devices with
+    fsdp=8, each device holds about an eighth of the state one device holds alone."""
+    out = tmp_path / "plan.json"
+    cmd, env = plan_lib.simulation_command(
+        ["--config", MICRO, "--mesh", "fsdp=8", "--batch-size", "8", "--state-only",
+         "--json", str(out)], 8)
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "mesh data=1,fsdp=8,tensor=1" in p.stdout and "step not compiled" in p.stdout
+    sharded = json.loads(out.read_text())
+    assert sharded["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and sharded["simulated"]
+
+    whole = plan_lib.plan_memory(load_config(MICRO), "sft", _one_device_mesh(),
+                                 seq_len=256, global_batch=8, compile_step=False)
+    for key in ("params_bytes", "opt_state_bytes", "grads_bytes"):
+        one = getattr(whole, key)
+        # Norm scales over head_dim and the DeltaNet's per-head vectors are not split.
+        assert one / 8 <= sharded[key] < one / 4, key
+    assert sharded["batch_bytes"] == whole.batch_bytes // 8  # one row of 8 per device

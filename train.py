@@ -5,6 +5,11 @@ the larger AR teacher, the student's AR base, PIPO SFT from that base, then on-p
 distillation (OPD) of the PIPO student from the teacher. ``--stage opd`` (repeatable) runs only
 the stages named, in the canonical order. A stage that already has checkpoints resumes from its
 latest one; a finished stage is skipped.
+
+Multi-process runs (TPU pod slices, multi-GPU hosts): every process runs the same command with
+``--distributed-auto`` or ``--coordinator HOST:PORT --num-processes N --process-id I``; see the
+README's "Scaling out". SIGTERM saves the current step and exits with status 143; running the
+command again resumes from it.
 """
 
 from __future__ import annotations

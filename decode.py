@@ -20,8 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import jax
-
 from pipo_jax.api import load
 from pipo_jax.bench.harness import SUMMARY_FILE, evaluate_benchmarks, format_summary
 from pipo_jax.bench.protocol import PRESETS, resolve_options
@@ -29,6 +27,7 @@ from pipo_jax.bench.schema import load_benchmarks
 from pipo_jax.cli import run_main
 from pipo_jax.config import ConfigError, validate_threshold
 from pipo_jax.data import test_examples
+from pipo_jax.distributed import simulate_cpu_devices
 from pipo_jax.evaluate import evaluate, format_table, write_json
 from pipo_jax.sharding import build_mesh, parse_mesh
 
@@ -97,10 +96,7 @@ def main(argv: list[str]) -> int:
     mesh = None
     if args.mesh:
         mesh_cfg = parse_mesh(args.mesh)  # a bad flag fails before JAX starts
-        if args.cpu_devices is not None:
-            if args.cpu_devices < 1:
-                raise ConfigError(f"--cpu-devices must be positive, got {args.cpu_devices}")
-            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        simulate_cpu_devices(args.cpu_devices)
         mesh = build_mesh(mesh_cfg)
     elif args.cpu_devices is not None:
         raise ConfigError("--cpu-devices only applies with --mesh")

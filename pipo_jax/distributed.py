@@ -50,15 +50,22 @@ def _device_ids(text: str | None) -> list[int] | None:
                           ) from e
 
 
+def simulate_cpu_devices(n: int | None) -> None:
+    """``--cpu-devices N``: the CPU backend shows N devices (None: as JAX decides). Must run
+    before anything touches a JAX device."""
+    if n is None:
+        return
+    if n < 1:
+        raise ConfigError(f"--cpu-devices must be positive, got {n}")
+    jax.config.update("jax_num_cpu_devices", n)
+
+
 def initialize(args: argparse.Namespace) -> None:
     """Starts JAX's multi-process runtime as the flags say (nothing when none is given).
 
     Must run before anything touches a JAX device: the device count is fixed at start-up.
     """
-    if args.cpu_devices is not None:
-        if args.cpu_devices < 1:
-            raise ConfigError(f"--cpu-devices must be positive, got {args.cpu_devices}")
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    simulate_cpu_devices(args.cpu_devices)
     manual = [args.coordinator, args.num_processes, args.process_id]
     if args.distributed_auto:
         if any(v is not None for v in manual):

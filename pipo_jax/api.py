@@ -180,6 +180,7 @@ class PipoRunner:
             loop = dec.pipo_decode_loop if pipo else dec.ar_decode_loop
             run_prefill = lambda *a: prefill(*a, **static)
             run_loop = lambda *a: loop(*a, **static)
+            keys = dec.request_keys(seeds)
         else:
             decoder = self._decoder(pipo, static)
             run_prefill, run_loop = decoder.prefill, decoder.loop
@@ -187,11 +188,9 @@ class PipoRunner:
             fill = -len(ids) % batch_parallel(self.mesh)
             tokens, valid = (np.concatenate([a, np.repeat(a[-1:], fill, 0)])
                              for a in (tokens, valid))
-            seeds = [*seeds, *[seeds[-1]] * fill]
-        keys = dec.request_keys(seeds)
-        if self.mesh is not None:
-            tokens, valid, keys = jax.device_put((tokens, valid, keys),
-                                                 batch_sharding(self.mesh))
+            tokens, valid, keys = jax.device_put(
+                (tokens, valid, dec.request_keys([*seeds, *[seeds[-1]] * fill])),
+                batch_sharding(self.mesh))
         t0 = time.perf_counter()
         state = run_prefill(params, tokens, valid, keys, *extra)
         jax.block_until_ready(state.out)

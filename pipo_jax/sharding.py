@@ -162,3 +162,19 @@ def to_host(tree: Any) -> Any:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(get, tree)
+
+
+def check_divisible(tree: Any, shardings: Any, what: str = "parameter") -> None:
+    """Every dimension the rules split must divide evenly over its mesh axes; otherwise a
+    ``ConfigError`` names the array, its shape and the mesh axes (JAX's own error comes later,
+    mid-initialisation, and does not say which rule or config to change)."""
+    for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(tree),
+                                jax.tree.leaves(shardings), strict=True):
+        for dim, axes in zip(leaf.shape, sh.spec, strict=False):
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = int(np.prod([sh.mesh.shape[a] for a in names]))
+            if dim % ways:
+                raise ConfigError(
+                    f"{what} {jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}: its "
+                    f"dimension of size {dim} cannot be split {ways} ways over mesh axes "
+                    f"{names}; choose mesh sizes that divide it (see LOGICAL_AXIS_RULES)")

@@ -92,14 +92,18 @@ def state_shardings(mcfg: ModelConfig, pipo: bool, tx: optax.GradientTransformat
     boxed_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed,
                              opt_state=boxed_opt)
     shardings = sharding.logical_shardings(boxed_state, mesh)
-    return nn.unbox(boxed_state), shardings
+    abstract = nn.unbox(boxed_state)
+    sharding.check_divisible(abstract, shardings, "train state leaf")
+    return abstract, shardings
 
 
 def abstract_params(mcfg: ModelConfig, pipo: bool, mesh: Mesh,
                     lora: LoraConfig | None = None) -> Any:
     """Abstract (unboxed) parameters that carry their mesh shardings: a restore target."""
     boxed = jax.eval_shape(lambda: init_params(mcfg, pipo, jax.random.key(0), lora))
-    return ckpt.abstract_target(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
+    abstract, shardings = nn.unbox(boxed), sharding.logical_shardings(boxed, mesh)
+    sharding.check_divisible(abstract, shardings)
+    return ckpt.abstract_target(abstract, shardings)
 
 
 def dropout_rngs(tc: TrainConfig, step: jax.Array) -> dict[str, jax.Array]:

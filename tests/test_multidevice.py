@@ -88,3 +88,17 @@ def test_state_saved_on_8_devices_restores_on_another_mesh(report: dict, mesh: s
     # requests on a batch split 4 ways: the runner pads the batch and drops the copies).
     assert got["decode"] == report["restore"]["1x1x1"]["decode"]
     assert all(len(tokens) > 0 for tokens in got["decode"])
+
+
+def test_a_mesh_that_cannot_split_a_parameter_is_a_clear_error():
+    # An abstract mesh: the check needs only axis sizes, so it runs without 8 devices.
+    from jax.sharding import AbstractMesh
+
+    from pipo_jax.config import ConfigError, load_config
+    from pipo_jax.trainer import make_optimizer, state_shardings
+
+    cfg = load_config(REPO / "configs" / "micro.yaml")  # 2 query heads, MLP 64, d_model 32
+    tx = make_optimizer(cfg.sft)
+    state_shardings(cfg.model, True, tx, AbstractMesh((1, 2, 2), ("data", "fsdp", "tensor")))
+    with pytest.raises(ConfigError, match=r"cannot be split 4 ways over mesh axes \('tensor',\)"):
+        state_shardings(cfg.model, True, tx, AbstractMesh((1, 1, 4), ("data", "fsdp", "tensor")))

@@ -28,7 +28,7 @@ from pipo_jax.config import ModelConfig
 from pipo_jax.layers import DecoderLayer, norm, slot_name
 from pipo_jax.model import PipoLM
 from pipo_jax.pairs import parity_pad
-from pipo_jax.sharding import batch_sharding
+from pipo_jax.sharding import batch_sharding, replicated
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -490,7 +490,7 @@ ar_decode_loop = jax.jit(_ar_decode_loop, static_argnames=_AR_STATIC, donate_arg
 # ------------------------------------------------------------------------------ on a device mesh
 
 
-def state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:
+def decode_state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:
     """Shardings of a (possibly abstract) ``DecodeState`` on ``mesh``: every batch-major leaf
     split over the batch axes (the cache's stacked layers on their second axis, after
     ``n_blocks``), scalars replicated."""
@@ -498,7 +498,7 @@ def state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:
 
     def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
         if not leaf.shape:
-            return NamedSharding(mesh, PartitionSpec())
+            return replicated(mesh)
         stacked = any(getattr(k, "name", None) == "layers" for k in path)
         return NamedSharding(mesh, PartitionSpec(None, batch_axes) if stacked
                              else PartitionSpec(batch_axes))
@@ -523,10 +523,10 @@ class MeshDecoder:
         # The state's shardings depend on its tree (the model's layer pattern), not on the
         # batch or prompt length, so one pair of jitted programs serves every shape.
         if self._programs is None:
-            batch, rep = batch_sharding(self.mesh), NamedSharding(self.mesh, PartitionSpec())
+            batch, rep = batch_sharding(self.mesh), replicated(self.mesh)
             extra = (rep,) if self.pipo else ()  # the threshold
-            state_sh = state_shardings(jax.eval_shape(self._prefill_fn, params, *args),
-                                       self.mesh)
+            state_sh = decode_state_shardings(
+                jax.eval_shape(self._prefill_fn, params, *args), self.mesh)
             self._programs = (
                 jax.jit(self._prefill_fn, in_shardings=(self.params_sh, batch, batch, batch,
                                                         *extra), out_shardings=state_sh),

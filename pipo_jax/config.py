@@ -274,9 +274,14 @@ class TrainConfig:
     # multiple of ``keep_every`` (0: none), e.g. for evaluating the run's history later.
     keep_checkpoints: int = 2
     keep_every: int = 0
-    # SPEC §4 loss weights and PAD augmentation (ignored by the ``ar`` stage).
+    # SPEC §4 loss weights and PAD augmentation (ignored by the ``ar`` stage). Each step draws
+    # r ~ U[0, pad_ratio_max]; every response pair then holds a rejection event with probability
+    # r (a per-pair Bernoulli draw). "shift" inserts one lone PAD, the state after a rejected
+    # draft; "split" (the reference) turns (a, b) into (a, PAD), (b, PAD); "mix" picks either
+    # per event (``pipo_jax.pairs.random_pad_augment``).
     w_mtp: float = 1.0
     w_conf: float = 1.0
+    pad_augment: Literal["split", "shift", "mix"] = "shift"
     pad_ratio_max: float = 0.25
     # Tokens per chunk of the vocabulary cross-entropy (peak logits memory: chunk × V).
     loss_chunk: int = 2048
@@ -294,8 +299,9 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ConfigError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        if not 0.0 <= self.pad_ratio_max <= 1.0:
-            raise ConfigError(f"pad_ratio_max must be in [0, 1], got {self.pad_ratio_max}")
+        if not 0.0 <= self.pad_ratio_max <= 1.0:  # also refuses NaN
+            raise ConfigError(f"pad_ratio_max must be in [0, 1] (the largest per-pair rejection "
+                              f"probability), got {self.pad_ratio_max}")
         if self.loss_chunk <= 0 or self.log_every <= 0 or self.ckpt_every <= 0:
             raise ConfigError("loss_chunk, log_every and ckpt_every must be positive")
         if self.keep_checkpoints < 1:

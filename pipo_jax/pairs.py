@@ -56,38 +56,65 @@ def pair_length(prompt_len: int, response_len: int) -> int:
     return n + n % 2
 
 
-def random_pad_split(tokens: np.ndarray, loss_mask: np.ndarray, ratio: float,
-                     rng: np.random.Generator, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random PAD augmentation (SPEC §4) of one even-length pair sequence.
+PAD_AUGMENT_MODES = ("split", "shift", "mix")
 
-    Eligible pairs are pairs whose second token is a target. ``max(1, round(ratio · n))`` of them
-    (none when ``ratio`` is 0 or nothing is eligible) are split: ``(a, b)`` becomes ``(a, PAD),
-    (b, PAD)``. Order of real tokens is kept; PADs land at odd positions and carry no loss.
-    Returns the longer ``tokens`` and ``loss_mask``.
+
+def random_pad_augment(tokens: np.ndarray, loss_mask: np.ndarray, ratio: float,
+                       rng: np.random.Generator, pad_id: int,
+                       mode: str = "shift") -> tuple[np.ndarray, np.ndarray]:
+    """Random PAD augmentation (SPEC §4, issue #13) of one even-length pair sequence.
+
+    The response is re-paired as the decoder would emit it with random rejections: every output
+    pair takes the next real token as its first slot; its second slot is the following real token
+    (a committed draft) or, with probability ``ratio`` per pair whose candidate second token is
+    a target, a *rejection event*:
+
+    * ``shift``: one rejection, ``(a, PAD)``; the rest of the sequence moves by one token, exactly
+      the state after a rejected draft at inference: ``(a, PAD), (b, c), (d, e), …``. The MTP
+      target at the ``(a, PAD)`` latent is the token after ``b``, a trained label.
+    * ``split`` (the reference form): two rejections in a row, ``(a, PAD), (b, PAD)``; the pairing
+      of the rest is unchanged, so each eligible original pair ``(a, b)`` is split independently
+      with probability ``ratio``.
+    * ``mix``: each event is a ``shift`` or a ``split`` with probability 1/2.
+
+    Tokens before the first target (the prompt and its parity PAD) are kept as they are; the
+    response's PADs (a trailing parity PAD, earlier augmentation) are dropped and re-made, and a
+    final odd length gets its parity PAD. Order and loss mask of real tokens are kept; PADs land
+    at odd positions and carry no loss. Returns the new ``tokens`` and ``loss_mask`` (1-D).
     """
+    if mode not in PAD_AUGMENT_MODES:
+        raise ValueError(f"pad augmentation mode must be one of {PAD_AUGMENT_MODES}, "
+                         f"got {mode!r}")
     if len(tokens) % 2:
         raise ValueError(f"pair sequence must have even length, got {len(tokens)}")
-    pairs_tok = np.asarray(tokens).reshape(-1, 2)
-    pairs_mask = np.asarray(loss_mask).reshape(-1, 2)
-    eligible = np.flatnonzero(pairs_mask[:, 1] & (pairs_tok[:, 1] != pad_id))
-    if ratio <= 0 or eligible.size == 0:
-        return np.asarray(tokens), np.asarray(loss_mask)
-    n_split = min(eligible.size, max(1, int(round(ratio * eligible.size))))
-    split = np.zeros(len(pairs_tok), dtype=bool)
-    split[rng.choice(eligible, size=n_split, replace=False)] = True
-    # Each pair becomes one row (unsplit) or two rows (split); build with a repeat and fix-ups.
-    reps = np.where(split, 2, 1)
-    out_tok = np.repeat(pairs_tok, reps, axis=0)
-    out_mask = np.repeat(pairs_mask, reps, axis=0)
-    first_rows = np.cumsum(reps) - reps  # row index where each original pair starts
-    s_first = first_rows[split]
-    out_tok[s_first + 1, 0] = pairs_tok[split, 1]
-    out_mask[s_first + 1, 0] = pairs_mask[split, 1]
-    out_tok[s_first, 1] = pad_id
-    out_tok[s_first + 1, 1] = pad_id
-    out_mask[s_first, 1] = False
-    out_mask[s_first + 1, 1] = False
-    return out_tok.reshape(-1), out_mask.reshape(-1)
+    tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
+    targets = np.flatnonzero(loss_mask)
+    if ratio <= 0 or targets.size == 0:
+        return tokens, loss_mask
+    start = int(targets[0]) // 2 * 2  # the first pair that holds a target
+    rest = tokens[start:]
+    real = rest != pad_id
+    rest_tok, rest_mask = rest[real].tolist(), loss_mask[start:][real].tolist()
+    out_tok, out_mask = tokens[:start].tolist(), loss_mask[:start].tolist()
+    n, i, pending = len(rest_tok), 0, 0
+    while i < n:
+        out_tok.append(rest_tok[i])
+        out_mask.append(rest_mask[i])
+        i += 1
+        if i < n and pending == 0 and rest_mask[i] and rng.random() < ratio:
+            split = mode == "split" or (mode == "mix" and rng.random() < 0.5)
+            pending = 2 if split else 1
+        if i < n and pending == 0:
+            out_tok.append(rest_tok[i])
+            out_mask.append(rest_mask[i])
+            i += 1
+        else:  # a rejected draft, or the parity PAD after the last token
+            out_tok.append(pad_id)
+            out_mask.append(False)
+            pending = max(0, pending - 1)
+    out = np.asarray(out_tok, dtype=tokens.dtype)
+    assert_pad_at_odd(out, pad_id)
+    return out, np.asarray(out_mask, dtype=bool)
 
 
 def fit_to_length(tokens: np.ndarray, loss_mask: np.ndarray, length: int,

@@ -67,7 +67,7 @@ def _sft_batch() -> tuple[np.ndarray, np.ndarray]:
         prompt = rng.integers(1, CFG.vocab_size, prompt_len).tolist()
         resp = rng.integers(1, CFG.vocab_size, resp_len).tolist()
         t, m = pairs.build_pair_sequence(prompt, resp, PAD)
-        t, m = pairs.random_pad_split(t, m, 0.3, rng, PAD)
+        t, m = pairs.random_pad_augment(t, m, 0.3, rng, PAD, "mix")
         rows.append(pairs.fit_to_length(t, m, 20, PAD))
     tokens = np.stack([r[0] for r in rows])
     mask = np.stack([r[1] for r in rows])

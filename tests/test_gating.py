@@ -18,6 +18,7 @@ import pytest
 from pipo_jax import decoding as dec
 from pipo_jax.config import ModelConfig
 from pipo_jax.model import PipoLM
+from pipo_jax.pairs import parity_pad
 
 PAD = 0
 CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -240,6 +241,55 @@ def test_threshold_half_matches_manual_gate(params):
     # Non-vacuous: the gate both committed and rejected drafts in this run.
     assert counts["committed"] > 0 and counts["rejected"] > 0, counts
     assert counts["committed"] == res["n_commits"].sum()
+
+
+_forward = jax.jit(lambda p, t: PipoLM(CFG, True).apply({"params": p}, t))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1.0])
+def test_decode_with_rejections_matches_teacher_forced_forward(params, threshold):
+    """The decoder's output after rejections is a *shifted* pair sequence (``(x, PAD)``, then
+    real pairs one token later); the teacher-forced forward on that emitted sequence must
+    reproduce every decision: token1 = backbone argmax at the latent before it, the draft =
+    MTP argmax there, committed iff ``sigmoid(confidence) >= threshold`` — and the step-by-step
+    logits must equal the forward's (fp32), (x, PAD) latents included."""
+    res = pipo_decode(params, PROMPTS, threshold)
+    check_invariants(res, EOS)
+    after_rejection = 0
+    for r, prompt in enumerate(PROMPTS):
+        n = int(res["n_passes"][r])
+        out = res["out"][r, :2 * n]
+        seq = np.asarray(list(parity_pad(prompt, PAD)) + out.tolist(), np.int32)
+        l0 = len(parity_pad(prompt, PAD)) // 2
+        ref = _forward(params, jnp.asarray(seq)[None])
+        lg_h = np.array(dec.lm_logits(CFG, params, ref["h"]))[0]
+        lg_m = np.asarray(dec.lm_logits(CFG, params, ref["m"]))[0]
+        conf = np.asarray(jax.nn.sigmoid(ref["conf_logits"]))[0]
+        lg_h[:, PAD] = -np.inf
+        # Step-by-step replay of this row alone, forced to its emitted tokens.
+        tokens, valid = _prompts([prompt])
+        rh, rm, rc, cache, pos = _replay_prefill(params, tokens, valid, out[None, 0],
+                                                 slots=tokens.shape[1] // 2 + BUDGET)
+        tol = dict(rtol=1e-4, atol=1e-4)
+        for s in range(n):
+            i = l0 - 1 + s  # the latent whose backbone state emits pass s
+            if s:
+                prev = out[None, 2 * s - 2:2 * s]
+                rh, rm, rc, cache, pos = _replay_step(params, cache, pos, prev, out[None, 2 * s],
+                                                      jnp.ones((1,), bool))
+            np.testing.assert_allclose(np.asarray(rh)[0], np.asarray(
+                dec.lm_logits(CFG, params, ref["h"]))[0, i], **tol)
+            assert out[2 * s] == np.argmax(lg_h[i]), (r, s)
+            if threshold < 1.0 and i < len(lg_m):
+                np.testing.assert_allclose(np.asarray(rm)[0], lg_m[i], **tol)
+                np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(rc))[0], conf[i], **tol)
+                last = (out[:2 * s] != PAD).sum() + 1 >= BUDGET
+                if abs(conf[i] - threshold) > 1e-5 and not last:
+                    want = int(np.argmax(lg_m[i])) if conf[i] >= threshold else PAD
+                    assert out[2 * s + 1] == want, (r, s)
+            after_rejection += int(s > 0 and out[2 * s - 1] == PAD)
+    # Non-vacuous: decoding ran on from (x, PAD) latents.
+    assert after_rejection > 0
 
 
 def _with_nan_heads(params):

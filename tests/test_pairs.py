@@ -81,7 +81,7 @@ def test_build_pair_sequence_rejects_bad_input():
         pairs.build_pair_sequence([1], [2, PAD, 3], PAD)
 
 
-# -------------------------------------------------------------------------- random PAD split
+# ---------------------------------------------------------------------- random PAD augmentation
 
 
 def _parse_split(t_in, m_in, t_out, m_out) -> list[int]:
@@ -106,79 +106,125 @@ def _parse_split(t_in, m_in, t_out, m_out) -> list[int]:
     return split
 
 
-def test_random_pad_split_properties():
-    n_nonempty = 0
+def _decoder_targets(t_out) -> None:
+    """Brute force: replays ``t_out`` as a decoder would emit it, one pair per backbone pass,
+    and checks that every latent's training targets are the tokens that decoder needs next.
+
+    The emitted stream of real tokens is the response with its PADs removed. After latent ``i``
+    (pairs ``0..i`` consumed) the decoder must produce ``token1`` = the first real token it has
+    not emitted yet (the backbone target ``t[2i+2]``), and the MTP head must draft the real token
+    after that one (``t[2i+3]``), unless that draft is rejected there (PAD: no label). This holds
+    at ``(x, PAD)`` latents too: that is where the decoder runs after every rejection.
+    """
+    real = [int(x) for x in t_out if x != PAD]
+    pairs_out = t_out.reshape(-1, 2)
+    emitted = 0
+    for i in range(len(pairs_out) - 1):
+        emitted += int(pairs_out[i, 0] != PAD) + int(pairs_out[i, 1] != PAD)
+        nxt_a, nxt_b = pairs_out[i + 1]
+        assert nxt_a == real[emitted], f"latent {i}: backbone target is not the next token"
+        if nxt_b != PAD:
+            assert nxt_b == real[emitted + 1], f"latent {i}: MTP target skips a token"
+
+
+@pytest.mark.parametrize("mode", pairs.PAD_AUGMENT_MODES)
+def test_random_pad_augment_properties(mode):
+    n_events = 0
     for rng, prompt, response in _cases(400, 1):
         t, m = pairs.build_pair_sequence(prompt, response, PAD)
-        # Sometimes augment twice: the second pass sees pairs that already hold PAD.
-        if rng.random() < 0.3:
-            t, m = pairs.random_pad_split(t, m, 0.5, rng, PAD)
         ratio = float(rng.choice([0.0, rng.random() * 0.5, rng.random(), 1.0]))
-        t2, m2 = pairs.random_pad_split(t, m, ratio, rng, PAD)
+        t2, m2 = pairs.random_pad_augment(t, m, ratio, rng, PAD, mode)
         assert len(t2) % 2 == 0 and len(t2) == len(m2)
         assert not (t2[0::2] == PAD).any(), "PAD at an even position"
-        pairs.assert_pad_at_odd(t2, PAD)
         # Real tokens in the same order, with the same loss mask; PAD labels ignored.
         np.testing.assert_array_equal(t2[t2 != PAD], t[t != PAD])
         np.testing.assert_array_equal(m2[t2 != PAD], m[t != PAD])
         assert not m2[t2 == PAD].any()
-        # Which pairs were split, and how many.
-        split = _parse_split(t, m, t2, m2)
-        pin, min_ = t.reshape(-1, 2), m.reshape(-1, 2)
-        eligible = [i for i in range(len(pin)) if min_[i, 1] and pin[i, 1] != PAD]
-        assert set(split) <= set(eligible), "split a pair whose second token is prompt or PAD"
-        n = len(eligible)
-        want = 0 if ratio == 0 or n == 0 else min(n, max(1, round(ratio * n)))
-        assert len(split) == want, (ratio, n, len(split))
-        assert len(t2) == len(t) + 2 * want
-        n_nonempty += want > 0
-    assert n_nonempty > 100  # the loop really exercised splitting
+        # The prompt and its parity PAD are untouched.
+        p_len = len(prompt) + len(prompt) % 2
+        np.testing.assert_array_equal(t2[:p_len], t[:p_len])
+        _decoder_targets(t2[p_len:])
+        if mode == "split":
+            split = _parse_split(t, m, t2, m2)
+            pin, min_ = t.reshape(-1, 2), m.reshape(-1, 2)
+            eligible = [i for i in range(len(pin)) if min_[i, 1] and pin[i, 1] != PAD]
+            assert set(split) <= set(eligible), "split a pair whose second token is not a target"
+            if ratio == 1.0:
+                assert split == eligible
+        n_events += int((t2 == PAD).sum() > (t == PAD).sum())
+    assert n_events > 100  # the loop really exercised augmentation
 
 
-def test_random_pad_split_small_ratio_still_splits_one():
-    t, m = pairs.build_pair_sequence([1, 2, 3], list(range(4, 24)), PAD)
-    t2, _ = pairs.random_pad_split(t, m, 1e-6, np.random.default_rng(0), PAD)
-    assert len(t2) == len(t) + 2
-
-
-def test_random_pad_split_nothing_eligible_or_zero_ratio_is_identity():
+def test_random_pad_augment_zero_ratio_or_no_target_is_identity():
     rng = np.random.default_rng(0)
-    t, m = pairs.build_pair_sequence([1, 2, 3, 4], [], PAD)  # prompt only
-    for ratio in (0.0, 0.5, 1.0):
-        t2, m2 = pairs.random_pad_split(t, m, ratio, rng, PAD)
+    for mode in pairs.PAD_AUGMENT_MODES:
+        t, m = pairs.build_pair_sequence([1, 2, 3, 4], [], PAD)  # prompt only
+        for ratio in (0.0, 0.5, 1.0):
+            t2, m2 = pairs.random_pad_augment(t, m, ratio, rng, PAD, mode)
+            np.testing.assert_array_equal(t2, t)
+            np.testing.assert_array_equal(m2, m)
+        t, m = pairs.build_pair_sequence([1, 2], [3, 4, 5, 6], PAD)
+        t2, m2 = pairs.random_pad_augment(t, m, 0.0, rng, PAD, mode)
         np.testing.assert_array_equal(t2, t)
-        np.testing.assert_array_equal(m2, m)
-    t, m = pairs.build_pair_sequence([1, 2], [3, 4, 5, 6], PAD)
-    t2, m2 = pairs.random_pad_split(t, m, 0.0, rng, PAD)
-    np.testing.assert_array_equal(t2, t)
-    # Only the response pair (5, PAD) left after a full split: PAD second tokens are not eligible.
-    t, m = pairs.build_pair_sequence([1, 2], [3], PAD)
-    t2, _ = pairs.random_pad_split(t, m, 1.0, rng, PAD)
-    np.testing.assert_array_equal(t2, t)
+        # A response of one token has no second token to reject.
+        t, m = pairs.build_pair_sequence([1, 2], [3], PAD)
+        t2, _ = pairs.random_pad_augment(t, m, 1.0, rng, PAD, mode)
+        np.testing.assert_array_equal(t2, t)
 
 
-def test_random_pad_split_full_ratio_example():
-    t, m = pairs.build_pair_sequence([7, 8, 9], [1, 2, 3], PAD)  # 7 8 | 9 P | 1 2 | 3 P
-    t2, m2 = pairs.random_pad_split(t, m, 1.0, np.random.default_rng(0), PAD)
-    np.testing.assert_array_equal(t2, [7, 8, 9, PAD, 1, PAD, 2, PAD, 3, PAD])
-    np.testing.assert_array_equal(m2, [0, 0, 0, 0, 1, 0, 1, 0, 1, 0])
+def test_random_pad_augment_full_ratio_examples():
+    t, m = pairs.build_pair_sequence([7, 8, 9], [1, 2, 3, 4, 5], PAD)  # 7 8 | 9 P | 1 2 | 3 4 | 5 P
+    rng = np.random.default_rng(0)
+    # split: every response pair (a, b) -> (a, PAD), (b, PAD).
+    t2, m2 = pairs.random_pad_augment(t, m, 1.0, rng, PAD, "split")
+    np.testing.assert_array_equal(t2, [7, 8, 9, PAD, 1, PAD, 2, PAD, 3, PAD, 4, PAD, 5, PAD])
+    np.testing.assert_array_equal(m2, [0, 0, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0])
+    # shift at ratio 1 rejects every draft: one real token per pair, as decoding at tau = 1.
+    t2, m2 = pairs.random_pad_augment(t, m, 1.0, rng, PAD, "shift")
+    np.testing.assert_array_equal(t2, [7, 8, 9, PAD, 1, PAD, 2, PAD, 3, PAD, 4, PAD, 5, PAD])
 
 
-def test_random_pad_split_choice_is_random_and_covers_every_eligible_pair():
-    t, m = pairs.build_pair_sequence([1, 2], list(range(3, 13)), PAD)  # 5 eligible pairs
-    seen = set()
-    for seed in range(60):
-        t2, m2 = pairs.random_pad_split(t, m, 0.2, np.random.default_rng(seed), PAD)  # 1 split
-        split = _parse_split(t, m, t2, m2)
-        assert len(split) == 1
-        seen.add(split[0])
-    assert seen == {1, 2, 3, 4, 5}
+def test_random_pad_augment_shift_moves_the_rest_by_one():
+    t, m = pairs.build_pair_sequence([7, 8], [1, 2, 3, 4, 5, 6], PAD)  # 7 8 | 1 2 | 3 4 | 5 6
+
+    class FirstOnly:  # rejects only the first eligible draft
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def random(self) -> float:
+            self.calls += 1
+            return 0.0 if self.calls == 1 else 1.0
+
+    t2, m2 = pairs.random_pad_augment(t, m, 0.5, FirstOnly(), PAD, "shift")
+    # (1, PAD), (2, 3), (4, 5), (6, PAD): the MTP target at the (1, PAD) latent is 3, trained.
+    np.testing.assert_array_equal(t2, [7, 8, 1, PAD, 2, 3, 4, 5, 6, PAD])
+    np.testing.assert_array_equal(m2, [0, 0, 1, 0, 1, 1, 1, 1, 1, 0])
+    t3, _ = pairs.random_pad_augment(t, m, 0.5, FirstOnly(), PAD, "split")
+    np.testing.assert_array_equal(t3, [7, 8, 1, PAD, 2, PAD, 3, 4, 5, 6])
 
 
-def test_random_pad_split_rejects_odd_length():
+@pytest.mark.parametrize("mode", pairs.PAD_AUGMENT_MODES)
+def test_random_pad_augment_is_a_per_pair_bernoulli_draw(mode):
+    """Each eligible pair holds an event with probability ``ratio``, independently: the event
+    count over many rows matches a binomial, and any number of events (zero too) occurs."""
+    t, m = pairs.build_pair_sequence([1, 2], list(range(3, 43)), PAD)  # 20 response pairs
+    ratio, counts = 0.2, []
+    for seed in range(400):
+        t2, _ = pairs.random_pad_augment(t, m, ratio, np.random.default_rng(seed), PAD, mode)
+        counts.append(int((t2 == PAD).sum()))
+    counts = np.asarray(counts)
+    assert (counts == 0).any() and len(set(counts.tolist())) > 4
+    if mode == "split":  # frame kept: 20 pairs, 2 PADs per split, none otherwise
+        np.testing.assert_allclose(counts.mean() / 2, 20 * ratio, rtol=0.1)
+
+
+def test_random_pad_augment_rejects_bad_input():
     with pytest.raises(ValueError, match="even length"):
-        pairs.random_pad_split(np.arange(1, 4), np.ones(3, bool), 0.5,
-                               np.random.default_rng(0), PAD)
+        pairs.random_pad_augment(np.arange(1, 4), np.ones(3, bool), 0.5,
+                                 np.random.default_rng(0), PAD)
+    t, m = pairs.build_pair_sequence([1, 2], [3, 4], PAD)
+    with pytest.raises(ValueError, match="split"):
+        pairs.random_pad_augment(t, m, 0.5, np.random.default_rng(0), PAD, "insert")
 
 
 # ------------------------------------------------------------------------ pair invariant check

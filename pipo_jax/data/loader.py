@@ -96,7 +96,7 @@ def bucket_length(longest: int, buckets: Sequence[int], max_len: int) -> int:
 
 
 def _make_batch(step: int, examples: Sequence[Ids], *, stage: str, seed: int,
-                pad_ratio_max: float, max_len: int, pad_id: int,
+                pad_ratio_max: float, max_len: int, pad_id: int, pad_augment: str = "shift",
                 buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Stacks one step's examples into arrays.
 
@@ -116,7 +116,7 @@ def _make_batch(step: int, examples: Sequence[Ids], *, stage: str, seed: int,
         ratio = float(rng.uniform(0.0, pad_ratio_max))
         for p, r in examples:
             tokens, mask = pairs.build_pair_sequence(p, r, pad_id)
-            rows.append(pairs.random_pad_split(tokens, mask, ratio, rng, pad_id))
+            rows.append(pairs.random_pad_augment(tokens, mask, ratio, rng, pad_id, pad_augment))
     length = bucket_length(max(len(t) for t, _ in rows), buckets, max_len)
     fitted = [pairs.fit_to_length(t, m, length, pad_id) for t, m in rows]
     return {"tokens": np.stack([t for t, _ in fitted]),
@@ -197,6 +197,7 @@ def make_train_dataset(cfg: Config, tokenizer: Tokenizer, stage: str) -> grain.M
     data = cfg.data
     make_batch = functools.partial(
         _make_batch, stage=stage, seed=train_cfg.seed, pad_ratio_max=train_cfg.pad_ratio_max,
+        pad_augment=train_cfg.pad_augment,
         max_len=data.max_len, pad_id=tokenizer.pad_id, buckets=data.buckets)
     examples = _train_examples(data, tokenizer)
     if not data.buckets:

@@ -9,8 +9,14 @@ For the run's ``sft`` and ``opd`` PIPO checkpoints and its ``teacher``, on the f
    ``--samples`` times with the OPD rollout decoder (temperature 1, gating off, the same jitted
    function as training). On those rollouts: the exact reverse KL ``KL(p_s ‖ p_t)`` to the
    teacher at backbone and MTP positions, the confidence head's mean prediction against the
-   realised acceptance probability ``α = min(1, p_t(y)/p_s(y))`` of each drafted token, and the
-   head's expected calibration error against ``α`` (10 equal-width bins).
+   realised acceptance probability ``α = min(1, p_t(y)/p_s(y))`` of each drafted token, and how
+   well the head predicts acceptance (``confidence_scores``): ECE (``--ece-bins`` equal-width
+   bins) and Brier score against ``α``; AUROC and Brier against two binary labels, ``α ≥ 0.5``
+   and "the teacher's sample at the position equals the draft" (drawn with probability
+   ``p_t(y)``). On an easy task ``α ≈ 1`` nearly everywhere and the ECE is small whatever the
+   head ranks; the AUROC says whether it scores the rejected drafts lower. The SFT student's
+   head was trained against ``p_mtp(gold)`` (SPEC §4), the OPD one against ``α``: the same
+   numbers on both show what OPD changed.
 2. **Accuracy vs speed.** ``decode`` at temperature 1 (optionally with ``--top-k`` /
    ``--top-p``, the paper's 20 / 0.95; ``--samples`` per problem: pass@1 is the mean over
    samples, pass@k the unbiased estimator) for every threshold of ``--thresholds``:
@@ -18,7 +24,10 @@ For the run's ``sft`` and ``opd`` PIPO checkpoints and its ``teacher``, on the f
    backbone passes; AR is 1 by definition). The teacher (AR) is evaluated the same way.
 
 Prints the tables, writes ``benchmarks/results/opd_eval.json`` and, with matplotlib installed
-(``requirements-dev.txt``), the plot ``benchmarks/results/opd_accuracy_vs_speedup.png``.
+(``requirements-dev.txt``), the plot ``benchmarks/results/opd_accuracy_vs_speedup.png`` and one
+reliability diagram per student (confidence against ``α``), ``reliability_sft.png`` and
+``reliability_opd.png`` beside the JSON (their paths are in it, ``rollouts.<stage>.
+reliability_diagram``).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import RESULTS, table, write
-from pipo_jax import opd
+from pipo_jax import calibration
 from pipo_jax.api import PipoRunner, load
 from pipo_jax.data import example_to_ids, test_examples
 from pipo_jax.distill import (
@@ -44,11 +53,41 @@ from pipo_jax.distill import (
 from pipo_jax.evaluate import evaluate
 
 STAGES = ("sft", "opd")
+# Seed of the teacher-sample labels (``confidence_scores``): the same labels on every run.
+_LABEL_SEED = 20240613
+
+
+def confidence_scores(flat: dict[str, np.ndarray], bins: int,
+                      seed: int = _LABEL_SEED) -> dict[str, float]:
+    """The confidence head against acceptance on drafted positions (host arrays ``flat``:
+    ``confidence``, ``confidence_logit``, ``acceptance`` α, ``teacher_prob`` p_t(y)).
+
+    ``ece`` (``bins`` bins) and ``brier`` against α; ``auroc`` and ``brier_alpha_0.5`` against
+    the label α ≥ 0.5 (``alpha_below_0.5``: its share of negatives); ``auroc_teacher_sample``
+    and ``brier_teacher_sample`` against the label "a sample of the teacher equals the draft",
+    drawn as ``u < p_t(y)`` with ``u ~ U(0, 1)`` (``seed``): distributed exactly as ``1[y_t = y]``
+    for ``y_t ~ p_t`` without sampling the vocabulary (``teacher_prob_mean``: its expected
+    positive rate). AUROCs rank the logits (no ties from saturated sigmoids); NaN when a label
+    has one class.
+    """
+    conf, logit, alpha = flat["confidence"], flat["confidence_logit"], flat["acceptance"]
+    accepted = alpha >= 0.5
+    matched = np.random.default_rng(seed).random(alpha.shape) < flat["teacher_prob"]
+    every = np.ones_like(conf, bool)
+    return {"ece": float(calibration.expected_calibration_error(conf, alpha, every, bins)),
+            "brier": float(calibration.brier_score(conf, alpha)),
+            "auroc": float(calibration.auroc(logit, accepted)),
+            "brier_alpha_0.5": float(calibration.brier_score(conf, accepted)),
+            "alpha_below_0.5": float(np.mean(~accepted)),
+            "auroc_teacher_sample": float(calibration.auroc(logit, matched)),
+            "brier_teacher_sample": float(calibration.brier_score(conf, matched)),
+            "teacher_prob_mean": float(flat["teacher_prob"].mean())}
 
 
 def rollout_quality(runner: PipoRunner, teacher: PipoRunner, examples: list[dict], samples: int,
-                    batch: int, bins: int) -> dict[str, float]:
-    """Section 1 of the module docstring for one student."""
+                    batch: int, bins: int, diagram: Path | None = None) -> dict[str, Any]:
+    """Section 1 of the module docstring for one student; with ``diagram``, its reliability
+    diagram (confidence against α) is drawn there when matplotlib is installed."""
     cfg, tok = runner.config, runner.tokenizer
     roll = rollout_fn(cfg, tok)
     stats = jax.jit(lambda p, tp, rows: rollout_statistics(
@@ -63,20 +102,48 @@ def rollout_quality(runner: PipoRunner, teacher: PipoRunner, examples: list[dict
         tokens, valid = rollout_prompts(cfg, tok, chunk)
         rows = roll(runner.params, tokens, valid, rollout_seeds(12345, start, len(chunk)))
         got = jax.device_get(stats(runner.params, teacher.ar_params, rows))
-        for name in ("kl_backbone", "kl_mtp", "confidence", "acceptance"):
+        for name in ("kl_backbone", "kl_mtp", "confidence", "confidence_logit", "acceptance",
+                     "teacher_prob"):
             mask = got["backbone" if name == "kl_backbone" else "mtp"]
             acc.setdefault(name, []).append(got[name][mask])
         scores.append(rollout_scores(tok, jax.device_get(rows), answers[start:start + batch]))
     flat = {k: np.concatenate(v) for k, v in acc.items()}
-    ece = float(opd.expected_calibration_error(flat["confidence"], flat["acceptance"],
-                                               np.ones_like(flat["confidence"], bool), bins))
+    conf = confidence_scores(flat, bins)
+    png = None
+    if diagram is not None:
+        png = plot_diagram(flat["confidence"], flat["acceptance"], diagram, bins, conf,
+                           f"PIPO {runner.stage.upper()}: confidence vs α on its rollouts "
+                           f"({flat['acceptance'].size} drafts)")
     return {"kl_backbone": float(flat["kl_backbone"].mean()),
             "kl_mtp": float(flat["kl_mtp"].mean()),
             "confidence_mean": float(flat["confidence"].mean()),
             "acceptance_mean": float(flat["acceptance"].mean()),
-            "ece": ece,
+            **conf,
             "rollout_accuracy": float(np.mean([s["rollout_accuracy"] for s in scores])),
-            "positions": int(flat["acceptance"].size)}
+            "positions": int(flat["acceptance"].size),
+            "reliability_diagram": None if png is None else _shown(png)}
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it (the JSON stays the
+    same from machine to machine), else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def plot_diagram(conf: np.ndarray, alpha: np.ndarray, path: Path, bins: int,
+                 scores: dict[str, float], title: str) -> Path | None:
+    """``calibration.plot_reliability`` with the headline scores, or None without matplotlib."""
+    try:
+        return calibration.plot_reliability(
+            conf, alpha, path, bins=bins, title=title,
+            scores={"ECE": scores["ece"], "Brier": scores["brier"],
+                    "AUROC α≥0.5": scores["auroc"],
+                    "AUROC teacher sample": scores["auroc_teacher_sample"]})
+    except ImportError:
+        print("matplotlib is not installed: no reliability diagram "
+              "(pip install -r requirements-dev.txt)")
+        return None
 
 
 def sweep(runner: PipoRunner, examples: list[dict], thresholds: list[float], samples: int,
@@ -154,6 +221,7 @@ def main() -> None:
     args = p.parse_args()
     thresholds = [float(t) for t in args.thresholds.split(",")]
     sampling = {"temperature": 1.0, "top_k": args.top_k, "top_p": args.top_p}
+    out_dir = Path(args.out).parent if args.out else RESULTS
     runners = {s: load(args.run, stage=s, ar_stage="teacher") for s in STAGES}
     teacher = runners["sft"]
     if teacher.ar_params is None:
@@ -164,8 +232,9 @@ def main() -> None:
                               "sweep": {}}
     for stage, runner in runners.items():
         print(f"{stage}: rollouts", flush=True)
-        result["rollouts"][stage] = rollout_quality(runner, teacher, examples, args.samples,
-                                                    args.batch_size, args.ece_bins)
+        result["rollouts"][stage] = rollout_quality(
+            runner, teacher, examples, args.samples, args.batch_size, args.ece_bins,
+            diagram=out_dir / f"reliability_{stage}.png")
         result["sweep"][stage] = sweep(runner, examples, thresholds, args.samples,
                                        args.batch_size, sampling)
     t = evaluate(teacher, examples, samples=args.samples, models=("ar",), timing_problems=0,
@@ -182,6 +251,11 @@ def main() -> None:
             ("confidence_mean", ".4f"), ("acceptance_mean", ".4f"), ("ece", ".4f"),
             ("rollout_accuracy", ".3f")]
     print(table([{"stage": s, **r[s]} for s in STAGES], cols))
+    print("Confidence head against acceptance (AUROC: label α ≥ 0.5 / teacher's sample = draft):")
+    cols = [("stage", "s"), ("auroc", ".4f"), ("auroc_teacher_sample", ".4f"), ("brier", ".5f"),
+            ("brier_teacher_sample", ".4f"), ("alpha_below_0.5", ".4f"),
+            ("teacher_prob_mean", ".4f")]
+    print(table([{"stage": s, **r[s]} for s in STAGES], cols))
     print(f"KL OPD/SFT: backbone {result['ratios']['kl_backbone_opd/sft']:.2f}x, "
           f"MTP {result['ratios']['kl_mtp_opd/sft']:.2f}x")
     print(f"\nThreshold sweep, decode with {sampling} ({args.samples} samples per problem):")
@@ -193,6 +267,9 @@ def main() -> None:
     print(f"AR teacher: pass@1 {t['pass@1']:.3f}, {k} {t[k]:.3f}")
     path = write("opd_eval", result, args.out)
     print(f"wrote {path}")
+    for stage in STAGES:
+        if r[stage]["reliability_diagram"]:
+            print(f"wrote {r[stage]['reliability_diagram']}")
     png = plot(result, Path(args.plot) if args.plot else RESULTS / "opd_accuracy_vs_speedup.png")
     if png:
         print(f"wrote {png}")

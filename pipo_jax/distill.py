@@ -138,9 +138,11 @@ def rollout_statistics(params: Params, teacher_params: Params, rows: dict[str, A
     """Per-position student–teacher statistics of rollout rows, for evaluation. Each B×(L-1):
 
     ``kl_backbone`` / ``kl_mtp``: exact reverse KL ``KL(p_s ‖ p_t)`` at backbone / MTP positions;
-    ``confidence``: the confidence head's probability; ``acceptance``: the realised acceptance
-    probability ``min(1, p_t(y)/p_s(y))`` of the drafted token ``y`` (full-vocabulary
-    probabilities); ``backbone`` / ``mtp``: the positions that count (real drafts only).
+    ``confidence`` / ``confidence_logit``: the confidence head's probability and its logit;
+    ``acceptance``: the realised acceptance probability ``min(1, p_t(y)/p_s(y))`` of the drafted
+    token ``y`` (full-vocabulary probabilities); ``teacher_prob``: ``p_t(y)``, the probability
+    that a sample of the teacher at that position equals the draft; ``backbone`` / ``mtp``: the
+    positions that count (real drafts only).
     """
     tokens = rows["tokens"]
     masks = opd.target_masks(tokens, rows["prompt_len"], rows["seq_len"], pad_id, eos_id, "mask")
@@ -157,8 +159,10 @@ def rollout_statistics(params: Params, teacher_params: Params, rows: dict[str, A
 
     bb = terms(out["h"], teacher["backbone"], tokens[:, 2::2])
     mtp = terms(out["m"], teacher["mtp"], tokens[:, 3::2])
+    z = out["conf_logits"]
     return {"kl_backbone": bb["kl"], "kl_mtp": mtp["kl"],
-            "confidence": jax.nn.sigmoid(out["conf_logits"]), "acceptance": mtp["acceptance"],
+            "confidence": jax.nn.sigmoid(z), "confidence_logit": z,
+            "acceptance": mtp["acceptance"], "teacher_prob": jnp.exp(mtp["teacher_logprob"]),
             "backbone": masks["backbone"], "mtp": masks["mtp"]}
 
 

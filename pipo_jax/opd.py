@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pipo_jax.calibration import auroc, brier_score, expected_calibration_error
 from pipo_jax.losses import masked_mean
 
 Array = jax.Array
@@ -123,7 +124,11 @@ def divergence_terms(zs_NxV: Array, zt_NxV: Array, labels_N: Array, fill_N: Arra
       ``r·∇log p_s(y)`` is unbiased for ``∇ KL`` (the plain ``r`` has zero-mean gradient).
     * ``kl``: exact full-vocabulary reverse KL (a metric, detached).
     * ``acceptance``: the confidence target, detached: ``min(1, p_t(y)/p_s(y))`` (on the union's
-      renormalised probabilities for ``topk``), or ``1 - TV = Σ min(p_s, p_t)`` for ``full``.
+      renormalised probabilities for ``topk``), or ``1 - TV = Σ min(p_s, p_t)`` for ``full``;
+      where ``fill_N`` (no committed draft), ``1 - TV`` in every mode.
+    * ``teacher_logprob``: ``log p_t(y)`` of the label under the full-vocabulary teacher,
+      detached (``p_t(y)`` is the probability that a teacher sample equals the draft; evaluation
+      only, see ``distill.rollout_statistics``).
     * ``labels``: the labels used.
     """
     zs = zs_NxV.astype(jnp.float32)
@@ -159,15 +164,22 @@ def divergence_terms(zs_NxV: Array, zt_NxV: Array, labels_N: Array, fill_N: Arra
         acceptance = jnp.exp(-jnp.maximum(0.0, r))
     else:
         raise ValueError(f"unknown divergence {mode!r}; use topk, full or sampled")
+    # A filled position had no committed draft to score (rejected, or PAD drafted): its target
+    # is the expected acceptance of a draft y ~ p_s, 1 - TV. α at the student's argmax scores
+    # one token the sampler may never have drafted, a biased target exactly where gating acts.
+    expected = jnp.sum(jnp.minimum(ps, jnp.exp(lt)), axis=-1)
+    acceptance = jnp.where(fill_N, expected, acceptance)
     return {"objective": objective, "kl": jax.lax.stop_gradient(kl),
-            "acceptance": jax.lax.stop_gradient(acceptance), "labels": y}
+            "acceptance": jax.lax.stop_gradient(acceptance), "teacher_logprob": pick(lt, y),
+            "labels": y}
 
 
 def _full_terms_by_vocab(h_CxH: Array, ws_VxH: Array, ht_CxHt: Array, wt_VxHt: Array,
                         labels_C: Array, fill_C: Array, vocab_chunk: int) -> dict[str, Array]:
     """``divergence_terms(mode="full")`` with the logits made ``vocab_chunk`` columns at a time:
-    two scans over vocabulary blocks (log-normalisers and the student's argmax, then the KL and
-    ``Σ min(p_s, p_t)``), so the peak is ``C × vocab_chunk`` instead of ``C × V``."""
+    two scans over vocabulary blocks (log-normalisers and the student's argmax, then the KL,
+    ``Σ min(p_s, p_t)`` and the teacher's log-probability of the label), so the peak is
+    ``C × vocab_chunk`` instead of ``C × V``."""
     v = ws_VxH.shape[0]
     n_blocks = -(-v // vocab_chunk)
     pad = n_blocks * vocab_chunk - v
@@ -204,10 +216,11 @@ def _full_terms_by_vocab(h_CxH: Array, ws_VxH: Array, ht_CxHt: Array, wt_VxHt: A
     init = (lowest, zeros, lowest, zeros, lowest, jnp.zeros((c,), jnp.int32))
     (ms, ss, mt, st, _, arg), _ = jax.lax.scan(normalisers, init, (ws_b, wt_b, ids_b))
     log_zs, log_zt = ms + jnp.log(ss), mt + jnp.log(st)
+    y = jnp.where(fill_C, arg.astype(labels_C.dtype), labels_C)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def sums(carry: tuple[Array, Array], blk: tuple[Array, ...]) -> tuple[tuple, None]:
-        kl, overlap = carry
+    def sums(carry: tuple[Array, ...], blk: tuple[Array, ...]) -> tuple[tuple, None]:
+        kl, overlap, lt_y = carry
         w_s, w_t, ids = blk
         valid = ids[None] < v
         ls = logits(h_CxH, w_s, ids) - log_zs[:, None]
@@ -216,12 +229,12 @@ def _full_terms_by_vocab(h_CxH: Array, ws_VxH: Array, ht_CxHt: Array, wt_VxHt: A
         kl = kl + jnp.sum(jnp.where(valid, ps * (jnp.where(valid, ls, 0) - jnp.where(valid, lt, 0)),
                                     0.0), axis=-1)
         overlap = overlap + jnp.sum(jnp.where(valid, jnp.minimum(ps, jnp.exp(lt)), 0.0), axis=-1)
-        return (kl, overlap), None
+        lt_y = lt_y + jnp.sum(jnp.where(ids[None] == y[:, None], lt, 0.0), axis=-1)
+        return (kl, overlap, lt_y), None
 
-    (kl, overlap), _ = jax.lax.scan(sums, (zeros, zeros), (ws_b, wt_b, ids_b))
-    y = jnp.where(fill_C, arg.astype(labels_C.dtype), labels_C)
+    (kl, overlap, lt_y), _ = jax.lax.scan(sums, (zeros, zeros, zeros), (ws_b, wt_b, ids_b))
     return {"objective": kl, "kl": jax.lax.stop_gradient(kl),
-            "acceptance": jax.lax.stop_gradient(overlap), "labels": y}
+            "acceptance": jax.lax.stop_gradient(overlap), "teacher_logprob": lt_y, "labels": y}
 
 
 def chunked_divergence(hs_NxH: Array, ws_VxH: Array, ht_NxHt: Array, wt_VxHt: Array,
@@ -256,19 +269,6 @@ def chunked_divergence(hs_NxH: Array, ws_VxH: Array, ht_NxHt: Array, wt_VxHt: Ar
     return {name: v.reshape(-1)[:n] for name, v in out.items()}
 
 
-# ------------------------------------------------------------------------------- calibration
-
-
-def expected_calibration_error(pred_N: Array, target_N: Array, mask_N: Array,
-                               bins: int) -> Array:
-    """``Σ_b (n_b/N)·|mean pred_b − mean target_b|`` over ``bins`` equal-width bins of the
-    prediction, masked positions only (0 when none)."""
-    which = jnp.clip(jnp.floor(pred_N * bins).astype(jnp.int32), 0, bins - 1)
-    member = jax.nn.one_hot(which, bins) * mask_N.astype(jnp.float32)[:, None]
-    gap = jnp.abs(jnp.sum(member * pred_N[:, None], 0) - jnp.sum(member * target_N[:, None], 0))
-    return jnp.sum(gap) / jnp.maximum(jnp.sum(member), 1.0)
-
-
 # --------------------------------------------------------------------------------- the loss
 
 
@@ -281,6 +281,11 @@ def opd_loss(outputs: dict[str, Array], ws_VxH: Array, teacher: dict[str, Array]
     ``outputs`` is the student's teacher-forced forward (``h``, ``m``, ``conf_logits``, each over
     ``L-1`` positions); ``teacher`` holds the teacher's hidden states aligned to them
     (``backbone``, ``mtp``: B×(L-1)×Ht); ``masks`` comes from ``target_masks``.
+
+    Confidence metrics, at MTP positions: ``ece`` (``ece_bins`` bins) and ``brier`` (mean squared
+    error) of the head's probability against the target ``α``, and ``auroc`` of the head against
+    the binary label ``α ≥ 0.5`` (NaN in a step without both classes, see
+    ``calibration.auroc``). ``α`` is the divergence's ``acceptance`` (``1 − TV`` for ``full``).
     """
     b, n, _ = outputs["h"].shape
 
@@ -300,13 +305,16 @@ def opd_loss(outputs: dict[str, Array], ws_VxH: Array, teacher: dict[str, Array]
     bce = masked_mean(optax.sigmoid_binary_cross_entropy(z, target), m_mtp)
     loss = w_backbone * d_bb + w_mtp * d_mtp + w_conf * bce
     pred = jax.nn.sigmoid(z)
+    # The AUROC ranks the logits: same value as the sigmoids, without the ties of saturation.
+    z_N, target_N, m_N = jax.lax.stop_gradient(z).reshape(-1), target.reshape(-1), m_mtp.reshape(-1)
     metrics = {
         "loss": loss, "loss_backbone": d_bb, "loss_mtp": d_mtp, "loss_confidence": bce,
         "kl_backbone": masked_mean(bb["kl"], m_bb), "kl_mtp": masked_mean(mtp["kl"], m_mtp),
         "confidence_pred_mean": masked_mean(pred, m_mtp),
         "confidence_target_mean": masked_mean(target, m_mtp),
-        "ece": expected_calibration_error(pred.reshape(-1), target.reshape(-1),
-                                          m_mtp.reshape(-1), ece_bins),
+        "ece": expected_calibration_error(pred.reshape(-1), target_N, m_N, ece_bins),
+        "brier": brier_score(pred.reshape(-1), target_N, m_N),
+        "auroc": auroc(z_N, target_N >= 0.5, m_N),
         "mtp_pad_filled": jnp.sum(masks["fill"]),
         "target_tokens": jnp.sum(m_bb) + jnp.sum(m_mtp),
     }

@@ -179,13 +179,22 @@ def test_acceptance_targets():
     np.testing.assert_array_equal(g(jnp.asarray(zs, jnp.float32)), 0.0)
 
 
-def test_pad_fill_uses_the_student_argmax():
+@pytest.mark.parametrize("mode", ["topk", "full", "sampled"])
+def test_pad_fill_uses_the_student_argmax_and_the_expected_acceptance(mode):
+    """A filled MTP target (rejected or PAD draft) trains on the student's argmax; its
+    confidence target is the expected acceptance of a draft from p_s, 1 - TV, not α(argmax):
+    there was no committed draft to score."""
     zs = np.array([0.0, 3.0, 1.0, 0.5])
     zt = np.array([1.0, 0.0, 2.0, 0.0])
-    got = _terms(zs, zt, P, "sampled", fill=True)
+    got = _terms(zs, zt, P, mode, fill=True)
     assert int(got["labels"][0]) == 1
-    np.testing.assert_allclose(got["acceptance"][0],
-                               min(1.0, _softmax(zt)[1] / _softmax(zs)[1]), rtol=1e-5)
+    ps, pt = _softmax(zs), _softmax(zt)
+    np.testing.assert_allclose(got["acceptance"][0], np.minimum(ps, pt).sum(), rtol=1e-5)
+    assert abs(np.minimum(ps, pt).sum() - min(1.0, pt[1] / ps[1])) > 0.05  # non-vacuous
+    # Unfilled positions keep α at the drafted label.
+    if mode != "full":
+        np.testing.assert_allclose(_terms(zs, zt, 2, mode)["acceptance"][0],
+                                   min(1.0, pt[2] / ps[2]), rtol=1e-5)
 
 
 def _full_kl(z, zt):
@@ -352,6 +361,9 @@ def test_opd_loss_under_jit_has_finite_gradients_for_every_divergence(divergence
     for g in grads:
         assert np.all(np.isfinite(g)) and float(jnp.abs(g).sum()) > 0
     assert float(metrics["kl_backbone"]) > 0 and 0 <= float(metrics["ece"]) <= 1
+    assert 0 <= float(metrics["brier"]) <= 1
+    # Random logits: both classes of α ≥ 0.5 occur among the 12 MTP positions.
+    assert 0 <= float(metrics["auroc"]) <= 1
 
 
 def test_rollout_scores_read_answers_from_the_response():
@@ -430,8 +442,8 @@ def test_opd_stage_logs_every_metric_and_checkpoints(opd_run):
     records = read_jsonl(stage_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     want = {"loss", "loss_backbone", "loss_mtp", "loss_confidence", "kl_backbone", "kl_mtp",
-            "confidence_pred_mean", "confidence_target_mean", "ece", "rollout_tokens",
-            "rollout_pads", "rollout_finished", "rollout_accuracy", "grad_norm",
+            "confidence_pred_mean", "confidence_target_mean", "ece", "brier", "auroc",
+            "rollout_tokens", "rollout_pads", "rollout_finished", "rollout_accuracy", "grad_norm",
             *(f"commit_rate@{t}" for t in opd.OPD_COMMIT_THRESHOLDS)}
     assert want <= set(records[-1]), want - set(records[-1])
     assert list(stage_dir.glob("events.out.tfevents.*"))  # TensorBoard
@@ -495,6 +507,28 @@ def test_load_picks_the_opd_stage_and_the_teacher(opd_run):
         load(root / "run", stage="ar")
 
 
+def test_opd_eval_reports_confidence_metrics_and_a_reliability_diagram(opd_run, tmp_path):
+    """``benchmarks/opd_eval``'s rollout section on the micro run: every confidence metric is
+    reported, in range, and the stage's reliability diagram is written and listed."""
+    from benchmarks import opd_eval
+    from pipo_jax.data import test_examples
+
+    _, root, _ = opd_run
+    runner = load(root / "run", stage="opd", ar_stage="teacher")
+    examples = test_examples(runner.config, 2)
+    png = tmp_path / "reliability_opd.png"
+    got = opd_eval.rollout_quality(runner, runner, examples, samples=2, batch=4, bins=10,
+                                   diagram=png)
+    assert got["positions"] > 0
+    for key in ("ece", "brier", "brier_alpha_0.5", "brier_teacher_sample", "alpha_below_0.5",
+                "teacher_prob_mean"):
+        assert 0 <= got[key] <= 1, key
+    for key in ("auroc", "auroc_teacher_sample"):  # NaN only when a label has one class
+        assert np.isnan(got[key]) or 0 <= got[key] <= 1, key
+    if got["reliability_diagram"] is not None:  # None without matplotlib
+        assert Path(got["reliability_diagram"]).resolve() == png and png.stat().st_size > 0
+
+
 @pytest.mark.parametrize("fill", [False, True])
 def test_full_divergence_chunked_over_the_vocabulary_matches_the_whole(fill):
     rng = np.random.default_rng(3)
@@ -514,6 +548,40 @@ def test_full_divergence_chunked_over_the_vocabulary_matches_the_whole(fill):
 
     whole, g_whole = run(0)
     blocks, g_blocks = run(4)
-    for key in ("objective", "kl", "acceptance", "labels"):
+    for key in ("objective", "kl", "acceptance", "teacher_logprob", "labels"):
         np.testing.assert_allclose(blocks[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # The teacher's log-probability of the label (fills: the student's argmax) is log p_t(y).
+    lt = jax.nn.log_softmax(hts @ wt.T)
+    np.testing.assert_allclose(whole["teacher_logprob"],
+                               np.take_along_axis(lt, whole["labels"][:, None], 1)[:, 0],
+                               rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(g_blocks, g_whole, rtol=1e-4, atol=1e-6)
+
+
+def test_gated_opd_step_trains_on_rejections_under_jit(micro):
+    """One gated OPD step (``opd.rollout_threshold`` 0.5, the compiled stage programs): the
+    rollouts hold real rejections — lone PADs in second slots, followed by real pairs — and
+    the update trains there: finite loss, filled MTP targets (their confidence target, 1 - TV,
+    is tested in ``test_pad_fill_uses_the_student_argmax_and_the_expected_acceptance``), and
+    parameters that move."""
+    cfg, tok, step_fn, state, teacher = _setup(micro, "opd.rollout_threshold=0.5",
+                                               "opd.warmup_frac=0.0")
+    before = _copy(state.params)
+    state, metrics, rows = step_fn(state, teacher, _prompts(tok), 0)
+    toks, n = np.asarray(rows["tokens"]), np.asarray(rows["seq_len"])
+    prompt_len = np.asarray(rows["prompt_len"])
+    lone = 0
+    for r in range(len(toks)):
+        resp = toks[r, prompt_len[r]:n[r]]
+        assert np.all(resp[0::2] != tok.pad_id)  # PAD never opens a pair
+        # A rejection mid-row: (x, PAD) followed by a real first token.
+        lone += int(np.sum((resp[1:-2:2] == tok.pad_id) & (resp[2:-1:2] != tok.pad_id)))
+    assert lone > 0, "no rejected draft: the gate did not act"
+    assert float(metrics["mtp_pad_filled"]) > 0
+    for key in ("loss", "loss_confidence", "kl_mtp", "confidence_target_mean", "ece"):
+        assert np.isfinite(float(metrics[key])), key
+    state, metrics, _ = step_fn(state, teacher, _prompts(tok), 1)  # lr is 0 at step 0
+    assert np.isfinite(float(metrics["loss"]))
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, before)
+    assert max(jax.tree.leaves(moved)) > 0
+    assert 0.0 <= float(metrics["confidence_target_mean"]) <= 1.0

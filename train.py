@@ -54,7 +54,8 @@ def main(argv: list[str]) -> int:
         if not lead:
             continue
         summary = {k: round(v, 4) for k, v in result.final_metrics.items()
-                   if k.startswith(("loss", "accuracy", "commit", "kl_", "ece", "rollout_acc"))}
+                   if k.startswith(("loss", "accuracy", "commit", "kl_", "ece", "brier", "auroc",
+                                    "rollout_acc"))}
         print(f"{result.stage_dir}: step {result.steps} in {result.seconds:.0f}s {summary}",
               flush=True)
     return 0

@@ -44,7 +44,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from pipo_jax.config import Config, ConfigError, from_dict, save_config, to_dict
+from pipo_jax.config import Config, ConfigError, save_config, saved_from_dict, to_dict
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -417,7 +417,7 @@ def _corrupt(manager: ocp.CheckpointManager, step: int, err: BaseException) -> C
 
 def _config_of(manager: ocp.CheckpointManager, step: int, raw: Any) -> Config:
     try:
-        return from_dict(raw)
+        return saved_from_dict(raw)
     except ConfigError as e:
         raise CheckpointError(
             f"the config saved with checkpoint step {step} in {manager.directory} does not fit "

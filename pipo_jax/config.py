@@ -154,6 +154,12 @@ class ModelConfig:
 LAYER_TYPES = ("full_attention", "linear_attention")
 
 
+# ``DataConfig.task``'s values, and the operations of the mixed task (``data.ops``).
+Task = Literal["addition", "mixed"]
+TASKS: tuple[str, ...] = typing.get_args(Task)
+MIXED_OPS = ("add", "sub", "mul")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Training data: the embedded arithmetic task or the user's chat-JSONL trajectories."""
@@ -180,10 +186,18 @@ class DataConfig:
     # Where TFDS writes the array_record files; relative paths are under the working directory.
     data_dir: str = "runs/tfds"
     # The arithmetic task's generation settings (unused by ``source: chat_jsonl``).
+    # "mixed": column addition, subtraction and multiplication by a digit, each line worded in
+    # one of a few equivalent phrasings drawn at random (``pipo_jax.data.mixed``), so that second
+    # tokens are not all predictable. "addition": column addition in one fixed wording
+    # (``pipo_jax.data.arith``, the original task; its built data sets keep their directories).
+    task: Task = "mixed"
+    # task mixed: the operations, problems cycling through them (sub: a - b with a >= b; mul: a
+    # ``levels``-digit number times a digit in 2..9).
+    ops: tuple[str, ...] = MIXED_OPS
     seed: int = 0
     num_train: int = 20000
     num_test: int = 500
-    # Difficulty levels: the number of digits of the operands.
+    # Difficulty levels: the number of digits of the operands (for mul: of the multi-digit one).
     levels: tuple[int, ...] = (2, 3, 4)
     # Training sequence length in tokens (prompt + response, after PAD insertion). Longer
     # examples are truncated, their tail labels dropped (or, with ``overlength: drop``, the
@@ -197,6 +211,18 @@ class DataConfig:
             raise ConfigError("data.num_train and data.num_test must be positive")
         if not self.levels or any(level < 1 or level > 12 for level in self.levels):
             raise ConfigError(f"data.levels must be digit counts in 1..12, got {self.levels}")
+        # ``_coerce`` already rejects an unknown task from YAML; this covers direct construction.
+        if self.task not in TASKS:
+            raise ConfigError(f"data.task must be one of {list(TASKS)}, got {self.task!r}")
+        if not self.ops or set(self.ops) - set(MIXED_OPS) or len(set(self.ops)) < len(self.ops):
+            raise ConfigError(f"data.ops must be a non-empty list of distinct operations of "
+                              f"{list(MIXED_OPS)}, got {list(self.ops)}")
+        # The default cannot be told from an explicit setting, so only a non-default ``ops`` is
+        # caught; it would otherwise be ignored silently.
+        if self.task != "mixed" and self.ops != MIXED_OPS:
+            raise ConfigError(f"data.ops applies to data.task=mixed only, but data.task is "
+                              f"{self.task} (column addition); set data.task=mixed or drop "
+                              "data.ops")
         if self.source == "chat_jsonl" and not self.train_files:
             raise ConfigError("data.source is chat_jsonl but data.train_files is empty; list the "
                               "JSONL files (or glob patterns) to train on")
@@ -600,6 +626,25 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 
+# Fields whose default changed meaning when they were added: a config saved before (every saved
+# config lists every field, so a missing one predates it) gets the value it ran with.
+# (``split``: the reference augmentation, then with a fixed count of splits per row.)
+_FILLED_IN_SAVED = {("data", "task"): "addition", ("sft", "pad_augment"): "split"}
+
+
+def saved_from_dict(raw: dict[str, Any]) -> Config:
+    """``from_dict`` for a config saved with a run (``save_config``, checkpoints), also by an
+    earlier version: a run saved before ``data.task`` existed trained on ``addition``, not on
+    today's default."""
+    if not isinstance(raw, dict):
+        return from_dict(raw)  # its error
+    raw = json.loads(json.dumps(raw))  # deep copy of plain data
+    for (section, key), value in _FILLED_IN_SAVED.items():
+        if isinstance(raw.get(section), dict):
+            raw[section].setdefault(key, value)
+    return from_dict(raw)
+
+
 def config_from_json(path: str | Path) -> Config:
     p = Path(path)
     try:
@@ -608,4 +653,4 @@ def config_from_json(path: str | Path) -> Config:
         raise ConfigError(f"{p} is missing: not a pipo-jax run directory?") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p} is corrupt (invalid JSON: {e})") from e
-    return from_dict(raw)
+    return saved_from_dict(raw)

@@ -16,7 +16,7 @@ import pytest
 from pipo_jax import pairs, trainer
 from pipo_jax.config import Config, ConfigError, DataConfig, TrainConfig, load_config
 from pipo_jax.convert import model_config
-from pipo_jax.data import arith, chat_builder, chat_jsonl, loader
+from pipo_jax.data import arith, chat_builder, chat_jsonl, loader, tfds_builder
 from pipo_jax.data.chat_jsonl import ChatDataError, MalformedLines, conversation_ids
 from pipo_jax.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -295,7 +295,7 @@ def arith_as_chat(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Con
     root = tmp_path_factory.mktemp("arith_chat")
     base = DataConfig(data_dir=str(root / "tfds"), num_train=48, num_test=12, levels=LEVELS,
                       max_len=400)
-    examples = arith.generate_split("train", base.seed, base.num_train, base.levels)
+    examples = tfds_builder.generate_split(base, "train")
     path = _write(root / "arith.jsonl", [
         _line(arith.to_messages(ex) + [{"role": "assistant",
                                         "content": "<think>\n" + ex["response"]}])

@@ -14,7 +14,7 @@ import pytest
 
 from pipo_jax import pairs
 from pipo_jax.config import Config, DataConfig, TrainConfig
-from pipo_jax.data import arith, loader, tfds_builder
+from pipo_jax.data import arith, loader, mixed, tfds_builder
 from pipo_jax.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_build_and_read_round_trip(tmp_path: Path) -> None:
         src = tfds_builder.load_source(data, split)
         assert len(src) == n
         got = [src[i] for i in range(n)]
-        assert got == arith.generate_split(split, data.seed, n, data.levels)
+        assert got == tfds_builder.generate_split(data, split, n)
         assert all(isinstance(e["question"], str) and isinstance(e["level"], int) for e in got)
 
 
@@ -76,14 +76,15 @@ def test_second_load_does_not_rebuild(cfg: Config, monkeypatch: pytest.MonkeyPat
 
 def test_crashed_build_is_never_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _data_cfg(tmp_path)
-    real = arith.generate_split
+    assert data.task == "mixed"
+    real = mixed.generate_split
 
     def crash_on_test(split: str, *args: object) -> list[dict]:
         if split == "test":  # the train split is already written by now
             raise RuntimeError("simulated crash")
         return real(split, *args)
 
-    monkeypatch.setattr(arith, "generate_split", crash_on_test)
+    monkeypatch.setattr(mixed, "generate_split", crash_on_test)
     with pytest.raises(RuntimeError, match="simulated crash"):
         tfds_builder.build(data)
     final = Path(tfds_builder._builder(data).data_dir)
@@ -92,9 +93,9 @@ def test_crashed_build_is_never_read(tmp_path: Path, monkeypatch: pytest.MonkeyP
     stale = final.parent / f"incomplete.DEAD01_{final.name}"
     stale.mkdir(parents=True)
     (stale / "pipo_arith-train.array_record-00000-of-00001").write_bytes(b"garbage")
-    monkeypatch.setattr(arith, "generate_split", real)
+    monkeypatch.setattr(mixed, "generate_split", real)
     src = tfds_builder.load_source(data, "train")
-    assert [src[i] for i in range(3)] == real("train", data.seed, 3, data.levels)
+    assert [src[i] for i in range(3)] == real("train", data.seed, 3, data.levels, data.ops)
     assert not stale.exists()
 
 
@@ -146,7 +147,7 @@ def _ids_by_question(cfg: Config, tok: ByteTokenizer) -> dict[str, tuple[list[in
 
 
 def _question(tok: ByteTokenizer, tokens: np.ndarray) -> str:
-    m = re.search(r"What is \d+ \+ \d+\?", tok.decode(tokens))
+    m = re.search(r"What is \d+ [-+*] \d+\?", tok.decode(tokens))
     assert m is not None
     return m.group(0)
 
@@ -204,7 +205,7 @@ def test_sft_batch_pair_invariants(cfg: Config) -> None:
 
 
 def test_test_examples(cfg: Config) -> None:
-    want = arith.generate_split("test", cfg.data.seed, cfg.data.num_test, cfg.data.levels)
+    want = tfds_builder.generate_split(cfg.data, "test")
     assert loader.test_examples(cfg, 5) == want[:5]
     assert loader.test_examples(cfg.data, None) == want
     with pytest.raises(ValueError, match="num_test"):

@@ -205,6 +205,14 @@ def test_other_section_validation():
         C.load_config(None, ["stages=[rl]"])
     with pytest.raises(ConfigError, match="pad_ratio_max"):
         C.load_config(None, ["sft.pad_ratio_max=1.5"])
+    for bad in ("-0.1", ".nan"):
+        with pytest.raises(ConfigError, match="pad_ratio_max"):
+            C.load_config(None, [f"sft.pad_ratio_max={bad}"])
+    with pytest.raises(ConfigError, match=r"sft\.pad_augment must be one of \['split', 'shift', "
+                                          r"'mix'\], got 'insert'") as e:
+        C.load_config(None, ["sft.pad_augment=insert"])
+    assert "\n" not in str(e.value)
+    assert C.load_config(None, ["sft.pad_augment=mix"]).sft.pad_augment == "mix"
     with pytest.raises(ConfigError, match="top_p"):
         C.load_config(None, ["decode.top_p=0"])
 

@@ -13,7 +13,14 @@ import pytest
 
 from pipo_jax import config as config_lib
 from pipo_jax import pairs
-from pipo_jax.config import MIXED_OPS, Config, ConfigError, DataConfig, TrainConfig, load_config
+from pipo_jax.config import (
+    DEFAULT_MIXED_OPS,
+    Config,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    load_config,
+)
 from pipo_jax.data import arith, loader, mixed, tfds_builder
 from pipo_jax.tokenizer import ByteTokenizer
 
@@ -195,7 +202,7 @@ def test_bad_problems_are_refused() -> None:
 
 
 def test_mixed_is_the_default_and_the_configs_say_so() -> None:
-    assert DataConfig().task == "mixed" and DataConfig().ops == ("add", "sub", "mul")
+    assert DataConfig().task == "mixed" and DataConfig().ops == ("add", "sub")
     for name in ("tiny", "micro"):
         assert load_config(CONFIGS / f"{name}.yaml").data.task == "mixed"
     assert load_config(CONFIGS / "tiny.yaml", ["data.task=addition"]).data.task == "addition"
@@ -249,7 +256,7 @@ def test_tfds_round_trip_and_directories(tmp_path: Path) -> None:
     # Other operations or the addition task: directories of their own; addition's are named as
     # before the mixed task existed, so data built then is still found.
     other = tfds_builder.build(dataclasses.replace(data, ops=("mul", "sub")))
-    addition_cfg = dataclasses.replace(data, task="addition", ops=MIXED_OPS)
+    addition_cfg = dataclasses.replace(data, task="addition", ops=DEFAULT_MIXED_OPS)
     addition = tfds_builder.build(addition_cfg)
     assert len({built, other, addition}) == 3
     assert addition.parent.name == "s0_tr30_te9_l2-3" == tfds_builder.config_name(0, 30, 9, (2, 3))

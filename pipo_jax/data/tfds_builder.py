@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 NAME = "pipo_arith"
 # The mixed task's data version, apart from the builder's (``addition``'s), so that a change to
 # one task's generator rebuilds only that task's data sets.
-MIXED_VERSION = "1.0.0"
-_MIXED_NOTES = {MIXED_VERSION: "Column add / sub / mul-by-digit with randomly varied wording."}
+MIXED_VERSION = "1.1.0"
+_MIXED_NOTES = {"1.0.0": "Column add / sub / mul-by-digit with randomly varied wording.",
+                "1.1.0": "Column lines open with their numbers in every phrasing."}
 
 
 def config_name(seed: int, num_train: int, num_test: int, levels: tuple[int, ...],

@@ -38,6 +38,20 @@ def write(name: str, payload: dict[str, Any], out: str | None) -> Path:
     return path
 
 
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None (with a note) when matplotlib
+    (a dev dependency) is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -r requirements-dev.txt)")
+        return None
+    return plt
+
+
 def set_blas_threads(n: int) -> None:
     """Sets OpenBLAS's thread count (scipy's OpenBLAS, loaded by transformers): its own thread
     pool competes with torch's and XLA's for a small machine's cores. Must run before the

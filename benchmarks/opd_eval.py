@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks.common import RESULTS, table, write
+from benchmarks.common import RESULTS, pyplot, table, write
 from pipo_jax import calibration
 from pipo_jax.api import PipoRunner, load
 from pipo_jax.data import example_to_ids, test_examples
@@ -161,13 +161,8 @@ def sweep(runner: PipoRunner, examples: list[dict], thresholds: list[float], sam
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -r requirements-dev.txt)")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for stage, marker in zip(STAGES, ("o", "s"), strict=True):

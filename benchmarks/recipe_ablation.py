@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import RESULTS, table, write
+from benchmarks.common import RESULTS, pyplot, table, write
+from benchmarks.opd_eval import sweep
 from pipo_jax import checkpoint as ckpt
 from pipo_jax import losses, pairs
 from pipo_jax.api import PipoRunner, load
@@ -139,32 +140,20 @@ def heldout_teacher_forced(runner: PipoRunner, examples: list[dict],
 
 def measure(runner: PipoRunner, examples: list[dict], thresholds: list[float],
             greedy_thresholds: list[float], samples: int, batch: int) -> list[dict[str, Any]]:
-    rows = []
-    for thr in thresholds:
-        res = evaluate(runner, examples, samples=samples, models=("pipo",), timing_problems=0,
-                       progress=False, threshold=thr, batch_size=batch,
-                       temperature=1.0)["pipo"]
-        row = {"threshold": thr, "pass@1": res["pass@1"],
-               f"pass@{samples}": res[f"pass@{samples}"], "commit_rate": res["commit_rate"],
-               "tokens_per_pass": res["tokens_per_pass"]}
-        if thr in greedy_thresholds:
+    """``opd_eval.sweep`` at temperature 1, plus greedy pass@1 at ``greedy_thresholds``."""
+    rows = sweep(runner, examples, thresholds, samples, batch,
+                 {"temperature": 1.0, "top_k": 0, "top_p": 1.0})
+    for row in rows:
+        if row["threshold"] in greedy_thresholds:
             g = evaluate(runner, examples, models=("pipo",), timing_problems=0, progress=False,
-                         threshold=thr, batch_size=batch, temperature=0.0)["pipo"]
+                         threshold=row["threshold"], batch_size=batch, temperature=0.0)["pipo"]
             row.update(greedy=g["pass@1"], greedy_tokens_per_pass=g["tokens_per_pass"])
-        rows.append(row)
-        print(f"  threshold {thr:g}: pass@1 {row['pass@1']:.3f} commit {row['commit_rate']:.3f} "
-              f"tokens/pass {row['tokens_per_pass']:.2f}", flush=True)
     return rows
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -r requirements-dev.txt)")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
     markers = "osD^v<>"

@@ -61,7 +61,7 @@ PAD_AUGMENT_MODES = ("split", "shift", "mix")
 
 def random_pad_augment(tokens: np.ndarray, loss_mask: np.ndarray, ratio: float,
                        rng: np.random.Generator, pad_id: int,
-                       mode: str = "shift") -> tuple[np.ndarray, np.ndarray]:
+                       mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Random PAD augmentation (SPEC §4, issue #13) of one even-length pair sequence.
 
     The response is re-paired as the decoder would emit it with random rejections: every output

@@ -221,7 +221,7 @@ def test_random_pad_augment_is_a_per_pair_bernoulli_draw(mode):
 def test_random_pad_augment_rejects_bad_input():
     with pytest.raises(ValueError, match="even length"):
         pairs.random_pad_augment(np.arange(1, 4), np.ones(3, bool), 0.5,
-                                 np.random.default_rng(0), PAD)
+                                 np.random.default_rng(0), PAD, "shift")
     t, m = pairs.build_pair_sequence([1, 2], [3, 4], PAD)
     with pytest.raises(ValueError, match="split"):
         pairs.random_pad_augment(t, m, 0.5, np.random.default_rng(0), PAD, "insert")

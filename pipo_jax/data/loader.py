@@ -96,7 +96,7 @@ def bucket_length(longest: int, buckets: Sequence[int], max_len: int) -> int:
 
 
 def _make_batch(step: int, examples: Sequence[Ids], *, stage: str, seed: int,
-                pad_ratio_max: float, max_len: int, pad_id: int, pad_augment: str = "shift",
+                pad_ratio_max: float, pad_augment: str, max_len: int, pad_id: int,
                 buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Stacks one step's examples into arrays.
 

@@ -52,6 +52,14 @@ def pyplot() -> Any | None:
     return plt
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lays out ``fig`` and writes it to ``path`` (parents made) as a 120-dpi PNG."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def set_blas_threads(n: int) -> None:
     """Sets OpenBLAS's thread count (scipy's OpenBLAS, loaded by transformers): its own thread
     pool competes with torch's and XLA's for a small machine's cores. Must run before the

@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks.common import RESULTS, pyplot, table, write
+from benchmarks.common import RESULTS, pyplot, save_figure, table, write
 from pipo_jax import calibration
 from pipo_jax.api import PipoRunner, load
 from pipo_jax.data import example_to_ids, test_examples
@@ -191,10 +191,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
                  f"{how}; labels: confidence threshold τ", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

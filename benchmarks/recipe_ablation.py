@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import RESULTS, pyplot, table, write
+from benchmarks.common import RESULTS, pyplot, save_figure, table, write
 from benchmarks.opd_eval import sweep
 from pipo_jax import checkpoint as ckpt
 from pipo_jax import losses, pairs
@@ -170,10 +170,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
                  f"one point per threshold τ in {result['thresholds']}", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

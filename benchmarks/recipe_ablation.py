@@ -5,7 +5,9 @@
 Starting from the run's ``teacher`` and student ``ar`` stages (which every arm shares), trains:
 
 * ``sft:split`` / ``sft:shift`` / ``sft:mix``: PIPO SFT with each ``sft.pad_augment`` mode, the
-  run's SFT steps and every other setting unchanged;
+  run's SFT steps and every other setting (``pad_dense_frac`` included) unchanged;
+* ``sft:<mode>-no-dense`` (when the run has dense rows, ``sft.pad_dense_frac > 0``): the run's own
+  mode without them, which isolates what the dense rows do at thresholds near 1;
 * ``opd:ungated`` / ``opd:gated``: OPD from the SFT student of the run's own ``pad_augment``,
   rollouts with gating off (``opd.rollout_threshold = -1``) or at ``--gated-threshold``
   (default: the run's own gated threshold, else 0.9);
@@ -54,10 +56,12 @@ MODES = ("split", "shift", "mix")
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One recipe: SFT with ``pad_augment``; then OPD with ``rollout_threshold`` unless None."""
+    """One recipe: SFT with ``pad_augment`` and ``pad_dense_frac``; then OPD with
+    ``rollout_threshold`` unless None."""
 
     name: str
     pad_augment: str
+    pad_dense_frac: float
     rollout_threshold: float | None = None
 
     @property
@@ -66,11 +70,13 @@ class Arm:
 
 
 def arms(base: Config, gated: float, with_split_opd: bool) -> list[Arm]:
-    own = base.sft.pad_augment
-    out = [Arm(f"sft:{m}", m) for m in MODES]
-    out += [Arm("opd:ungated", own, -1.0), Arm("opd:gated", own, gated)]
+    own, dense = base.sft.pad_augment, base.sft.pad_dense_frac
+    out = [Arm(f"sft:{m}", m, dense) for m in MODES]
+    if dense > 0:
+        out.append(Arm(f"sft:{own}-no-dense", own, 0.0))
+    out += [Arm("opd:ungated", own, dense, -1.0), Arm("opd:gated", own, dense, gated)]
     if with_split_opd and own != "split":
-        out.append(Arm("opd:gated-from-split", "split", gated))
+        out.append(Arm("opd:gated-from-split", "split", dense, gated))
     return out
 
 
@@ -84,29 +90,31 @@ def _link(target: Path, link: Path) -> None:
 def prepare_arm(base_run: Path, base: Config, arm: Arm, out_dir: Path) -> Path:
     """Trains ``arm`` (or links the base run's stage when it is the same recipe); returns the
     arm's run directory (with ``teacher``, ``ar``, ``sft`` and, for OPD arms, ``opd``)."""
-    sft_dir = out_dir / f"sft-{arm.pad_augment}"
+    sft_dir = out_dir / f"sft-{arm.pad_augment}-d{arm.pad_dense_frac:g}"
     for shared in ("teacher", "ar"):
         _link(base_run / shared, sft_dir / shared)
-    if arm.pad_augment == base.sft.pad_augment:
+    own_sft = (arm.pad_augment == base.sft.pad_augment
+               and arm.pad_dense_frac == base.sft.pad_dense_frac)
+    if own_sft:
         _link(base_run / "sft", sft_dir / "sft")
-    cfg = dataclasses.replace(base, run_dir=str(sft_dir), stages=("sft",),
-                              sft=dataclasses.replace(base.sft, pad_augment=arm.pad_augment))
+    sft_cfg = dataclasses.replace(base.sft, pad_augment=arm.pad_augment,
+                                  pad_dense_frac=arm.pad_dense_frac)
+    cfg = dataclasses.replace(base, run_dir=str(sft_dir), stages=("sft",), sft=sft_cfg)
     train(cfg, progress=True)
     if arm.rollout_threshold is None:
         return sft_dir
     thr = arm.rollout_threshold
-    run = out_dir / f"opd-{arm.pad_augment}-t{thr:g}"
+    run = out_dir / f"opd-{arm.pad_augment}-d{arm.pad_dense_frac:g}-t{thr:g}"
     for shared in ("teacher", "ar", "sft"):
         _link(sft_dir / shared, run / shared)
-    same_as_base = (arm.pad_augment == base.sft.pad_augment
-                    and thr == base.opd.rollout_threshold
+    same_as_base = (own_sft and thr == base.opd.rollout_threshold
                     and ckpt.latest_step(base_run / "opd") is not None)
     if same_as_base:
         _link(base_run / "opd", run / "opd")
     cfg = dataclasses.replace(base, run_dir=str(run), stages=("opd",),
                               opd=dataclasses.replace(base.opd, rollout_threshold=thr,
                                                       student_dir="", teacher_dir=""),
-                              sft=dataclasses.replace(base.sft, pad_augment=arm.pad_augment))
+                              sft=sft_cfg)
     train(cfg, progress=True)
     return run
 
@@ -229,6 +237,7 @@ def main() -> None:
         print(f"{arm.name}: measuring", flush=True)
         entry: dict[str, Any] = {"run_dir": str(run), "stage": arm.stage,
                                  "pad_augment": arm.pad_augment,
+                                 "pad_dense_frac": arm.pad_dense_frac,
                                  "rollout_threshold": arm.rollout_threshold}
         entry["teacher_forced"] = heldout_teacher_forced(runner, examples)
         entry["sweep"] = measure(runner, examples, thresholds, greedy, args.samples,

@@ -307,11 +307,15 @@ class TrainConfig:
     # r ~ U[0, pad_ratio_max]; every response pair then holds a rejection event with probability
     # r (a per-pair Bernoulli draw). "shift" inserts one lone PAD, the state after a rejected
     # draft; "split" (the reference) turns (a, b) into (a, PAD), (b, PAD); "mix" picks either
-    # per event (``pipo_jax.pairs.random_pad_augment``).
+    # per event (``pipo_jax.pairs.random_pad_augment``). ``pad_dense_frac``: the share of rows
+    # drawn instead at their own r ~ U[pad_ratio_max, 1], the long runs of rejections that a
+    # threshold near 1 decodes (0: off, the reference; such rows are up to twice as long, so a
+    # config that turns them on must leave room in ``data.max_len`` or accept truncation).
     w_mtp: float = 1.0
     w_conf: float = 1.0
     pad_augment: Literal["split", "shift", "mix"] = "shift"
     pad_ratio_max: float = 0.25
+    pad_dense_frac: float = 0.0
     # Tokens per chunk of the vocabulary cross-entropy (peak logits memory: chunk × V).
     loss_chunk: int = 2048
     detach_confidence_inputs: bool = True
@@ -331,6 +335,9 @@ class TrainConfig:
         if not 0.0 <= self.pad_ratio_max <= 1.0:  # also refuses NaN
             raise ConfigError(f"pad_ratio_max must be in [0, 1] (the largest per-pair rejection "
                               f"probability), got {self.pad_ratio_max}")
+        if not 0.0 <= self.pad_dense_frac <= 1.0:
+            raise ConfigError(f"pad_dense_frac must be in [0, 1] (the share of densely augmented "
+                              f"rows), got {self.pad_dense_frac}")
         if self.loss_chunk <= 0 or self.log_every <= 0 or self.ckpt_every <= 0:
             raise ConfigError("loss_chunk, log_every and ckpt_every must be positive")
         if self.keep_checkpoints < 1:
@@ -369,8 +376,12 @@ class OpdConfig(TrainConfig):
     # Rollout sampling: temperature 1 keeps the sampled tokens on the student's distribution,
     # which the ``sampled`` estimator and the acceptance target assume. ``rollout_threshold``
     # gates drafts as in decode; -1 commits every draft (gating off, the default).
+    # ``rollout_thresholds`` (when not empty) gates row ``i`` of every rollout batch at
+    # ``rollout_thresholds[i % n]`` instead, e.g. [0.9, 0.99]: the states of several inference
+    # thresholds, trained on-policy in one run (rows near 1 reject more and decode longer).
     rollout_temperature: float = 1.0
     rollout_threshold: float = -1.0
+    rollout_thresholds: tuple[float, ...] = ()
     rollout_max_new_tokens: int = 256
     # Prompts are left-padded to a multiple of this many tokens, and rollout rows are cut to a
     # multiple of ``row_bucket`` tokens past the longest rollout (fewer recompilations).
@@ -382,6 +393,8 @@ class OpdConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_threshold(self.rollout_threshold)
+        for t in self.rollout_thresholds:
+            validate_threshold(t)
         if self.topk <= 0:
             raise ConfigError(f"opd.topk must be positive, got {self.topk}")
         if self.vocab_chunk < 0:
@@ -398,6 +411,13 @@ class OpdConfig(TrainConfig):
                               f"{self.row_bucket}")
         if min(self.w_backbone, self.w_mtp, self.w_conf) < 0:
             raise ConfigError("opd loss weights (w_backbone, w_mtp, w_conf) must be >= 0")
+
+    def row_thresholds(self, batch: int) -> tuple[float, ...]:
+        """The gating threshold of each of ``batch`` rollout rows."""
+        if not self.rollout_thresholds:
+            return (self.rollout_threshold,) * batch
+        n = len(self.rollout_thresholds)
+        return tuple(self.rollout_thresholds[i % n] for i in range(batch))
 
 
 @dataclasses.dataclass(frozen=True)

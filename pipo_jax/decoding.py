@@ -321,14 +321,15 @@ def accept_pair(conf_B: Array, token2_B: Array, threshold: Array, pad_id: int) -
 
     A ``lax.cond`` per sequence, vmapped over the batch (XLA turns it into a select). With
     ``threshold < 0`` every draft is committed, since a confidence is never negative; with
-    ``threshold >= 1`` none is, even where the sigmoid rounds to exactly 1.
+    ``threshold >= 1`` none is, even where the sigmoid rounds to exactly 1. ``threshold`` is a
+    scalar or one threshold per row (B).
     """
 
-    def one(c: Array, t: Array) -> Array:
-        commit = (c >= threshold) & (threshold < 1.0)
+    def one(c: Array, t: Array, thr: Array) -> Array:
+        commit = (c >= thr) & (thr < 1.0)
         return jax.lax.cond(commit, lambda: t, lambda: jnp.int32(pad_id))
 
-    return jax.vmap(one)(conf_B, token2_B)
+    return jax.vmap(one)(conf_B, token2_B, jnp.broadcast_to(threshold, conf_B.shape))
 
 
 def _emit_pair(state: DecodeState, token1: Array, token2: Array, drafted: bool, slot: Array,

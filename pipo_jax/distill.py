@@ -73,8 +73,10 @@ def rollout(params: Params, prompt_BxP: Array, valid_BxP: Array, seeds_B: Array,
     generated, EOS included).
     """
     sp = dec.SamplingParams(temperature=oc.rollout_temperature, vocab_limit=vocab_limit)
-    threshold = jnp.float32(oc.rollout_threshold)
-    static = dict(cfg=cfg, sp=sp, use_mtp=oc.rollout_threshold < 1.0,
+    row_thresholds = oc.row_thresholds(prompt_BxP.shape[0])
+    threshold = (jnp.asarray(row_thresholds, jnp.float32) if oc.rollout_thresholds
+                 else jnp.float32(oc.rollout_threshold))
+    static = dict(cfg=cfg, sp=sp, use_mtp=min(row_thresholds) < 1.0,
                   budget=oc.rollout_max_new_tokens, pad_id=pad_id, eos_id=eos_id)
     keys = dec.request_keys(seeds_B)
     state = dec.pipo_prefill(params, prompt_BxP, valid_BxP, keys, threshold, **static)

@@ -208,6 +208,9 @@ def test_other_section_validation():
     for bad in ("-0.1", ".nan"):
         with pytest.raises(ConfigError, match="pad_ratio_max"):
             C.load_config(None, [f"sft.pad_ratio_max={bad}"])
+    for bad in ("1.5", "-0.25", ".nan"):
+        with pytest.raises(ConfigError, match="pad_dense_frac"):
+            C.load_config(None, [f"sft.pad_dense_frac={bad}"])
     with pytest.raises(ConfigError, match=r"sft\.pad_augment must be one of \['split', 'shift', "
                                           r"'mix'\], got 'insert'") as e:
         C.load_config(None, ["sft.pad_augment=insert"])

@@ -220,3 +220,39 @@ def test_example_to_ids() -> None:
     assert tok.decode(prompt) == arith.SYSTEM_PROMPT + ex["question"] + "\n"
     assert response[-1] == tok.eos_id and tok.decode(response) == ex["response"].replace(
         "</think>", "")
+
+
+def _response_pairs_rejected(tokens: np.ndarray, mask: np.ndarray, pad_id: int) -> float:
+    """The share of a row's response pairs whose second slot is an augmentation PAD."""
+    start = int(np.flatnonzero(mask)[0]) // 2 * 2
+    body = tokens[start:int(np.flatnonzero(tokens != pad_id)[-1]) + 1]
+    body = np.append(body, pad_id) if len(body) % 2 else body
+    second = body[1::2]
+    return float((second[:-1] == pad_id).mean())  # the last pair may hold the parity PAD
+
+
+def test_sft_dense_rows(cfg: Config) -> None:
+    """``pad_dense_frac``: that share of rows at their own r ~ U[pad_ratio_max, 1]; at
+    ``pad_ratio_max = 1`` a dense row is every pair rejected, the τ = 1 state."""
+    tok = ByteTokenizer()
+    examples = [loader.example_to_ids(tok, ex) for ex in loader.test_examples(cfg, 12)]
+    kw = dict(stage="sft", seed=0, pad_augment="shift", max_len=800, pad_id=tok.pad_id)
+    # Off: the stream of an augmentation without dense rows is unchanged (bit-identical runs).
+    for step in range(3):
+        off = loader._make_batch(step, examples, pad_ratio_max=0.25, **kw)
+        zero = loader._make_batch(step, examples, pad_ratio_max=0.25, pad_dense_frac=0.0, **kw)
+        chex.assert_trees_all_equal(off, zero)
+    # All rows dense at r = 1: every response pair is (x, PAD), real tokens in order.
+    full = loader._make_batch(0, examples, pad_ratio_max=1.0, pad_dense_frac=1.0, **kw)
+    for toks, mask, (_prompt, response) in zip(full["tokens"], full["loss_mask"], examples,
+                                              strict=True):
+        assert _response_pairs_rejected(toks, mask, tok.pad_id) == 1.0
+        assert toks[mask].tolist() == response
+        pairs.assert_pad_at_odd(toks, tok.pad_id, int(np.flatnonzero(toks != tok.pad_id)[-1]) + 1)
+    # Half the rows dense, the others at the shared ratio 0 (no augmentation at all).
+    dense = []
+    for step in range(40):
+        b = loader._make_batch(step, examples, pad_ratio_max=0.0, pad_dense_frac=0.5, **kw)
+        dense += [_response_pairs_rejected(t, m, tok.pad_id) > 0
+                  for t, m in zip(b["tokens"], b["loss_mask"], strict=True)]
+    assert 0.4 < np.mean(dense) < 0.6

@@ -16,7 +16,7 @@ from helpers import random_params
 from pipo_jax import checkpoint as ckpt
 from pipo_jax import distill, opd, sharding
 from pipo_jax.api import load
-from pipo_jax.config import load_config
+from pipo_jax.config import ConfigError, load_config
 from pipo_jax.data.arith import to_messages
 from pipo_jax.distill import OpdStep, response_texts, rollout_scores, teacher_hidden
 from pipo_jax.metrics import read_jsonl
@@ -585,3 +585,29 @@ def test_gated_opd_step_trains_on_rejections_under_jit(micro):
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, before)
     assert max(jax.tree.leaves(moved)) > 0
     assert 0.0 <= float(metrics["confidence_target_mean"]) <= 1.0
+
+
+def test_per_row_rollout_thresholds(micro):
+    """``opd.rollout_thresholds`` gates row ``i`` at ``thresholds[i % n]``: each row of a mixed
+    batch is the row a rollout gated at its own threshold alone produces (same seeds)."""
+    def rows(*overrides: str) -> np.ndarray:
+        cfg, tok, step_fn, state, _ = _setup(micro, *overrides)
+        got = step_fn.rollout(state.params, _prompts(tok), step=3)
+        return np.asarray(got["tokens"]), np.asarray(got["prompt_len"]), np.asarray(
+            got["seq_len"]), tok
+
+    mixed, p_len, n, tok = rows("opd.rollout_thresholds=[-1,1]")
+    every, _, _, _ = rows("opd.rollout_threshold=-1")
+    none, _, _, _ = rows("opd.rollout_threshold=1")
+    for r in range(len(mixed)):
+        want = (every if r % 2 == 0 else none)[r]
+        width = min(len(want), mixed.shape[1])
+        np.testing.assert_array_equal(mixed[r, :width], want[:width])
+        resp = mixed[r, p_len[r]:n[r]]
+        if r % 2:  # τ = 1: every draft rejected, one token per pass
+            assert np.all(resp[1::2] == tok.pad_id) and np.all(resp[0::2] != tok.pad_id)
+    cfg = load_config(REPO / "configs" / "micro.yaml", ["opd.rollout_thresholds=[0.9,0.99,1]"])
+    assert cfg.opd.row_thresholds(4) == (0.9, 0.99, 1.0, 0.9)
+    assert cfg.opd.row_thresholds(2) == (0.9, 0.99)
+    with pytest.raises(ConfigError, match="threshold"):
+        load_config(REPO / "configs" / "micro.yaml", ["opd.rollout_thresholds=[0.9,1.5]"])

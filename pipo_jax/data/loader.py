@@ -97,11 +97,15 @@ def bucket_length(longest: int, buckets: Sequence[int], max_len: int) -> int:
 
 def _make_batch(step: int, examples: Sequence[Ids], *, stage: str, seed: int,
                 pad_ratio_max: float, pad_augment: str, max_len: int, pad_id: int,
-                buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
+                buckets: Sequence[int] = (), pad_dense_frac: float = 0.0
+                ) -> dict[str, np.ndarray]:
     """Stacks one step's examples into arrays.
 
     Returns ``tokens`` [B, T] int32, ``loss_mask`` [B, T] bool (True at prediction targets) and
     ``pad_ratio`` [] float32, the PAD-augmentation ratio drawn for this step (0 for ``ar``).
+    With ``pad_dense_frac > 0`` each row is, with that probability, a *dense* row augmented at
+    its own ratio ``r ~ U[pad_ratio_max, 1]`` instead: the long runs of rejections that
+    thresholds near 1 decode (``pad_ratio`` stays the shared ratio of the other rows).
     ``T`` is ``max_len``, or with ``buckets`` the smallest bucket length that holds the longest
     row (``bucket_length``).
     """
@@ -116,7 +120,12 @@ def _make_batch(step: int, examples: Sequence[Ids], *, stage: str, seed: int,
         ratio = float(rng.uniform(0.0, pad_ratio_max))
         for p, r in examples:
             tokens, mask = pairs.build_pair_sequence(p, r, pad_id)
-            rows.append(pairs.random_pad_augment(tokens, mask, ratio, rng, pad_id, pad_augment))
+            row_ratio = ratio
+            # Drawn only when enabled, so runs without dense rows keep their random stream.
+            if pad_dense_frac > 0 and rng.random() < pad_dense_frac:
+                row_ratio = float(rng.uniform(pad_ratio_max, 1.0))
+            rows.append(pairs.random_pad_augment(tokens, mask, row_ratio, rng, pad_id,
+                                                 pad_augment))
     length = bucket_length(max(len(t) for t, _ in rows), buckets, max_len)
     fitted = [pairs.fit_to_length(t, m, length, pad_id) for t, m in rows]
     return {"tokens": np.stack([t for t, _ in fitted]),
@@ -197,7 +206,7 @@ def make_train_dataset(cfg: Config, tokenizer: Tokenizer, stage: str) -> grain.M
     data = cfg.data
     make_batch = functools.partial(
         _make_batch, stage=stage, seed=train_cfg.seed, pad_ratio_max=train_cfg.pad_ratio_max,
-        pad_augment=train_cfg.pad_augment,
+        pad_augment=train_cfg.pad_augment, pad_dense_frac=train_cfg.pad_dense_frac,
         max_len=data.max_len, pad_id=tokenizer.pad_id, buckets=data.buckets)
     examples = _train_examples(data, tokenizer)
     if not data.buckets:

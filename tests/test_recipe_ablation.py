@@ -1,0 +1,40 @@
+"""The ablation's recipe list (``benchmarks.recipe_ablation.arms``): every arm differs from the
+run's own recipe in one setting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from benchmarks.recipe_ablation import Arm, arms
+from pipo_jax.config import Config, OpdConfig, TrainConfig
+
+
+def _base(dense: float, mode: str = "shift") -> Config:
+    return Config(sft=TrainConfig(pad_augment=mode, pad_dense_frac=dense),
+                  opd=OpdConfig(rollout_threshold=0.9))
+
+
+def test_arms_without_dense_rows() -> None:
+    got = arms(_base(0.0), 0.9, with_split_opd=False)
+    assert [a.name for a in got] == ["sft:split", "sft:shift", "sft:mix", "opd:ungated",
+                                     "opd:gated"]
+    assert {a.pad_dense_frac for a in got} == {0.0}
+
+
+def test_arms_with_dense_rows_add_the_no_dense_control() -> None:
+    got = {a.name: a for a in arms(_base(0.25), 0.9, with_split_opd=True)}
+    assert got["sft:shift-no-dense"] == Arm("sft:shift-no-dense", "shift", 0.0)
+    # Every other arm keeps the run's dense rows; the OPD arms start from the run's own mode
+    # except the split control.
+    for name, arm in got.items():
+        if name != "sft:shift-no-dense":
+            assert arm.pad_dense_frac == 0.25, name
+    assert got["opd:gated"] == Arm("opd:gated", "shift", 0.25, 0.9)
+    assert got["opd:ungated"].rollout_threshold == -1.0
+    assert got["opd:gated-from-split"] == Arm("opd:gated-from-split", "split", 0.25, 0.9)
+    assert got["sft:mix"].stage == "sft" and got["opd:gated"].stage == "opd"
+
+
+def test_arms_name_the_runs_own_mode() -> None:
+    got = [a.name for a in arms(dataclasses.replace(_base(0.5, "mix")), 0.9, False)]
+    assert "sft:mix-no-dense" in got and "opd:gated-from-split" not in got

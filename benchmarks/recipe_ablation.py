@@ -12,7 +12,10 @@ Starting from the run's ``teacher`` and student ``ar`` stages (which every arm s
   rollouts with gating off (``opd.rollout_threshold = -1``) or at ``--gated-threshold``
   (default: the run's own gated threshold, else 0.9);
 * ``opd:gated-from-split`` (with ``--with-split-opd``): gated OPD from the ``split`` student, the
-  recipe whose rollouts ran away before issue #13.
+  recipe whose rollouts ran away before issue #13;
+* ``opd:per-row`` (with ``--per-row-thresholds 0.9,0.99,1``): OPD whose rollout row ``i`` is gated
+  at the ``i mod n``-th of these thresholds (``opd.rollout_thresholds``), so that the states of
+  high thresholds are trained on-policy too.
 
 An arm whose settings equal the run's own stage reuses that stage's checkpoints (a symlink), so
 the default run's ``sft`` and ``opd`` are not trained twice. Arms live under ``--out-dir``
@@ -63,13 +66,15 @@ class Arm:
     pad_augment: str
     pad_dense_frac: float
     rollout_threshold: float | None = None
+    rollout_thresholds: tuple[float, ...] = ()
 
     @property
     def stage(self) -> str:
         return "sft" if self.rollout_threshold is None else "opd"
 
 
-def arms(base: Config, gated: float, with_split_opd: bool) -> list[Arm]:
+def arms(base: Config, gated: float, with_split_opd: bool,
+         per_row: tuple[float, ...] = ()) -> list[Arm]:
     own, dense = base.sft.pad_augment, base.sft.pad_dense_frac
     out = [Arm(f"sft:{m}", m, dense) for m in MODES]
     if dense > 0:
@@ -77,6 +82,8 @@ def arms(base: Config, gated: float, with_split_opd: bool) -> list[Arm]:
     out += [Arm("opd:ungated", own, dense, -1.0), Arm("opd:gated", own, dense, gated)]
     if with_split_opd and own != "split":
         out.append(Arm("opd:gated-from-split", "split", dense, gated))
+    if per_row and per_row != base.opd.rollout_thresholds:
+        out.append(Arm("opd:per-row", own, dense, gated, per_row))
     return out
 
 
@@ -104,15 +111,19 @@ def prepare_arm(base_run: Path, base: Config, arm: Arm, out_dir: Path) -> Path:
     if arm.rollout_threshold is None:
         return sft_dir
     thr = arm.rollout_threshold
-    run = out_dir / f"opd-{arm.pad_augment}-d{arm.pad_dense_frac:g}-t{thr:g}"
+    gates = "-".join(f"{t:g}" for t in arm.rollout_thresholds) if arm.rollout_thresholds \
+        else f"{thr:g}"
+    run = out_dir / f"opd-{arm.pad_augment}-d{arm.pad_dense_frac:g}-t{gates}"
     for shared in ("teacher", "ar", "sft"):
         _link(sft_dir / shared, run / shared)
     same_as_base = (own_sft and thr == base.opd.rollout_threshold
+                    and arm.rollout_thresholds == base.opd.rollout_thresholds
                     and ckpt.latest_step(base_run / "opd") is not None)
     if same_as_base:
         _link(base_run / "opd", run / "opd")
     cfg = dataclasses.replace(base, run_dir=str(run), stages=("opd",),
                               opd=dataclasses.replace(base.opd, rollout_threshold=thr,
+                                                      rollout_thresholds=arm.rollout_thresholds,
                                                       student_dir="", teacher_dir=""),
                               sft=sft_cfg)
     train(cfg, progress=True)
@@ -196,6 +207,8 @@ def main() -> None:
                         "gated, else 0.9)")
     p.add_argument("--with-split-opd", action="store_true",
                    help="also train gated OPD from the split-augmented SFT student")
+    p.add_argument("--per-row-thresholds",
+                   help="also train OPD with these per-row rollout thresholds, e.g. 0.9,0.99,1")
     p.add_argument("--arms", help="comma-separated subset of arm names to run")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--out", help="JSON path (default benchmarks/results/recipe_ablation.json)")
@@ -213,7 +226,9 @@ def main() -> None:
     gated = args.gated_threshold
     if gated is None:
         gated = base.opd.rollout_threshold if base.opd.rollout_threshold >= 0 else 0.9
-    todo = arms(base, gated, args.with_split_opd)
+    per_row = tuple(float(t) for t in args.per_row_thresholds.split(",")) \
+        if args.per_row_thresholds else ()
+    todo = arms(base, gated, args.with_split_opd, per_row)
     if args.arms:
         wanted = set(args.arms.split(","))
         unknown = wanted - {a.name for a in todo}
@@ -238,7 +253,8 @@ def main() -> None:
         entry: dict[str, Any] = {"run_dir": str(run), "stage": arm.stage,
                                  "pad_augment": arm.pad_augment,
                                  "pad_dense_frac": arm.pad_dense_frac,
-                                 "rollout_threshold": arm.rollout_threshold}
+                                 "rollout_threshold": arm.rollout_threshold,
+                                 "rollout_thresholds": list(arm.rollout_thresholds)}
         entry["teacher_forced"] = heldout_teacher_forced(runner, examples)
         entry["sweep"] = measure(runner, examples, thresholds, greedy, args.samples,
                                  args.batch_size)

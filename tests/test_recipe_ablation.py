@@ -38,3 +38,9 @@ def test_arms_with_dense_rows_add_the_no_dense_control() -> None:
 def test_arms_name_the_runs_own_mode() -> None:
     got = [a.name for a in arms(dataclasses.replace(_base(0.5, "mix")), 0.9, False)]
     assert "sft:mix-no-dense" in got and "opd:gated-from-split" not in got
+
+
+def test_per_row_arm() -> None:
+    got = {a.name: a for a in arms(_base(0.25), 0.9, False, (0.9, 0.99, 1.0))}
+    assert got["opd:per-row"] == Arm("opd:per-row", "shift", 0.25, 0.9, (0.9, 0.99, 1.0))
+    assert "opd:per-row" not in {a.name for a in arms(_base(0.25), 0.9, False)}

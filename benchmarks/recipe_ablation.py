@@ -6,8 +6,9 @@ Starting from the run's ``teacher`` and student ``ar`` stages (which every arm s
 
 * ``sft:split`` / ``sft:shift`` / ``sft:mix``: PIPO SFT with each ``sft.pad_augment`` mode, the
   run's SFT steps and every other setting (``pad_dense_frac`` included) unchanged;
-* ``sft:<mode>-no-dense`` (when the run has dense rows, ``sft.pad_dense_frac > 0``): the run's own
-  mode without them, which isolates what the dense rows do at thresholds near 1;
+* ``sft:<mode>-dense<f>`` and ``opd:gated-dense<f>`` (with ``--dense-frac f``): SFT in the run's
+  own mode with ``sft.pad_dense_frac = f`` (``-no-dense`` when ``f`` is 0 and the run has dense
+  rows), and gated OPD from it: what dense rows of rejections do at thresholds near 1;
 * ``opd:ungated`` / ``opd:gated``: OPD from the SFT student of the run's own ``pad_augment``,
   rollouts with gating off (``opd.rollout_threshold = -1``) or at ``--gated-threshold``
   (default: the run's own gated threshold, else 0.9);
@@ -73,13 +74,15 @@ class Arm:
         return "sft" if self.rollout_threshold is None else "opd"
 
 
-def arms(base: Config, gated: float, with_split_opd: bool,
-         per_row: tuple[float, ...] = ()) -> list[Arm]:
+def arms(base: Config, gated: float, with_split_opd: bool, per_row: tuple[float, ...] = (),
+         dense_frac: float | None = None) -> list[Arm]:
     own, dense = base.sft.pad_augment, base.sft.pad_dense_frac
     out = [Arm(f"sft:{m}", m, dense) for m in MODES]
-    if dense > 0:
-        out.append(Arm(f"sft:{own}-no-dense", own, 0.0))
     out += [Arm("opd:ungated", own, dense, -1.0), Arm("opd:gated", own, dense, gated)]
+    if dense_frac is not None and dense_frac != dense:
+        tag = f"dense{dense_frac:g}" if dense_frac > 0 else "no-dense"
+        out += [Arm(f"sft:{own}-{tag}", own, dense_frac),
+                Arm(f"opd:gated-{tag}", own, dense_frac, gated)]
     if with_split_opd and own != "split":
         out.append(Arm("opd:gated-from-split", "split", dense, gated))
     if per_row and per_row != base.opd.rollout_thresholds:
@@ -207,6 +210,8 @@ def main() -> None:
                         "gated, else 0.9)")
     p.add_argument("--with-split-opd", action="store_true",
                    help="also train gated OPD from the split-augmented SFT student")
+    p.add_argument("--dense-frac", type=float,
+                   help="also train SFT (and gated OPD from it) with this sft.pad_dense_frac")
     p.add_argument("--per-row-thresholds",
                    help="also train OPD with these per-row rollout thresholds, e.g. 0.9,0.99,1")
     p.add_argument("--arms", help="comma-separated subset of arm names to run")
@@ -228,7 +233,7 @@ def main() -> None:
         gated = base.opd.rollout_threshold if base.opd.rollout_threshold >= 0 else 0.9
     per_row = tuple(float(t) for t in args.per_row_thresholds.split(",")) \
         if args.per_row_thresholds else ()
-    todo = arms(base, gated, args.with_split_opd, per_row)
+    todo = arms(base, gated, args.with_split_opd, per_row, args.dense_frac)
     if args.arms:
         wanted = set(args.arms.split(","))
         unknown = wanted - {a.name for a in todo}

@@ -21,23 +21,27 @@ def test_arms_without_dense_rows() -> None:
     assert {a.pad_dense_frac for a in got} == {0.0}
 
 
-def test_arms_with_dense_rows_add_the_no_dense_control() -> None:
-    got = {a.name: a for a in arms(_base(0.25), 0.9, with_split_opd=True)}
-    assert got["sft:shift-no-dense"] == Arm("sft:shift-no-dense", "shift", 0.0)
-    # Every other arm keeps the run's dense rows; the OPD arms start from the run's own mode
-    # except the split control.
+def test_dense_arms() -> None:
+    got = {a.name: a for a in arms(_base(0.0), 0.9, with_split_opd=True, dense_frac=0.25)}
+    assert got["sft:shift-dense0.25"] == Arm("sft:shift-dense0.25", "shift", 0.25)
+    assert got["opd:gated-dense0.25"] == Arm("opd:gated-dense0.25", "shift", 0.25, 0.9)
+    # Every other arm keeps the run's own (no) dense rows.
     for name, arm in got.items():
-        if name != "sft:shift-no-dense":
-            assert arm.pad_dense_frac == 0.25, name
-    assert got["opd:gated"] == Arm("opd:gated", "shift", 0.25, 0.9)
+        if "dense" not in name:
+            assert arm.pad_dense_frac == 0.0, name
+    assert got["opd:gated"] == Arm("opd:gated", "shift", 0.0, 0.9)
     assert got["opd:ungated"].rollout_threshold == -1.0
-    assert got["opd:gated-from-split"] == Arm("opd:gated-from-split", "split", 0.25, 0.9)
+    assert got["opd:gated-from-split"] == Arm("opd:gated-from-split", "split", 0.0, 0.9)
     assert got["sft:mix"].stage == "sft" and got["opd:gated"].stage == "opd"
+    # A run with dense rows gets the control without them; the run's own setting adds nothing.
+    names = [a.name for a in arms(_base(0.25), 0.9, False, dense_frac=0.0)]
+    assert "sft:shift-no-dense" in names and "opd:gated-no-dense" in names
+    assert not [a for a in arms(_base(0.25), 0.9, False, dense_frac=0.25) if "dense" in a.name]
 
 
 def test_arms_name_the_runs_own_mode() -> None:
     got = [a.name for a in arms(dataclasses.replace(_base(0.5, "mix")), 0.9, False)]
-    assert "sft:mix-no-dense" in got and "opd:gated-from-split" not in got
+    assert "opd:gated-from-split" not in got and "sft:mix" in got
 
 
 def test_per_row_arm() -> None:

@@ -26,8 +26,10 @@ def _cell(value: Any, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     """Formats ``rows`` with ``columns`` = [(key, format spec)] as a fixed-width table."""
-    head = "".join(f"{k:>18}" for k, _ in columns)
-    body = ["".join(f"{_cell(r.get(k), f):>18}" for k, f in columns) for r in rows]
+    widths = [max(18, len(k) + 2) for k, _ in columns]  # a long name never runs into the next
+    head = "".join(f"{k:>{w}}" for (k, _), w in zip(columns, widths, strict=True))
+    body = ["".join(f"{_cell(r.get(k), f):>{w}}" for (k, f), w in zip(columns, widths, strict=True))
+            for r in rows]
     return "\n".join([head, *body])
 
 

@@ -14,9 +14,10 @@ Starting from the run's ``teacher`` and student ``ar`` stages (which every arm s
   (default: the run's own gated threshold, else 0.9);
 * ``opd:gated-from-split`` (with ``--with-split-opd``): gated OPD from the ``split`` student, the
   recipe whose rollouts ran away before issue #13;
-* ``opd:per-row`` (with ``--per-row-thresholds 0.9,0.99,1``): OPD whose rollout row ``i`` is gated
-  at the ``i mod n``-th of these thresholds (``opd.rollout_thresholds``), so that the states of
-  high thresholds are trained on-policy too.
+* ``opd:per-row`` (with ``--per-row-thresholds 0.9,0.99``, or when the run sets
+  ``opd.rollout_thresholds``: the run's own): OPD whose rollout row ``i`` is gated at the
+  ``i mod n``-th of these thresholds, so that the states of high thresholds are trained
+  on-policy too. ``opd:gated`` is then the single-threshold control.
 
 An arm whose settings equal the run's own stage reuses that stage's checkpoints (a symlink), so
 the default run's ``sft`` and ``opd`` are not trained twice. Arms live under ``--out-dir``
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -85,7 +87,8 @@ def arms(base: Config, gated: float, with_split_opd: bool, per_row: tuple[float,
                 Arm(f"opd:gated-{tag}", own, dense_frac, gated)]
     if with_split_opd and own != "split":
         out.append(Arm("opd:gated-from-split", "split", dense, gated))
-    if per_row and per_row != base.opd.rollout_thresholds:
+    per_row = per_row or base.opd.rollout_thresholds
+    if per_row:
         out.append(Arm("opd:per-row", own, dense, gated, per_row))
     return out
 
@@ -178,7 +181,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
-    markers = "osD^v<>"
+    markers = itertools.cycle("osD^v<>Px")  # as many arms as there are, never truncated
     for (name, arm), marker in zip(result["arms"].items(), markers, strict=False):
         rows = sorted(arm["sweep"], key=lambda r: r["tokens_per_pass"])
         ax.plot([r["tokens_per_pass"] for r in rows], [100 * r["pass@1"] for r in rows],

@@ -48,3 +48,9 @@ def test_per_row_arm() -> None:
     got = {a.name: a for a in arms(_base(0.25), 0.9, False, (0.9, 0.99, 1.0))}
     assert got["opd:per-row"] == Arm("opd:per-row", "shift", 0.25, 0.9, (0.9, 0.99, 1.0))
     assert "opd:per-row" not in {a.name for a in arms(_base(0.25), 0.9, False)}
+    # A run that gates per row gets its own recipe as the arm (linked, not retrained).
+    base = _base(0.0)
+    base = dataclasses.replace(base, opd=dataclasses.replace(base.opd,
+                                                             rollout_thresholds=(0.9, 0.99)))
+    assert {a.name: a for a in arms(base, 0.9, False)}["opd:per-row"].rollout_thresholds == (
+        0.9, 0.99)

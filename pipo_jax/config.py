@@ -392,9 +392,9 @@ class OpdConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        validate_threshold(self.rollout_threshold)
+        validate_threshold(self.rollout_threshold, "opd.rollout_threshold")
         for t in self.rollout_thresholds:
-            validate_threshold(t)
+            validate_threshold(t, "every entry of opd.rollout_thresholds")
         if self.topk <= 0:
             raise ConfigError(f"opd.topk must be positive, got {self.topk}")
         if self.vocab_chunk < 0:
@@ -448,10 +448,10 @@ class DecodeConfig:
             raise ConfigError(f"decode.batch_size must be positive, got {self.batch_size}")
 
 
-def validate_threshold(threshold: float) -> None:
+def validate_threshold(threshold: float, name: str = "threshold") -> None:
     if not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
         raise ConfigError(
-            "threshold must be in [-1, 1] (-1 commits every draft, 1 commits none), "
+            f"{name} must be in [-1, 1] (-1 commits every draft, 1 commits none), "
             f"got {threshold}")
 
 

@@ -609,5 +609,6 @@ def test_per_row_rollout_thresholds(micro):
     cfg = load_config(REPO / "configs" / "micro.yaml", ["opd.rollout_thresholds=[0.9,0.99,1]"])
     assert cfg.opd.row_thresholds(4) == (0.9, 0.99, 1.0, 0.9)
     assert cfg.opd.row_thresholds(2) == (0.9, 0.99)
-    with pytest.raises(ConfigError, match="threshold"):
+    with pytest.raises(ConfigError, match=r"every entry of opd\.rollout_thresholds must be in "
+                                          r"\[-1, 1\].*got 1\.5"):
         load_config(REPO / "configs" / "micro.yaml", ["opd.rollout_thresholds=[0.9,1.5]"])

@@ -136,22 +136,27 @@ def prepare_arm(base_run: Path, base: Config, arm: Arm, out_dir: Path) -> Path:
     return run
 
 
-def heldout_teacher_forced(runner: PipoRunner, examples: list[dict],
-                           batch: int = 50) -> dict[str, float]:
+def heldout_teacher_forced(runner: PipoRunner, examples: list[dict], batch: int = 50,
+                           reject_ratio: float = 0.0, seed: int = 0) -> dict[str, float]:
     """Top-1 accuracy of the backbone and the MTP head, teacher-forced on held-out responses
-    (pair sequences with parity PADs, no augmentation): how often the drafted second token is
-    the gold one when the context is right."""
+    (pair sequences with parity PADs): how often the drafted second token is the gold one when
+    the context is right. With ``reject_ratio > 0`` every response pair is a rejected draft
+    with that probability (``shift`` augmentation; 1: every pair ``(x, PAD)``, the τ = 1 state),
+    and rows are never truncated."""
     cfg, tok = runner.config, runner.tokenizer
-    length = cfg.data.max_len
+    rng = np.random.default_rng(seed)
+    seqs = [pairs.build_pair_sequence(*example_to_ids(tok, ex), tok.pad_id) for ex in examples]
+    if reject_ratio > 0:
+        seqs = [pairs.random_pad_augment(t, m, reject_ratio, rng, tok.pad_id, "shift")
+                for t, m in seqs]
+    length = max(cfg.data.max_len, *(len(t) for t, _ in seqs))
     fwd = jax.jit(lambda p, t, m: losses.sft_loss(
         PipoLM(cfg.model, True).apply({"params": p}, t), p["embedder"]["embedding"], t, m,
         cfg.sft)[1])
     sums = {"accuracy_backbone": 0.0, "accuracy_mtp": 0.0}
     counts = {"accuracy_backbone": 0, "accuracy_mtp": 0}
-    for start in range(0, len(examples), batch):
-        rows = [pairs.fit_to_length(*pairs.build_pair_sequence(*example_to_ids(tok, ex),
-                                                               tok.pad_id), length, tok.pad_id)
-                for ex in examples[start:start + batch]]
+    for start in range(0, len(seqs), batch):
+        rows = [pairs.fit_to_length(t, m, length, tok.pad_id) for t, m in seqs[start:start + batch]]
         t = jnp.asarray(np.stack([r[0] for r in rows]))
         m = jnp.asarray(np.stack([r[1] for r in rows]))
         got = jax.device_get(fwd(runner.params, t, m))

@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
                    help="--bench: evaluate only the first N questions of each file")
     args = p.parse_args(argv)
     if args.threshold is not None:
-        validate_threshold(args.threshold)
+        validate_threshold(args.threshold, "--threshold")
     if args.num_problems is not None and args.num_problems < 1:
         raise ConfigError(f"--num-problems must be >= 1, got {args.num_problems}")
     _check_mode_flags(args)

@@ -435,7 +435,7 @@ class DecodeConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
-        validate_threshold(self.threshold)
+        validate_threshold(self.threshold, "decode.threshold")
         if self.max_new_tokens <= 0:
             raise ConfigError(f"decode.max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0 or not math.isfinite(self.temperature):

@@ -196,7 +196,7 @@ BAD_INPUTS = {
     "wrong_type": ("train.py", ["--config", MICRO, "run_dir={missing}", "ar.steps=abc"],
                    r"ar\.steps must be an integer.*'abc'"),
     "bad_threshold": ("decode.py", ["--run", "{run}", "--threshold", "3"],
-                      r"threshold must be in \[-1, 1\].*3"),
+                      r"--threshold must be in \[-1, 1\].*3"),
     "missing_run": ("decode.py", ["--run", "{missing}"], r"{missing} does not exist.*train"),
     "corrupt_run_decode": ("decode.py", ["--run", "{corrupt}", "--prompt", "hi"],
                            r"checkpoint step 4 .* is corrupt.*fall back to step 2"),

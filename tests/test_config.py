@@ -139,14 +139,14 @@ def test_override_onto_file(tmp_path):
 def test_threshold_out_of_range_rejected(thr):
     with pytest.raises(ConfigError, match="threshold"):
         C.validate_threshold(thr)
-    with pytest.raises(ConfigError, match="threshold"):
+    with pytest.raises(ConfigError, match=r"decode\.threshold must be in \[-1, 1\]"):
         DecodeConfig(threshold=thr)
 
 
 def test_threshold_range_inclusive():
     for thr in (-1.0, -1, 0.0, 0.5, 1.0, 1):
         C.validate_threshold(thr)
-    with pytest.raises(ConfigError, match="threshold"):
+    with pytest.raises(ConfigError, match=r"decode\.threshold must be in \[-1, 1\].*1\.5"):
         C.load_config(None, ["decode.threshold=1.5"])
     assert C.load_config(None, ["decode.threshold=1"]).decode.threshold == 1.0
 

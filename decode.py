@@ -7,7 +7,7 @@ one question with both models and prints the text and per-request stats. ``--mes
 (axes ``data``, ``fsdp``, ``tensor``) shards the model over a device mesh and decodes there.
 
 ``--bench FILE [FILE ...]`` evaluates on benchmark files instead (JSONL, schema in
-``pipo_jax/bench/schema.py``): avg@k and pass@k per file and overall, resumable from
+``pipo_jax/eval/schema.py``): avg@k and pass@k per file and overall, resumable from
 ``--out-dir`` (default ``<run>/eval/bench``). ``--preset paper`` sets the paper's sampling
 (4 samples, T 1.0, top-p 0.95, top-k 20, presence penalty 1.5, threshold 0.95); explicit flags
 override it. Both models always get the same options and the same budget of real tokens.
@@ -20,16 +20,16 @@ import json
 import sys
 from pathlib import Path
 
-from pipo_jax.api import load
-from pipo_jax.bench.harness import SUMMARY_FILE, evaluate_benchmarks, format_summary
-from pipo_jax.bench.protocol import PRESETS, resolve_options
-from pipo_jax.bench.schema import load_benchmarks
 from pipo_jax.cli import run_main
 from pipo_jax.config import ConfigError, validate_threshold
-from pipo_jax.data import test_examples
+from pipo_jax.data.loader import test_examples
+from pipo_jax.decode.runner import load
 from pipo_jax.distributed import simulate_cpu_devices
-from pipo_jax.evaluate import evaluate, format_table, write_json
-from pipo_jax.sharding import build_mesh, parse_mesh
+from pipo_jax.eval.harness import SUMMARY_FILE, evaluate_benchmarks, format_summary
+from pipo_jax.eval.heldout import evaluate, format_table, write_json
+from pipo_jax.eval.protocol import PRESETS, resolve_options
+from pipo_jax.eval.schema import load_benchmarks
+from pipo_jax.model.sharding import build_mesh, parse_mesh
 
 
 def main(argv: list[str]) -> int:

@@ -25,7 +25,7 @@ import jax
 from pipo_jax import distributed
 from pipo_jax.cli import run_main
 from pipo_jax.config import STAGES, load_config, to_dict
-from pipo_jax.trainer import train
+from pipo_jax.train.pipeline import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 

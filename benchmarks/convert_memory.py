@@ -1,4 +1,4 @@
-"""Peak host memory of ``python -m pipo_jax.convert hf-to-pipo`` (and of ``pipo-to-hf``).
+"""Peak host memory of ``python -m pipo_jax.io.hf.convert hf-to-pipo`` (and of ``pipo-to-hf``).
 
     python -m benchmarks.convert_memory [--sizes tiny,mid] [--no-export]
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import table, write
-from pipo_jax import hf_mapping as hm
-from pipo_jax.convert import SafetensorsWriter
+from pipo_jax.io.hf import mapping as hm
+from pipo_jax.io.hf.convert import SafetensorsWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
@@ -40,10 +40,10 @@ SIZES = {
                 linear_value_head_dim=64),
 }
 BASELINE = ("import resource, jax, numpy, safetensors, orbax.checkpoint, tokenizers\n"
-            "import pipo_jax.convert, pipo_jax.api\n"
+            "import pipo_jax.io.hf.convert, pipo_jax.decode.runner\n"
             "jax.devices()\n")
 MEASURE = ("import resource, sys, time\n"
-           "from pipo_jax.convert import main\n"
+           "from pipo_jax.io.hf.convert import main\n"
            "t = time.perf_counter()\n"
            "main(sys.argv[1:])\n"
            "print('SECONDS', time.perf_counter() - t)\n")
@@ -110,7 +110,7 @@ def _param_count(run: Path) -> tuple[int, str]:
     import jax
 
     from pipo_jax.config import config_from_json
-    from pipo_jax.convert import abstract_pipo_params
+    from pipo_jax.io.hf.convert import abstract_pipo_params
 
     cfg = config_from_json(run / "config.json").model
     leaves = jax.tree.leaves(abstract_pipo_params(cfg))

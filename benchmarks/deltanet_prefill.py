@@ -6,7 +6,7 @@
 Both forms run jitted on the same inputs and weights, in one process; the ratio is chunked
 tokens/s over scan tokens/s. Rows:
 
-* ``core``: ``pipo_jax.deltanet.chunked`` vs ``.scan`` on realistic inputs (L2-normed q/k,
+* ``core``: ``pipo_jax.model.deltanet.chunked`` vs ``.scan`` on realistic inputs (L2-normed q/k,
   Qwen3.5-style gates ``g = −exp(A_log)·softplus(a + dt_bias)``, ``β = sigmoid(b)``);
 * ``layer``: a whole ``GatedDeltaNet`` (projections, causal conv, gates, gated norm) with
   ``use_scan`` False vs True, with randomised weights (QWEN3_5.md §5 recipe for the gates);
@@ -42,10 +42,10 @@ import numpy as np
 from flax import linen as nn
 
 from benchmarks.common import table, write
-from pipo_jax import deltanet
 from pipo_jax.config import ModelConfig
-from pipo_jax.layers import GatedDeltaNet
-from pipo_jax.model import PipoLM, init_params
+from pipo_jax.model import deltanet
+from pipo_jax.model.layers import GatedDeltaNet
+from pipo_jax.model.pipo import PipoLM, init_params
 
 Array = jax.Array
 

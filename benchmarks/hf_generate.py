@@ -4,7 +4,7 @@
     python -m benchmarks.hf_generate --quick      # tiny config, 16 tokens: a smoke run
 
 A ``Qwen3_5ForCausalLM`` is built from a config, every parameter randomised (QWEN3_5.md §5),
-and its state dict mapped into our parameters with ``pipo_jax.hf_mapping.load_into``. Both sides
+and its state dict mapped into our parameters with ``pipo_jax.io.hf.mapping.load_into``. Both sides
 then decode greedily, batch ``B``, exactly ``--new-tokens`` tokens (no EOS):
 
 * ours: ``decoding.ar_prefill`` + ``decoding.ar_decode_loop`` (jitted, compiled by an untimed
@@ -39,9 +39,9 @@ import numpy as np
 from flax import linen as nn
 
 from benchmarks.common import set_blas_threads, table, write
-from pipo_jax import decoding as dec
-from pipo_jax import hf_mapping as hm
-from pipo_jax.model import init_params
+from pipo_jax.decode import engine as dec
+from pipo_jax.io.hf import mapping as hm
+from pipo_jax.model.pipo import init_params
 
 PAD = 0  # never drawn by our sampler; suppressed in HF
 NO_EOS = -1

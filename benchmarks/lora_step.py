@@ -3,8 +3,9 @@
     python -m benchmarks.lora_step
     python -m benchmarks.lora_step --quick      # smoke run, well under a minute
 
-Both tuners run the same jitted ``trainer.train_step`` on the same batch and the same starting
-weights, in one process. Per model size the table gives the trainable parameters, the bytes of
+Both tuners run the same jitted ``pipo_jax.train.supervised.train_step`` on the same batch and
+the same starting weights, in one process. Per model size the table gives the trainable
+parameters, the bytes of
 optimizer state (AdamW's two moments of the trainable set), and the median step time; ``speedup``
 is full step time / LoRA step time (``_nodrop``: the same with adapter dropout off), and
 ``*_gflop`` the compiled step's FLOP count (XLA cost analysis). A LoRA step computes no weight
@@ -34,10 +35,11 @@ import numpy as np
 from flax import linen as nn
 
 from benchmarks.common import table, write
-from pipo_jax import lora as lora_lib
-from pipo_jax import trainer
 from pipo_jax.config import LoraConfig, ModelConfig, TrainConfig, load_config
-from pipo_jax.model import init_params
+from pipo_jax.model import lora as lora_lib
+from pipo_jax.model.pipo import init_params
+from pipo_jax.train.state import TrainState, attach_adapters, make_optimizer
+from pipo_jax.train.supervised import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,14 +58,14 @@ class _Step:
 
     def __init__(self, cfg: ModelConfig, tc: TrainConfig, batch: dict[str, jax.Array]) -> None:
         lora = tc.adapters
-        tx = trainer.make_optimizer(tc)
+        tx = make_optimizer(tc)
         base = nn.unbox(init_params(cfg, True, jax.random.key(0)))
-        params = trainer.attach_adapters(cfg, True, lora, base, jax.random.key(1))
+        params = attach_adapters(cfg, True, lora, base, jax.random.key(1))
         train, _ = lora_lib.partition(params, tc.tuner)
         opt_state = tx.init(train)
-        self.state = trainer.TrainState(step=jnp.int32(0), params=params, opt_state=opt_state)
+        self.state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state)
         self.batch = batch
-        self.fn = jax.jit(lambda s, b: trainer.train_step(s, b, mcfg=cfg, tc=tc, pipo=True,
+        self.fn = jax.jit(lambda s, b: train_step(s, b, mcfg=cfg, tc=tc, pipo=True,
                                                           tx=tx))
         cost = self.fn.lower(self.state, batch).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost

@@ -40,17 +40,17 @@ import jax
 import numpy as np
 
 from benchmarks.common import RESULTS, pyplot, save_figure, table, write
-from pipo_jax import calibration
-from pipo_jax.api import PipoRunner, load
-from pipo_jax.data import example_to_ids, test_examples
-from pipo_jax.distill import (
+from pipo_jax.data.loader import example_to_ids, test_examples
+from pipo_jax.decode.runner import PipoRunner, load
+from pipo_jax.eval.heldout import evaluate
+from pipo_jax.train import calibration
+from pipo_jax.train.opd import (
     rollout_fn,
     rollout_prompts,
     rollout_scores,
     rollout_seeds,
     rollout_statistics,
 )
-from pipo_jax.evaluate import evaluate
 
 STAGES = ("sft", "opd")
 # Seed of the teacher-sample labels (``confidence_scores``): the same labels on every run.

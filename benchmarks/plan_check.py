@@ -21,11 +21,13 @@ import numpy as np
 from flax import linen as nn
 
 from benchmarks.common import write
-from pipo_jax import lora as lora_lib
-from pipo_jax import plan, sharding
 from pipo_jax.config import MeshConfig, load_config
-from pipo_jax.model import init_params
-from pipo_jax.trainer import TrainState, jit_train_step, make_optimizer, state_shardings
+from pipo_jax.model import lora as lora_lib
+from pipo_jax.model import sharding
+from pipo_jax.model.pipo import init_params
+from pipo_jax.train import plan
+from pipo_jax.train.state import TrainState, make_optimizer, state_shardings
+from pipo_jax.train.supervised import jit_train_step
 
 
 def main(argv: list[str]) -> int:

@@ -48,14 +48,15 @@ import numpy as np
 
 from benchmarks.common import RESULTS, pyplot, save_figure, table, write
 from benchmarks.opd_eval import sweep
-from pipo_jax import checkpoint as ckpt
-from pipo_jax import losses, pairs
-from pipo_jax.api import PipoRunner, load
 from pipo_jax.config import Config, config_from_json
-from pipo_jax.data import example_to_ids, test_examples
-from pipo_jax.evaluate import evaluate
-from pipo_jax.model import PipoLM
-from pipo_jax.trainer import train
+from pipo_jax.data.loader import example_to_ids, test_examples
+from pipo_jax.decode.runner import PipoRunner, load
+from pipo_jax.eval.heldout import evaluate
+from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.model import pairs
+from pipo_jax.model.pipo import PipoLM
+from pipo_jax.train import losses
+from pipo_jax.train.pipeline import train
 
 MODES = ("split", "shift", "mix")
 

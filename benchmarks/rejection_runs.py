@@ -21,8 +21,8 @@ from typing import Any
 
 from benchmarks.common import table, write
 from benchmarks.recipe_ablation import heldout_teacher_forced
-from pipo_jax.api import load
-from pipo_jax.data import test_examples
+from pipo_jax.data.loader import test_examples
+from pipo_jax.decode.runner import load
 
 
 def main() -> None:

@@ -5,8 +5,8 @@
 
 Each device count runs in its own process with ``--cpu-devices N`` (JAX fixes the device count
 at start-up), on the embedded default's model (``configs/tiny.yaml``) and the same global batch,
-with the real jitted, sharded ``trainer.train_step``. The 1-device step of the same run is the
-baseline of every ratio.
+with the real jitted, sharded ``pipo_jax.train.supervised.train_step``. The 1-device step of
+the same run is the baseline of every ratio.
 
 What this measures: the cost of the SPMD program (collectives, per-device work split) when
 the simulated devices share this machine's cores. It is **not** a speed-up measurement: all
@@ -41,16 +41,18 @@ def _child(devices: int, axis: str, batch: int, seq: int, repeats: int) -> dict[
     import numpy as np
     from flax import linen as nn
 
-    from pipo_jax import sharding, trainer
     from pipo_jax.config import MeshConfig, load_config
-    from pipo_jax.model import init_params
+    from pipo_jax.model import sharding
+    from pipo_jax.model.pipo import init_params
+    from pipo_jax.train.state import TrainState, make_optimizer, state_shardings
+    from pipo_jax.train.supervised import jit_train_step
 
     mesh_cfg = MeshConfig(data=devices if axis == "data" else 1,
                           fsdp=devices if axis == "fsdp" else 1, tensor=1)
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"sft.batch_size={batch}"])
     mesh = sharding.build_mesh(mesh_cfg)
-    tx = trainer.make_optimizer(cfg.sft)
-    _, sh = trainer.state_shardings(cfg.model, True, tx, mesh)
+    tx = make_optimizer(cfg.sft)
+    _, sh = state_shardings(cfg.model, True, tx, mesh)
     rng = np.random.default_rng(0)
     tokens = rng.integers(10, cfg.model.vocab_size, (batch, seq), dtype=np.int32)
     tokens[:, 1::2] = np.where(rng.random((batch, seq // 2)) < 0.1, 0, tokens[:, 1::2])
@@ -58,9 +60,9 @@ def _child(devices: int, axis: str, batch: int, seq: int, repeats: int) -> dict[
     with jax.set_mesh(mesh):
         params = jax.jit(lambda r: nn.unbox(init_params(cfg.model, True, r)),
                          out_shardings=sh.params)(jax.random.key(0))
-        state = trainer.TrainState(step=jnp.int32(0), params=params,
+        state = TrainState(step=jnp.int32(0), params=params,
                                    opt_state=jax.jit(tx.init, out_shardings=sh.opt_state)(params))
-        step = trainer.jit_train_step(cfg, "sft", tx, mesh, sh)
+        step = jit_train_step(cfg, "sft", tx, mesh, sh)
         data = sharding.global_batch(batch_np, mesh)
         state, metrics = step(state, data)
         jax.block_until_ready(metrics)

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from benchmarks.common import table, write
-from pipo_jax import decoding as dec
-from pipo_jax.api import load
+from pipo_jax.decode import engine as dec
+from pipo_jax.decode.runner import load
 
 NO_EOS = -1  # an id no token has: decoding runs to the budget
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.common import table, write
-from pipo_jax.api import load
-from pipo_jax.data import test_examples
-from pipo_jax.evaluate import evaluate, time_requests
+from pipo_jax.data.loader import test_examples
+from pipo_jax.decode.runner import load
+from pipo_jax.eval.heldout import evaluate, time_requests
 
 
 def main() -> None:

@@ -5,12 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from pipo_jax.checkpoint import CheckpointError, Preempted
-from pipo_jax.config import ConfigError
-from pipo_jax.decoding import PromptError
-from pipo_jax.trainer import TrainingError
-
-USER_ERRORS = (ConfigError, CheckpointError, TrainingError, PromptError)
+from pipo_jax.errors import USER_ERRORS, Preempted
 
 
 def run_main(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:

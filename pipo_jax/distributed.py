@@ -2,8 +2,8 @@
 driven by command-line flags.
 
 Every process runs the same command; after ``initialize`` the program sees one global device
-mesh, and ``pipo_jax.sharding`` splits the global batch over it. Launch recipes (TPU pod slice,
-multi-GPU hosts, localhost) are in the README's *Multi-host training* section.
+mesh, and ``pipo_jax.model.sharding`` splits the global batch over it. Launch recipes (TPU pod
+slice, multi-GPU hosts, localhost) are in the README's *Multi-host training* section.
 
 These are launch settings, not model settings: they are flags, never saved with a checkpoint,
 and a run may resume on another number of processes or devices.

@@ -18,7 +18,7 @@ import jax  # noqa: E402
 
 from pipo_jax import distributed  # noqa: E402
 from pipo_jax.config import load_config  # noqa: E402
-from pipo_jax.trainer import train_stage  # noqa: E402
+from pipo_jax.train.pipeline import train_stage  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 from flax import linen as nn
 
 from pipo_jax.config import LoraConfig, ModelConfig
-from pipo_jax.model import init_params
+from pipo_jax.model.pipo import init_params
 
 
 def random_params(cfg: ModelConfig, pipo: bool, seed: int, std: float = 0.2,

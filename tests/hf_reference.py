@@ -18,7 +18,7 @@ from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig, Qwen3Config, Qwe
 from transformers.modeling_layers import MtpModel
 
 from pipo_jax.config import ModelConfig
-from pipo_jax.model import init_params
+from pipo_jax.model.pipo import init_params
 
 # MtpModel parameter names → Qwen3.5 checkpoint names (QWEN3_5.md §2.6).
 MTP_RENAMES = (("layers.0.enorm.", "mtp.pre_fc_norm_embedding."),

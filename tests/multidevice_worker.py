@@ -29,23 +29,17 @@ from flax import linen as nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipo_jax import checkpoint as ckpt  # noqa: E402
-from pipo_jax import sharding  # noqa: E402
-from pipo_jax.api import PipoRunner  # noqa: E402
 from pipo_jax.config import Config, MeshConfig, load_config  # noqa: E402
-from pipo_jax.data import make_train_dataset  # noqa: E402
-from pipo_jax.data.loader import make_prompt_dataset  # noqa: E402
-from pipo_jax.distill import OpdStep  # noqa: E402
-from pipo_jax.model import init_params, lm_head  # noqa: E402
-from pipo_jax.tokenizer import ByteTokenizer  # noqa: E402
-from pipo_jax.trainer import (  # noqa: E402
-    TrainState,
-    abstract_params,
-    jit_train_step,
-    make_optimizer,
-    restore_stage_params,
-    state_shardings,
-)
+from pipo_jax.data.loader import make_prompt_dataset, make_train_dataset  # noqa: E402
+from pipo_jax.decode.runner import PipoRunner  # noqa: E402
+from pipo_jax.io import checkpoint as ckpt  # noqa: E402
+from pipo_jax.io.run_dir import abstract_params, restore_stage_params  # noqa: E402
+from pipo_jax.io.tokenizer import ByteTokenizer  # noqa: E402
+from pipo_jax.model import sharding  # noqa: E402
+from pipo_jax.model.pipo import init_params, lm_head  # noqa: E402
+from pipo_jax.train.opd import OpdStep  # noqa: E402
+from pipo_jax.train.state import TrainState, make_optimizer, state_shardings  # noqa: E402
+from pipo_jax.train.supervised import jit_train_step  # noqa: E402
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1))
 # Parameters whose placement the test checks against the rules table.
@@ -185,7 +179,7 @@ def main(out_path: str, work: str) -> None:
     # Save the (1, 8, 1) state; restore it on one device and on (2, 2, 2).
     stage_dir = Path(work) / "run" / "sft"
     with ckpt.open_manager(stage_dir, keep=2) as manager:
-        ckpt.save(manager, 1, states["1x8x1"], cfg, force=True, wait=True)
+        ckpt.save(manager, 1, states["1x8x1"], cfg, "sft", wait=True)
     restored = {}
     for shape in ((1, 1, 1), (2, 2, 2)):
         mesh = mesh_of(shape)

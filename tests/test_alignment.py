@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax import losses, pairs
 from pipo_jax.config import ModelConfig, TrainConfig
-from pipo_jax.model import PipoLM
+from pipo_jax.model import pairs
+from pipo_jax.model.pipo import PipoLM
+from pipo_jax.train import losses
 
 PAD = 0
 CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,

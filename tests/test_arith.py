@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipo_jax.data import arith
-from pipo_jax.tokenizer import ByteTokenizer
+from pipo_jax.io.tokenizer import ByteTokenizer
 
 LINE = re.compile(r"(\d)\+(\d)\+([01])=(\d+), write (\d), carry ([01])")
 

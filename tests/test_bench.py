@@ -19,13 +19,15 @@ import pytest
 from helpers import random_params
 
 import decode
-from pipo_jax import checkpoint as ckpt
-from pipo_jax.api import Generation, PipoRunner, load
-from pipo_jax.bench import __main__ as bench_cli
-from pipo_jax.bench.convert import aime25_questions, gpqa_questions, write_jsonl
-from pipo_jax.bench.harness import evaluate_benchmarks, question_record, summarise
-from pipo_jax.bench.protocol import PRESETS, resolve_options, sample_seed
-from pipo_jax.bench.schema import (
+from pipo_jax.cli import run_main
+from pipo_jax.config import ConfigError, load_config, save_config
+from pipo_jax.data.loader import test_examples
+from pipo_jax.decode.runner import Generation, PipoRunner, load
+from pipo_jax.eval import __main__ as bench_cli
+from pipo_jax.eval.harness import evaluate_benchmarks, question_record, summarise
+from pipo_jax.eval.heldout import pass_at_k
+from pipo_jax.eval.protocol import PRESETS, resolve_options, sample_seed
+from pipo_jax.eval.schema import (
     BenchError,
     Question,
     load_benchmark,
@@ -33,13 +35,11 @@ from pipo_jax.bench.schema import (
     to_messages,
     user_prompt,
 )
-from pipo_jax.bench.scoring import extract_boxed_answer, extract_choice, last_boxed, math_equal
-from pipo_jax.bench.scoring import score as score_text
-from pipo_jax.bench.store import ResultFile
-from pipo_jax.cli import run_main
-from pipo_jax.config import ConfigError, load_config, save_config
-from pipo_jax.data import test_examples
-from pipo_jax.evaluate import pass_at_k
+from pipo_jax.eval.scoring import extract_boxed_answer, extract_choice, last_boxed, math_equal
+from pipo_jax.eval.scoring import score as score_text
+from pipo_jax.eval.sources import aime25_questions, gpqa_questions, write_jsonl
+from pipo_jax.eval.store import ResultFile
+from pipo_jax.io import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -432,7 +432,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, compilation_cache_dir: Pat
     ar = {"embedder": params["embedder"], "backbone": params["backbone"]}
     for stage, tree in (("ar", ar), ("sft", params)):
         with ckpt.open_manager(run / stage, keep=1) as m:
-            ckpt.save(m, 0, {"step": np.int32(0), "params": tree}, cfg, force=True, wait=True)
+            ckpt.save(m, 0, {"step": np.int32(0), "params": tree}, cfg, stage, wait=True)
     return run
 
 

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from pipo_jax import decoding as dec
 from pipo_jax.config import ModelConfig, TrainConfig, load_config
-from pipo_jax.losses import sft_loss
-from pipo_jax.model import PipoLM, init_params
-from pipo_jax.trainer import TrainState, make_optimizer, train_step
+from pipo_jax.decode import engine as dec
+from pipo_jax.model.pipo import PipoLM, init_params
+from pipo_jax.train.losses import sft_loss
+from pipo_jax.train.state import TrainState, make_optimizer
+from pipo_jax.train.supervised import train_step
 
 CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   mlp_dim=64, max_context=64, dtype="bfloat16")

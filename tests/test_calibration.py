@@ -1,4 +1,5 @@
-"""Confidence-head metrics (``pipo_jax.calibration``): AUROC, Brier, ECE, reliability diagrams."""
+"""Confidence-head metrics (``pipo_jax.train.calibration``): AUROC, Brier, ECE, reliability
+diagrams."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax import calibration
-from pipo_jax.calibration import (
+from pipo_jax.train import calibration
+from pipo_jax.train.calibration import (
     auroc,
     brier_score,
     calibration_scores,

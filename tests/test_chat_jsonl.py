@@ -13,12 +13,14 @@ import chex
 import numpy as np
 import pytest
 
-from pipo_jax import pairs, trainer
 from pipo_jax.config import Config, ConfigError, DataConfig, TrainConfig, load_config
-from pipo_jax.convert import model_config
 from pipo_jax.data import arith, chat_builder, chat_jsonl, loader, tfds_builder
 from pipo_jax.data.chat_jsonl import ChatDataError, MalformedLines, conversation_ids
-from pipo_jax.tokenizer import ByteTokenizer, HFTokenizer
+from pipo_jax.io.hf.convert import model_config
+from pipo_jax.io.tokenizer import ByteTokenizer, HFTokenizer
+from pipo_jax.model import pairs
+from pipo_jax.train import supervised
+from pipo_jax.train.pipeline import train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (2, 3)
@@ -391,7 +393,7 @@ def test_trainer_consumes_chat_data_with_buckets(tmp_path: Path, compilation_cac
         # data path does not depend on the layer type.
         "model.layer_types=[full_attention, full_attention]"])
     seen: list[tuple[int, ...]] = []
-    real = trainer.make_train_dataset
+    real = supervised.make_train_dataset
 
     class Recording:
         def __init__(self, data: Any) -> None:
@@ -402,10 +404,10 @@ def test_trainer_consumes_chat_data_with_buckets(tmp_path: Path, compilation_cac
             seen.append(batch["tokens"].shape)
             return batch
 
-    monkeypatch.setattr(trainer, "make_train_dataset",
+    monkeypatch.setattr(supervised, "make_train_dataset",
                         lambda *args: Recording(real(*args)))
     # The ar stage keeps this test short; sft batches take the same path (test_length_bucketing).
-    result = trainer.train_stage(cfg, "ar", progress=False)
+    result = train_stage(cfg, "ar", progress=False)
     assert result.steps == 2 and math.isfinite(result.final_metrics["loss"])
     assert {t for _, t in seen} == {64, 256}, seen
 

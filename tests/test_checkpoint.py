@@ -1,4 +1,4 @@
-"""Tests for pipo_jax.checkpoint: round trips, pruning, error messages and crash safety
+"""Tests for pipo_jax.io.checkpoint: round trips, pruning, error messages and crash safety
 (the signal handling of ``StopSignals`` is tested in test_preemption.py)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from pipo_jax import checkpoint as ck
 from pipo_jax.config import Config, ConfigError, config_from_json, from_dict
+from pipo_jax.io import checkpoint as ck
 
 # A restore that fails inside orbax leaves tensorstore callbacks that fire after orbax closed its
 # event loop; Python reports them as "unraisable" at some later garbage collection. They are
@@ -54,7 +54,7 @@ def save_steps(stage_dir: Path, steps: list[int], keep: int = 5) -> dict[int, di
     states = {s: make_state(s) for s in steps}
     with ck.open_manager(stage_dir, keep=keep) as manager:
         for s in steps:
-            assert ck.save(manager, s, states[s], small_config(s))
+            assert ck.save(manager, s, states[s], small_config(s), "ar")
     return states
 
 
@@ -97,11 +97,11 @@ def test_keep_every_also_keeps_multiples_forever(tmp_path):
     state = make_state()
     with ck.open_manager(tmp_path, keep=2, keep_every=20) as manager:
         for step in (10, 20, 30, 40, 50):
-            assert ck.save(manager, step, state, small_config())
+            assert ck.save(manager, step, state, small_config(), "ar")
     assert ck.all_steps(tmp_path) == [20, 40, 50]
     with ck.open_manager(tmp_path, keep=2, keep_every=20) as manager:
         for step in (55, 60, 70):  # 55: an odd step, as a preemption save writes
-            assert ck.save(manager, step, state, small_config())
+            assert ck.save(manager, step, state, small_config(), "ar")
     assert ck.all_steps(tmp_path) == [20, 40, 60, 70]
 
 
@@ -143,15 +143,17 @@ def test_restore_casts_to_target_dtype(tmp_path):
         np.asarray(states[1]["params"]["dense"]["kernel"]), rtol=1e-2)
 
 
-def test_save_every_force_and_existing_step(tmp_path):
+def test_save_records_the_stage_and_skips_an_existing_step(tmp_path):
     state = make_state()
-    with ck.open_manager(tmp_path, keep=3, save_every=10) as manager:
-        assert not ck.save(manager, 5, state, small_config())
-        assert ck.save(manager, 10, state, small_config(), wait=True)
-        assert ck.save(manager, 13, state, small_config(), force=True, wait=True)
+    with ck.open_manager(tmp_path, keep=3) as manager:
+        assert ck.save(manager, 10, state, small_config(), "ar", wait=True)
+        assert ck.save(manager, 13, state, small_config(), "sft", wait=True)
         # Re-saving a committed step (a run resumed exactly there) is a no-op, not an error.
-        assert not ck.save(manager, 13, state, small_config(), force=True)
+        assert not ck.save(manager, 13, state, small_config(), "sft")
+        with pytest.raises(ValueError, match="stage must be one of"):
+            ck.save(manager, 14, state, small_config(), "student")
     assert ck.all_steps(tmp_path) == [10, 13]
+    assert ck.saved_stage(tmp_path, 10) == "ar" and ck.saved_stage(tmp_path) == "sft"
 
 
 def test_open_manager_rejects_bad_arguments(tmp_path):
@@ -159,8 +161,6 @@ def test_open_manager_rejects_bad_arguments(tmp_path):
         ck.open_manager(tmp_path, keep=0)
     with pytest.raises(ValueError, match="keep_every"):
         ck.open_manager(tmp_path, keep=1, keep_every=-1)
-    with pytest.raises(ValueError, match="save_every"):
-        ck.open_manager(tmp_path, keep=1, save_every=0)
 
 
 # --------------------------------------------------------------------------- errors
@@ -265,7 +265,7 @@ jax.config.update("jax_platforms", "cpu")
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
-from pipo_jax import checkpoint as ck
+from pipo_jax.io import checkpoint as ck
 from pipo_jax.config import Config
 
 stage, hang_in = sys.argv[1], sys.argv[2]
@@ -286,7 +286,7 @@ if hang_in == "commit":  # every file written, only the rename to the final name
 else:  # tmp directory created, array data not yet written
     ocp.StandardCheckpointHandler.async_save = hang
 manager = ck.open_manager(stage, keep=3)
-ck.save(manager, 2, {"w": jnp.full((256, 256), 2.0)}, Config(), wait=True)
+ck.save(manager, 2, {"w": jnp.full((256, 256), 2.0)}, Config(), "ar", wait=True)
 print("SAVE FINISHED", flush=True)
 """
 
@@ -296,7 +296,7 @@ def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, hang_in):
     stage = tmp_path / "sft"
     target = ck.abstract_target(jax.ShapeDtypeStruct((256, 256), jnp.float32), SHARDING)
     with ck.open_manager(stage, keep=3) as manager:
-        ck.save(manager, 1, {"w": jnp.full((256, 256), 1.0)}, Config())
+        ck.save(manager, 1, {"w": jnp.full((256, 256), 1.0)}, Config(), "ar")
 
     with open(tmp_path / "child.log", "w") as log:
         child = subprocess.Popen([sys.executable, "-c", _CHILD, str(stage), hang_in], cwd=REPO,
@@ -319,7 +319,7 @@ def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, hang_in):
 
     # Training resumes: the next manager clears the leftover and saving step 2 again works.
     with ck.open_manager(stage, keep=3) as manager:
-        assert ck.save(manager, 2, {"w": jnp.full((256, 256), 3.0)}, Config())
+        assert ck.save(manager, 2, {"w": jnp.full((256, 256), 3.0)}, Config(), "ar")
     assert sorted(p.name for p in ckpt_root.iterdir()) == ["1", "2"]
     restored, _ = ck.restore(stage, {"w": target})
     np.testing.assert_array_equal(restored["w"], 3.0)
@@ -336,9 +336,9 @@ def test_failed_background_save_surfaces_and_keeps_previous_step(tmp_path, monke
 
     manager = ck.open_manager(tmp_path, keep=1)
     try:
-        assert ck.save(manager, 1, make_state(1), small_config(1), wait=True)
+        assert ck.save(manager, 1, make_state(1), small_config(1), "ar", wait=True)
         monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
-        assert ck.save(manager, 2, make_state(2), small_config(2))  # returns at once (async)
+        assert ck.save(manager, 2, make_state(2), small_config(2), "ar")  # returns at once (async)
         with pytest.raises(OSError, match="disk full"):
             manager.wait_until_finished()
     finally:

@@ -13,7 +13,7 @@ import pytest
 from flax import linen as nn
 
 from pipo_jax.config import ModelConfig
-from pipo_jax.model import Compressor, PipoLM, init_params, pipo_from_ar
+from pipo_jax.model.pipo import Compressor, PipoLM, init_params, pipo_from_ar
 
 CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   mlp_dim=64, max_context=64)

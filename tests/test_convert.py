@@ -1,4 +1,4 @@
-"""``python -m pipo_jax.convert``: tiny random Hugging Face models built locally (no hub).
+"""``python -m pipo_jax.io.hf.convert``: tiny random Hugging Face models built locally (no hub).
 
 Covers hf-to-pipo (Qwen3.5 tied/untied, bf16, sharded with an index, the VLM layout with a
 vision tower, Qwen3), logits parity with ``transformers``, the native MTP head, exact round trips
@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from helpers import random_params
 
-from pipo_jax import checkpoint as ckpt
-from pipo_jax import hf_mapping as hm
-from pipo_jax.api import load, load_params
 from pipo_jax.cli import run_main
 from pipo_jax.config import Config, ConfigError, ModelConfig
-from pipo_jax.convert import main
-from pipo_jax.model import PipoLM, backbone_layer
+from pipo_jax.decode.runner import load, load_params
+from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.io.hf import mapping as hm
+from pipo_jax.io.hf.convert import main
+from pipo_jax.model.pipo import PipoLM, backbone_layer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -290,7 +290,7 @@ def test_pipo_hf_pipo_is_exact(compressor: str, tmp_path: Path, capsys: pytest.C
     run = tmp_path / "run"
     with ckpt.open_manager(run / "sft", keep=1) as m:
         ckpt.save(m, 7, {"step": np.int32(7), "params": params},
-                  Config(run_dir=str(run), model=cfg), force=True, wait=True)
+                  Config(run_dir=str(run), model=cfg), "sft", wait=True)
     hf = tmp_path / "hf"
     assert main(["pipo-to-hf", "--run", str(run), "--out", str(hf)]) == 0
     exported = json.loads((hf / "config.json").read_text())
@@ -407,7 +407,7 @@ def test_lora_sft_on_chat_jsonl_from_imported_run_exports_to_transformers(
     from safetensors.torch import load_file as torch_load_file
 
     from pipo_jax.config import load_config
-    from pipo_jax.trainer import train
+    from pipo_jax.train.pipeline import train
 
     run = tmp_path / "run"
     shutil.copytree(runs["q35_untied_sharded"], run)

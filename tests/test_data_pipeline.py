@@ -12,10 +12,10 @@ import chex
 import numpy as np
 import pytest
 
-from pipo_jax import pairs
 from pipo_jax.config import Config, DataConfig, TrainConfig
 from pipo_jax.data import arith, loader, mixed, tfds_builder
-from pipo_jax.tokenizer import ByteTokenizer
+from pipo_jax.io.tokenizer import ByteTokenizer
+from pipo_jax.model import pairs
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (2, 3)
@@ -104,7 +104,7 @@ def test_concurrent_builds(tmp_path: Path) -> None:
         "import logging, sys\n"
         "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
         "from pipo_jax.config import DataConfig\n"
-        "from pipo_jax.data import load_source\n"
+        "from pipo_jax.data.tfds_builder import load_source\n"
         f"cfg = DataConfig(data_dir={str(tmp_path)!r}, num_train=3000, num_test=50)\n"
         "src = load_source(cfg, 'train')\n"
         "assert len(src) == 3000 and src[2999]['question'].startswith('What is')\n"

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax import decoding as dec
 from pipo_jax.config import ModelConfig
-from pipo_jax.model import PipoLM
+from pipo_jax.decode import engine as dec
+from pipo_jax.model.pipo import PipoLM
 
 PAD = 0
 CONFIGS = {

@@ -1,4 +1,5 @@
-"""The gated delta rule (``pipo_jax.deltanet``) and the Gated DeltaNet mixer (``GatedDeltaNet``).
+"""The gated delta rule (``pipo_jax.model.deltanet``) and the Gated DeltaNet mixer
+(``GatedDeltaNet``).
 
 * ``chunked`` == ``scan`` == chained ``recurrent_step``: outputs, final states and gradients,
   with and without an initial state, for T below, at and not at a multiple of the chunk;
@@ -16,9 +17,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from pipo_jax import deltanet
 from pipo_jax.config import ModelConfig
-from pipo_jax.layers import GatedDeltaNet
+from pipo_jax.model import deltanet
+from pipo_jax.model.layers import GatedDeltaNet
 
 B, N, DK, DV = 2, 3, 8, 6
 TOL = dict(rtol=1e-5, atol=1e-5)

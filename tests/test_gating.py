@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax import decoding as dec
 from pipo_jax.config import ModelConfig
-from pipo_jax.model import PipoLM
-from pipo_jax.pairs import parity_pad
+from pipo_jax.decode import engine as dec
+from pipo_jax.model.pairs import parity_pad
+from pipo_jax.model.pipo import PipoLM
 
 PAD = 0
 CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,

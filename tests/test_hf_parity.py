@@ -2,7 +2,7 @@
 
 * full-sequence logits of the backbone vs ``Qwen3_5ForCausalLM`` / ``Qwen3ForCausalLM``
   (tied and untied heads; Qwen3.5 sequences span three 64-token DeltaNet chunks);
-* our prefill + single-token decode (``pipo_jax.decoding``) vs the HF full forward, with a
+* our prefill + single-token decode (``pipo_jax.decode.engine``) vs the HF full forward, with a
   left-padded row;
 * our MTP head vs HF's generic ``MtpModel`` (the structure of Qwen3.5's native ``mtp.*``);
 * the key tables: exact round trip of every tensor, and ``load_into``'s errors.
@@ -22,9 +22,9 @@ pytest.importorskip("transformers")
 
 import hf_reference as ref  # noqa: E402  (needs torch)
 
-from pipo_jax import decoding as dec  # noqa: E402
-from pipo_jax import hf_mapping as hm  # noqa: E402
-from pipo_jax.model import PipoLM  # noqa: E402
+from pipo_jax.decode import engine as dec  # noqa: E402
+from pipo_jax.io.hf import mapping as hm  # noqa: E402
+from pipo_jax.model.pipo import PipoLM  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipo_jax.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from pipo_jax.io.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")  # pipo_jax imports it only inside HFTokenizer
 

@@ -1,5 +1,5 @@
 """LoRA (SPEC §4): where the adapters sit, merged = unmerged, what a LoRA step may change,
-resume, and ``python -m pipo_jax.convert merge-lora``."""
+resume, and ``python -m pipo_jax.io.hf.convert merge-lora``."""
 
 from __future__ import annotations
 
@@ -18,14 +18,19 @@ from flax import linen as nn
 from flax import traverse_util
 from helpers import random_params
 
-from pipo_jax import checkpoint as ckpt
-from pipo_jax import convert, lora, sharding, trainer
-from pipo_jax.api import load_params
 from pipo_jax.config import Config, LoraConfig, load_config, save_config
-from pipo_jax.convert import ConvertError
-from pipo_jax.losses import ar_loss
-from pipo_jax.model import PipoLM, init_params, lm_head
-from pipo_jax.trainer import TrainingError, train_stage
+from pipo_jax.decode.runner import load_params
+from pipo_jax.errors import TrainingError
+from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.io.hf import convert
+from pipo_jax.io.hf.convert import ConvertError
+from pipo_jax.io.run_dir import abstract_params
+from pipo_jax.model import lora, sharding
+from pipo_jax.model.pipo import PipoLM, init_params, lm_head
+from pipo_jax.train import supervised
+from pipo_jax.train.losses import ar_loss
+from pipo_jax.train.pipeline import train_stage
+from pipo_jax.train.state import make_optimizer, state_shardings
 
 pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
               pytest.mark.usefixtures("compilation_cache_dir")]
@@ -181,13 +186,13 @@ def _imported_run(run_dir: Path, cfg: Config, params: Any) -> None:
     base = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, tuner="full"))
     save_config(base, run_dir / "config.json")
     with ckpt.open_manager(run_dir / "sft", 2) as m:
-        ckpt.save(m, 0, {"step": np.int32(0), "params": params}, base, force=True, wait=True)
+        ckpt.save(m, 0, {"step": np.int32(0), "params": params}, base, "sft", wait=True)
 
 
 def _raw_params(stage_dir: Path, cfg: Config, step: int | None = None) -> Any:
     """The stage's parameters as saved (adapters not merged)."""
     mesh = sharding.build_mesh(cfg.mesh)
-    abstract = trainer.abstract_params(cfg.model, True, mesh, cfg.sft.lora)
+    abstract = abstract_params(cfg.model, True, mesh, cfg.sft.lora)
     return jax.tree.map(np.asarray, ckpt.restore_params(stage_dir, abstract, step)[0])
 
 
@@ -227,8 +232,8 @@ def test_a_lora_step_changes_only_the_trainable_parameters(lora_run):
 
 def test_optimizer_state_covers_only_the_trainable_parameters(lora_run):
     cfg = lora_run.cfg
-    tx = trainer.make_optimizer(cfg.sft)
-    abstract, _ = trainer.state_shardings(cfg.model, True, tx, sharding.build_mesh(cfg.mesh),
+    tx = make_optimizer(cfg.sft)
+    abstract, _ = state_shardings(cfg.model, True, tx, sharding.build_mesh(cfg.mesh),
                                           "lora", cfg.sft.lora)
     train, _ = lora.partition(abstract.params, "lora")
     n_train = sum(x.size for x in jax.tree.leaves(train))
@@ -244,7 +249,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(lora_run, monkeypatch
     run_dir = lora_run.root / "crashed"
     shutil.copytree(lora_run.root / "fresh", run_dir)
     cfg = dataclasses.replace(lora_run.cfg, run_dir=str(run_dir))
-    real = trainer.make_train_dataset
+    real = supervised.make_train_dataset
 
     class Crashing:
         def __init__(self, data: Any) -> None:
@@ -256,7 +261,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(lora_run, monkeypatch
             return self.data[step]
 
     with monkeypatch.context() as mp:
-        mp.setattr(trainer, "make_train_dataset", lambda *a, **k: Crashing(real(*a, **k)))
+        mp.setattr(supervised, "make_train_dataset", lambda *a, **k: Crashing(real(*a, **k)))
         with pytest.raises(SimulatedCrash):
             train_stage(cfg, "sft", progress=False)
     assert ckpt.latest_step(run_dir / "sft") == 2

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax import losses
 from pipo_jax.config import ModelConfig, TrainConfig
-from pipo_jax.model import PipoLM
+from pipo_jax.model.pipo import PipoLM
+from pipo_jax.train import losses
 
 N, HD, V = 13, 16, 37
 

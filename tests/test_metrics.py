@@ -1,4 +1,4 @@
-"""Tests for pipo_jax.metrics: JSONL records and TensorBoard event files."""
+"""Tests for pipo_jax.train.metrics: JSONL records and TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from pipo_jax.metrics import JSONL_FILE, MetricWriter, read_jsonl
+from pipo_jax.train.metrics import JSONL_FILE, MetricWriter, read_jsonl
 
 
 def read_events(log_dir: Path) -> list[event_pb2.Event]:

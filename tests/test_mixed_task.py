@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from pipo_jax import config as config_lib
-from pipo_jax import pairs
 from pipo_jax.config import (
     DEFAULT_MIXED_OPS,
     Config,
@@ -22,7 +21,8 @@ from pipo_jax.config import (
     load_config,
 )
 from pipo_jax.data import arith, loader, mixed, tfds_builder
-from pipo_jax.tokenizer import ByteTokenizer
+from pipo_jax.io.tokenizer import ByteTokenizer
+from pipo_jax.model import pairs
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PATTERNS = {op: {kind: [mixed.line_pattern(t) for t in templates]

@@ -95,7 +95,7 @@ def test_a_mesh_that_cannot_split_a_parameter_is_a_clear_error():
     from jax.sharding import AbstractMesh
 
     from pipo_jax.config import ConfigError, load_config
-    from pipo_jax.trainer import make_optimizer, state_shardings
+    from pipo_jax.train.state import make_optimizer, state_shardings
 
     cfg = load_config(REPO / "configs" / "micro.yaml")  # 2 query heads, MLP 64, d_model 32
     tx = make_optimizer(cfg.sft)

@@ -17,7 +17,7 @@ import pytest
 from nbclient import NotebookClient
 
 from pipo_jax.config import load_config
-from pipo_jax.trainer import train
+from pipo_jax.train.pipeline import train
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"

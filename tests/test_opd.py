@@ -13,16 +13,20 @@ import numpy as np
 import pytest
 from helpers import random_params
 
-from pipo_jax import checkpoint as ckpt
-from pipo_jax import distill, opd, sharding
-from pipo_jax.api import load
 from pipo_jax.config import ConfigError, load_config
 from pipo_jax.data.arith import to_messages
-from pipo_jax.distill import OpdStep, response_texts, rollout_scores, teacher_hidden
-from pipo_jax.metrics import read_jsonl
-from pipo_jax.model import PipoLM, lm_head
-from pipo_jax.tokenizer import ByteTokenizer, reasoning_prompt
-from pipo_jax.trainer import TrainingError, TrainState, make_optimizer, train_stage
+from pipo_jax.decode.runner import load
+from pipo_jax.errors import TrainingError
+from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.io.tokenizer import ByteTokenizer, reasoning_prompt
+from pipo_jax.model import sharding
+from pipo_jax.model.pipo import PipoLM, lm_head
+from pipo_jax.train import opd as distill
+from pipo_jax.train import opd_loss as opd
+from pipo_jax.train.metrics import read_jsonl
+from pipo_jax.train.opd import OpdStep, response_texts, rollout_scores, teacher_hidden
+from pipo_jax.train.pipeline import train_stage
+from pipo_jax.train.state import TrainState, make_optimizer
 
 pytestmark = pytest.mark.usefixtures("compilation_cache_dir")
 
@@ -416,7 +420,7 @@ def _opd_config(run_dir: Path, data_dir: Path, *overrides: str):
 def _write_params(stage_dir: Path, params, cfg) -> None:
     """A params-only checkpoint, as hf-to-pipo writes (an imported or merged model)."""
     with ckpt.open_manager(stage_dir, 1) as manager:
-        ckpt.save(manager, 0, {"step": np.int32(0), "params": params}, cfg, force=True,
+        ckpt.save(manager, 0, {"step": np.int32(0), "params": params}, cfg, "sft",
                   wait=True)
 
 
@@ -487,7 +491,7 @@ def test_opd_stage_says_what_is_missing(micro, opd_run, tmp_path):
         train_stage(dataclasses.replace(cfg, run_dir=str(run)), "opd", progress=False)
     with pytest.raises(TrainingError, match="frozen AR teacher"):
         train_stage(_opd_config(run, tfds, student), "opd", progress=False)
-    with pytest.raises(TrainingError, match="is a PIPO stage"):
+    with pytest.raises(TrainingError, match="holds a PIPO model"):
         train_stage(_opd_config(tmp_path / "run2", tfds, student,
                                 f"opd.teacher_dir={root / 'run' / 'sft'}"), "opd", progress=False)
     with pytest.raises(TrainingError, match="another model config.*mlp_dim"):
@@ -511,7 +515,7 @@ def test_opd_eval_reports_confidence_metrics_and_a_reliability_diagram(opd_run, 
     """``benchmarks/opd_eval``'s rollout section on the micro run: every confidence metric is
     reported, in range, and the stage's reliability diagram is written and listed."""
     from benchmarks import opd_eval
-    from pipo_jax.data import test_examples
+    from pipo_jax.data.loader import test_examples
 
     _, root, _ = opd_run
     runner = load(root / "run", stage="opd", ar_stage="teacher")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipo_jax import pairs
+from pipo_jax.model import pairs
 
 PAD = 0
 V = 40

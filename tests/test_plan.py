@@ -1,4 +1,4 @@
-"""The memory planner (``python -m pipo_jax.plan``): exact state bytes, compiled temporaries,
+"""The memory planner (``python -m pipo_jax.train.plan``): exact state bytes, compiled temporaries,
 verdicts, errors, and per-device bytes on a simulated 8-device mesh."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import jax
 import pytest
 
-from pipo_jax import plan as plan_lib
 from pipo_jax.cli import run_main
 from pipo_jax.config import ConfigError, MeshConfig, load_config
-from pipo_jax.sharding import build_mesh
+from pipo_jax.model.sharding import build_mesh
+from pipo_jax.train import plan as plan_lib
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO = str(REPO / "configs" / "micro.yaml")
@@ -165,7 +165,7 @@ def test_a_mesh_larger_than_the_machine_reruns_on_simulated_devices(
     argv = ["--config", MICRO, "--mesh", f"fsdp={n}", "--state-only"]
     assert plan_lib.main(argv) == 0
     (cmd, env), = runs
-    assert cmd == [sys.executable, "-m", "pipo_jax.plan", *argv, "--simulated-child"]
+    assert cmd == [sys.executable, "-m", "pipo_jax.train.plan", *argv, "--simulated-child"]
     assert env["XLA_FLAGS"] == ("--xla_cpu_use_thunk_runtime=true "
                                 f"--xla_force_host_platform_device_count={n}")
     assert env["JAX_PLATFORMS"] == "cpu"

@@ -1,8 +1,8 @@
 """Preemption: SIGTERM/SIGINT stop the training loop after saving the current step, and a resumed
 run continues exactly where an uninterrupted one would be.
 
-The in-process tests drive ``trainer.run_steps`` with a stand-in ``advance`` (no model, no
-compilation), so the signal paths cost a few orbax saves. One end-to-end test kills a real
+The in-process tests drive ``pipo_jax.train.loop.run_steps`` with a stand-in ``advance`` (no
+model, no compilation), so the signal paths cost a few orbax saves. One end-to-end test kills a real
 ``python train.py`` with SIGTERM and compares the resumed loss curve with an uninterrupted run;
 a slow one (``-m slow``) does the same to one process of a two-process job.
 """
@@ -27,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax import checkpoint as ckpt
-from pipo_jax import sharding, trainer
 from pipo_jax.cli import run_main
 from pipo_jax.config import Config, load_config
-from pipo_jax.metrics import MetricWriter, read_jsonl
+from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.model import sharding
+from pipo_jax.train.loop import Advance, run_steps
+from pipo_jax.train.metrics import MetricWriter, read_jsonl
+from pipo_jax.train.state import TrainState, make_optimizer, state_shardings
 
 # A failed restore can leave tensorstore callbacks that Python reports later as "unraisable";
 # they are harmless (see tests/test_checkpoint.py).
@@ -49,20 +51,20 @@ def loop_config(run_dir: Path, steps: int = 8) -> Config:
                                "ar.ckpt_every=100"])
 
 
-def fake_state(value: float = 0.0) -> trainer.TrainState:
-    return trainer.TrainState(step=jnp.int32(0), params={"w": jnp.full((4,), value)},
+def fake_state(value: float = 0.0) -> TrainState:
+    return TrainState(step=jnp.int32(0), params={"w": jnp.full((4,), value)},
                               opt_state={"m": jnp.zeros((4,))})
 
 
-def fake_advance(on_step: dict[int, Callable[[], None]]) -> trainer.Advance:
+def fake_advance(on_step: dict[int, Callable[[], None]]) -> Advance:
     """An ``advance`` that adds 1 to ``w`` and reports ``loss = w``; ``on_step[i]()`` runs inside
     step ``i`` (0-based), as a signal would arrive in the middle of a real step."""
 
-    def advance(state: trainer.TrainState, step: int) -> tuple[trainer.TrainState,
+    def advance(state: TrainState, step: int) -> tuple[TrainState,
                                                              dict[str, jax.Array], Any]:
         if step in on_step:
             on_step[step]()
-        new = trainer.TrainState(step=state.step + 1, params={"w": state.params["w"] + 1},
+        new = TrainState(step=state.step + 1, params={"w": state.params["w"] + 1},
                                  opt_state=state.opt_state)
         return new, {"loss": new.params["w"][0], "target_tokens": jnp.float32(10)}, None
 
@@ -79,7 +81,7 @@ def send(*signums: int) -> Callable[[], None]:
     return kill
 
 
-def restore_fake(stage_dir: Path) -> trainer.TrainState:
+def restore_fake(stage_dir: Path) -> TrainState:
     sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return ckpt.restore(stage_dir, ckpt.abstract_target(jax.eval_shape(fake_state), sh))[0]
 
@@ -91,7 +93,7 @@ def test_signal_saves_current_step_and_raises_preempted(tmp_path, signum):
     cfg = loop_config(tmp_path)
     before = {s: signal.getsignal(s) for s in ckpt.StopSignals.SIGNALS}
     with pytest.raises(ckpt.Preempted) as info:
-        trainer.run_steps(cfg, "ar", fake_state(), 0, fake_advance({4: send(signum)}),
+        run_steps(cfg, "ar", fake_state(), 0, fake_advance({4: send(signum)}),
                           progress=False)
     err = info.value
     assert (err.step, err.signum, err.exit_code) == (5, signum, 128 + signum)
@@ -108,7 +110,7 @@ def test_signal_saves_current_step_and_raises_preempted(tmp_path, signum):
     assert read_jsonl(stage_dir)[-1]["loss"] == 5.0
 
     # Resuming from the saved step runs the rest and no step twice.
-    result = trainer.run_steps(cfg, "ar", state, 5, fake_advance({}), progress=False)
+    result = run_steps(cfg, "ar", state, 5, fake_advance({}), progress=False)
     assert result.steps == 8 and result.final_metrics["loss"] == 8.0
     assert [r["step"] for r in read_jsonl(stage_dir)] == list(range(1, 9))
 
@@ -124,7 +126,7 @@ def test_signal_during_last_step_host_work_still_stops(tmp_path):
         return {}
 
     with pytest.raises(ckpt.Preempted) as info:
-        trainer.run_steps(cfg, "ar", fake_state(), 0, fake_advance({}), summarise,
+        run_steps(cfg, "ar", fake_state(), 0, fake_advance({}), summarise,
                           progress=False)
     assert info.value.step == 3 and info.value.exit_code == 143
     assert ckpt.all_steps(tmp_path / "ar") == [3]
@@ -135,7 +137,7 @@ def test_second_sigint_interrupts_at_once(tmp_path):
     or save), nothing is saved for the unfinished step, and the handlers are restored."""
     cfg = loop_config(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        trainer.run_steps(cfg, "ar", fake_state(), 0,
+        run_steps(cfg, "ar", fake_state(), 0,
                           fake_advance({2: send(signal.SIGINT, signal.SIGINT)}), progress=False)
     assert ckpt.all_steps(tmp_path / "ar") == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -172,7 +174,7 @@ def test_loop_outside_main_thread_trains_without_handlers(tmp_path):
     def work() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out["result"] = trainer.run_steps(cfg, "ar", fake_state(), 0, fake_advance({}),
+            out["result"] = run_steps(cfg, "ar", fake_state(), 0, fake_advance({}),
                                               progress=False)
         out["warnings"] = [str(w.message) for w in caught if w.category is RuntimeWarning]
 
@@ -298,8 +300,8 @@ def test_sigterm_mid_run_then_resume_matches_uninterrupted_run(tmp_path, compila
         assert g == w, f"step {w['step']}: resumed {g} != uninterrupted {w}"
 
     cfg = load_config(MICRO, overrides(run, data_dir))
-    tx = trainer.make_optimizer(cfg.ar)
-    abstract, shardings = trainer.state_shardings(cfg.model, False, tx,
+    tx = make_optimizer(cfg.ar)
+    abstract, shardings = state_shardings(cfg.model, False, tx,
                                                   sharding.build_mesh(cfg.mesh))
     target = ckpt.abstract_target(abstract, shardings)
     final, _ = ckpt.restore(run / "ar", target)

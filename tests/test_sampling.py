@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax import decoding as dec
 from pipo_jax.config import ModelConfig
+from pipo_jax.decode import engine as dec
 
 V = 12
 N_DRAWS = 4000

@@ -21,14 +21,20 @@ import numpy as np
 import pytest
 
 import pipo_jax
-from pipo_jax import checkpoint as ckpt
-from pipo_jax import sharding, trainer
-from pipo_jax.api import PipoRunner
 from pipo_jax.config import Config, load_config
-from pipo_jax.data import make_train_dataset
-from pipo_jax.metrics import read_jsonl
-from pipo_jax.tokenizer import ByteTokenizer
-from pipo_jax.trainer import TrainingError, train_stage
+from pipo_jax.data.loader import make_train_dataset
+from pipo_jax.decode.runner import PipoRunner
+from pipo_jax.errors import TrainingError
+from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.io.tokenizer import ByteTokenizer
+from pipo_jax.model import sharding
+from pipo_jax.train import supervised
+from pipo_jax.train.loop import StageResult
+from pipo_jax.train.metrics import read_jsonl
+
+# A failed restore can leave tensorstore callbacks that Python reports later as "unraisable";
+from pipo_jax.train.pipeline import train_stage
+from pipo_jax.train.state import TrainState, make_optimizer, state_shardings
 
 # A failed restore can leave tensorstore callbacks that Python reports later as "unraisable";
 # they are harmless (see tests/test_checkpoint.py).
@@ -61,9 +67,9 @@ class TrainedRun:
     cfg: Config
     run_dir: Path
     data_dir: Path
-    results: dict[str, trainer.StageResult]
+    results: dict[str, StageResult]
     # Host copies of every state handed to checkpoint.save, keyed by (stage, step).
-    saved: dict[tuple[str, int], trainer.TrainState]
+    saved: dict[tuple[str, int], TrainState]
 
 
 def _host_copy(tree: Any) -> Any:
@@ -90,9 +96,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
 
 
 def _abstract_state(cfg: Config, stage: str) -> Any:
-    tx = trainer.make_optimizer(getattr(cfg, stage))
+    tx = make_optimizer(getattr(cfg, stage))
     mesh = sharding.build_mesh(cfg.mesh)
-    abstract, shardings = trainer.state_shardings(cfg.model, stage == "sft", tx, mesh)
+    abstract, shardings = state_shardings(cfg.model, stage == "sft", tx, mesh)
     return ckpt.abstract_target(abstract, shardings)
 
 
@@ -121,8 +127,8 @@ class _StepIndexedData:
 
 
 def _patch_data(monkeypatch: pytest.MonkeyPatch, hook: Any) -> None:
-    real = trainer.make_train_dataset
-    monkeypatch.setattr(trainer, "make_train_dataset",
+    real = supervised.make_train_dataset
+    monkeypatch.setattr(supervised, "make_train_dataset",
                         lambda *a, **kw: _StepIndexedData(real(*a, **kw), hook))
 
 

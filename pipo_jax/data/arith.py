@@ -26,7 +26,7 @@ import re
 
 import numpy as np
 
-from pipo_jax.latex import braced
+from pipo_jax.eval.latex import braced
 
 SYSTEM_PROMPT = "Solve step by step."
 

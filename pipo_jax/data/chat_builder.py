@@ -33,7 +33,6 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pipo_jax import pairs
 from pipo_jax.config import DataConfig
 from pipo_jax.data.chat_jsonl import (
     ChatDataError,
@@ -43,7 +42,8 @@ from pipo_jax.data.chat_jsonl import (
     resolve_files,
 )
 from pipo_jax.data.tfds_builder import LocalBuilderMixin, build_once
-from pipo_jax.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from pipo_jax.io.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from pipo_jax.model import pairs
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pipo_jax.config import ConfigError
-from pipo_jax.tokenizer import ROLES, Tokenizer, reasoning_prompt
+from pipo_jax.errors import ChatDataError
+from pipo_jax.io.tokenizer import ROLES, Tokenizer, reasoning_prompt
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,6 @@ THINK_END = "\n" + THINK_CLOSE + "\n\n"
 _GLOB_CHARS = frozenset("*?[")
 # Malformed lines named in the log when they are skipped.
 _LOGGED_SKIPS = 5
-
-
-class ChatDataError(ConfigError):
-    """Unusable chat training data (missing files, a malformed line, nothing left to train on);
-    the message names the file and, for a line, its 1-based number."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,13 +28,13 @@ from typing import Any
 import grain
 import numpy as np
 
-from pipo_jax import pairs
 from pipo_jax.config import PIPO_STAGES, STAGES, Config, DataConfig
 from pipo_jax.data import chat_builder
 from pipo_jax.data.arith import to_messages
 from pipo_jax.data.chat_jsonl import conversation_ids
 from pipo_jax.data.tfds_builder import load_source
-from pipo_jax.tokenizer import Tokenizer
+from pipo_jax.io.tokenizer import Tokenizer
+from pipo_jax.model import pairs
 
 # Salts that keep the streams derived from one stage seed independent of each other.
 _SHUFFLE_SALT = 0x5F1E

@@ -2,7 +2,7 @@
 Gated DeltaNet linear attention, SwiGLU, and the scanned hybrid stack.
 
 Every parameter carries logical axis names (``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``,
-``layers``); ``pipo_jax.sharding`` maps them onto a device mesh with one rules table.
+``layers``); ``pipo_jax.model.sharding`` maps them onto a device mesh with one rules table.
 
 Every mixer has two modes with the same parameters:
 * ``DecoderLayer.__call__``: a whole sequence (training, prefill); returns what a cache needs:
@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pipo_jax import deltanet, sharding
 from pipo_jax.config import LoraConfig, ModelConfig
-from pipo_jax.lora import LoraDenseGeneral
+from pipo_jax.model import deltanet, sharding
+from pipo_jax.model.lora import LoraDenseGeneral
 
 # Logical axes of the residual stream (and of latents and MTP states), B×L×H.
 RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
@@ -187,7 +187,7 @@ class GatedDeltaNet(nn.Module):
 
     ``x → in_proj_qkv → causal depthwise conv → silu → (q, k, v)``; ``β = sigmoid(in_proj_b x)``;
     ``g = −exp(A_log)·softplus(in_proj_a x + dt_bias)``; q/k L2-normed (q also scaled by
-    ``dk^-½``) and repeated to the value heads; the gated delta rule (``pipo_jax.deltanet``);
+    ``dk^-½``) and repeated to the value heads; the gated delta rule (``pipo_jax.model.deltanet``);
     a gated RMSNorm ``w·x̂·silu(z)`` with ``z = in_proj_z x``; ``out_proj``.
     """
 

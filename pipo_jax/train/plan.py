@@ -1,6 +1,7 @@
 """Memory planner: per-device bytes of one training step, before any array is allocated.
 
-``python -m pipo_jax.plan --config configs/qwen3_5_4b_sft.yaml --mesh fsdp=8 --device h100-80gb``
+``python -m pipo_jax.train.plan --config configs/qwen3_5_4b_sft.yaml --mesh fsdp=8 \
+--device h100-80gb``
 
 For a stage (``teacher``, ``ar`` or ``sft``), a mesh, a sequence length and a global batch it
 prints, per device:
@@ -46,13 +47,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from pipo_jax import lora as lora_lib
-from pipo_jax import sharding
 from pipo_jax.cli import run_main
 from pipo_jax.config import PIPO_STAGES, Config, ConfigError, MeshConfig, TrainConfig, load_config
-from pipo_jax.layers import dtype_of
-from pipo_jax.sharding import MESH_AXES, parse_mesh
-from pipo_jax.trainer import jit_train_step, make_optimizer, state_shardings
+from pipo_jax.model import lora as lora_lib
+from pipo_jax.model import sharding
+from pipo_jax.model.layers import dtype_of
+from pipo_jax.model.sharding import MESH_AXES, parse_mesh
+from pipo_jax.train.state import make_optimizer, state_shardings
+from pipo_jax.train.supervised import jit_train_step
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -428,7 +430,7 @@ def simulation_command(argv: list[str], n_devices: int) -> tuple[list[str], dict
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={n_devices}").strip()
     env["JAX_PLATFORMS"] = "cpu"
-    return [sys.executable, "-m", "pipo_jax.plan", *argv, _CHILD_FLAG], env
+    return [sys.executable, "-m", "pipo_jax.train.plan", *argv, _CHILD_FLAG], env
 
 
 def _simulate(argv: list[str], n_devices: int) -> int:
@@ -442,7 +444,7 @@ def _simulate(argv: list[str], n_devices: int) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipo_jax.plan", description=__doc__,
+        prog="python -m pipo_jax.train.plan", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--stage", default="sft", choices=PLANNED_STAGES,

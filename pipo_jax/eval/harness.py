@@ -31,15 +31,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pipo_jax import checkpoint as ckpt
-from pipo_jax import decoding as dec
-from pipo_jax.api import PROMPT_BUCKET, Generation, PipoRunner
-from pipo_jax.bench.protocol import sample_seed
-from pipo_jax.bench.schema import BenchError, Benchmark, Question, to_messages
-from pipo_jax.bench.scoring import score
-from pipo_jax.bench.store import ResultFile, result_path
 from pipo_jax.config import DecodeConfig
-from pipo_jax.evaluate import pass_at_k, write_json
+from pipo_jax.decode import engine as dec
+from pipo_jax.decode.runner import PROMPT_BUCKET, Generation, PipoRunner
+from pipo_jax.eval.heldout import pass_at_k, write_json
+from pipo_jax.eval.protocol import sample_seed
+from pipo_jax.eval.schema import BenchError, Benchmark, Question, to_messages
+from pipo_jax.eval.scoring import score
+from pipo_jax.eval.store import ResultFile, result_path
+from pipo_jax.io import checkpoint as ckpt
 
 SUMMARY_FILE = "summary.json"
 

@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipo_jax.config import ConfigError
+from pipo_jax.errors import BenchError
 
 KINDS = ("boxed", "choice")
 FIELDS = ("id", "question", "answer", "kind", "choices", "system", "instruction")
@@ -48,10 +48,6 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = ("Please reason step by step, and put the letter of the correct option "
                       "({letters}) within \\boxed{{}}.")
-
-
-class BenchError(ConfigError):
-    """A benchmark file or result file that cannot be used; the message names file and line."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,17 +25,14 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipo_jax.config import ModelConfig
-from pipo_jax.layers import DecoderLayer, norm, slot_name
-from pipo_jax.model import PipoLM
-from pipo_jax.pairs import parity_pad
-from pipo_jax.sharding import batch_sharding, replicated
+from pipo_jax.errors import PromptError
+from pipo_jax.model.layers import DecoderLayer, norm, slot_name
+from pipo_jax.model.pairs import parity_pad
+from pipo_jax.model.pipo import PipoLM
+from pipo_jax.model.sharding import batch_sharding, replicated
 
 Array = jax.Array
 Params = dict[str, Any]
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be decoded (empty, or longer than the model's context)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@
 - ``protocol``: presets (``paper``) and per-(question, sample) seeds;
 - ``store``: the resumable per-(benchmark, model) result files;
 - ``harness``: the evaluation loop, metrics (avg@k, pass@k, decode statistics) and tables;
-- ``convert``: AIME 2025 (JSONL) and GPQA (CSV) converters, ``python -m pipo_jax.bench``.
+- ``convert``: AIME 2025 (JSONL) and GPQA (CSV) converters, ``python -m pipo_jax.eval``.
 
 ``schema``, ``scoring``, ``protocol``, ``store`` and ``convert`` are pure Python; only
 ``harness`` needs JAX and a loaded run. Entry point: ``python decode.py --run RUN --bench FILE``.

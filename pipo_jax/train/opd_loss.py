@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pipo_jax.calibration import auroc, brier_score, expected_calibration_error
-from pipo_jax.losses import masked_mean
+from pipo_jax.train.calibration import auroc, brier_score, expected_calibration_error
+from pipo_jax.train.losses import masked_mean
 
 Array = jax.Array
 Divergence = Literal["topk", "full", "sampled"]

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from pipo_jax.bench.schema import BenchError
+from pipo_jax.eval.schema import BenchError
 
 FORMAT = 1
 

@@ -44,17 +44,22 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from pipo_jax.config import Config, ConfigError, save_config, saved_from_dict, to_dict
+from pipo_jax.config import (
+    PIPO_STAGES,
+    STAGES,
+    Config,
+    ConfigError,
+    save_config,
+    saved_from_dict,
+    to_dict,
+)
+from pipo_jax.errors import CheckpointError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.json"
 _STATE = "state"
 _CONFIG = "config"
 _TRAIN_HINT = "train this stage first with `python train.py`"
-
-
-class CheckpointError(RuntimeError):
-    """A missing, unusable or corrupt checkpoint; the message says what to do about it."""
 
 
 # --------------------------------------------------------------------------- paths and helpers
@@ -176,34 +181,21 @@ def preservation_policy(keep: int,
         keep_newest, policies.EveryNSteps(interval_steps=keep_every, exact_interval=True)])
 
 
-def open_manager(stage_dir: str | Path, keep: int, save_every: int | None = None,
-                 keep_every: int = 0) -> ocp.CheckpointManager:
+def open_manager(stage_dir: str | Path, keep: int, keep_every: int = 0) -> ocp.CheckpointManager:
     """Opens (creating if needed) the checkpoint manager of ``stage_dir`` for saving.
 
     Args:
       stage_dir: the stage's run directory, e.g. ``runs/default/sft``.
       keep: how many of the newest checkpoints to keep; older ones are deleted after a save
         commits (unless ``keep_every`` keeps them).
-      save_every: if set, ``save`` only writes steps that are multiples of it (unless
-        ``force``); if None every ``save`` call writes.
       keep_every: also keep every checkpoint whose step is a multiple of this, forever; 0: off.
 
-    Use it as a context manager (or call ``.close()``): closing waits for the last
-    asynchronous save to be committed and raises its error if it failed.
+    Every ``save`` writes (the training loop decides which steps to save). Use it as a context
+    manager (or call ``.close()``): closing waits for the last asynchronous save to be
+    committed and raises its error if it failed.
     """
-    if save_every is not None and save_every < 1:
-        raise ValueError(f"save_every must be positive or None, got {save_every}")
-    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation_policy(keep, keep_every),
-        # Spelled out because the default policy built from save_interval_steps also saves the
-        # first step of a fresh run (InitialSavePolicy), whatever its number. The preemption
-        # policy matters only to callers that let the manager decide (``force=False``) in a
-        # multi-process job; the training loop asks ``StopSignals.requested`` itself.
-        save_decision_policy=policies.AnySavePolicy([
-            policies.FixedIntervalPolicy(save_every or 1),
-            policies.PreemptionCheckpointingPolicy(),
-        ]),
         create=True,
         # A crash mid-save leaves a `<step>.orbax-checkpoint-tmp*` directory. Step discovery
         # ignores it, but each one can hold a full copy of the state, so delete them on open.
@@ -221,14 +213,13 @@ def _item_handlers(state_handler: ocp.CheckpointHandler) -> dict[str, ocp.Checkp
     return {_STATE: state_handler, _CONFIG: ocp.JsonCheckpointHandler()}
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, cfg: Config,
-         force: bool = False, wait: bool = False) -> bool:
-    """Saves ``state`` and ``cfg`` as checkpoint ``step``; returns whether a save was started.
-
-    Skipped (returns False) unless ``force`` when ``step`` is not a multiple of the manager's
-    ``save_every`` or not newer than the latest checkpoint, and always when a checkpoint of
-    ``step`` already exists: a run resumed from ``step`` has exactly that state, and orbax
-    refuses to overwrite a committed step.
+def save(manager: ocp.CheckpointManager, step: int, state: Any, cfg: Config, stage: str,
+         wait: bool = False) -> bool:
+    """Saves ``state`` and ``cfg`` as checkpoint ``step`` of ``stage`` (one of ``STAGES``,
+    recorded in the step's metadata with whether the model is PIPO; ``saved_stage`` reads it);
+    returns whether a save was started: False when a checkpoint of ``step`` already exists (a
+    run resumed from ``step`` has exactly that state, and orbax refuses to overwrite a committed
+    step).
 
     The save is asynchronous; pass ``wait=True`` (or close the manager) to block until it is
     committed, which also raises the error of a failed write. ``config.json`` in the stage
@@ -238,7 +229,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, cfg: Config,
         return False
     args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
                                  _CONFIG: ocp.args.JsonSave(to_dict(cfg))})
-    started = manager.save(step, args=args, force=force)
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    started = manager.save(step, args=args, force=True,
+                           custom_metadata={"stage": stage, "pipo": stage in PIPO_STAGES})
     # Every process calls save (orbax coordinates the array writes); one writes the JSON copy,
     # so that processes sharing a file system do not race on it.
     if started and jax.process_index() == 0:
@@ -249,24 +243,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, cfg: Config,
 
 
 # --------------------------------------------------------------------------- preemption
-
-
-class Preempted(Exception):
-    """Training stopped on a signal after saving its current step; run it again to resume.
-
-    Not a ``CheckpointError`` or ``TrainingError``: nothing is wrong, and the exit status should
-    tell a scheduler which signal ended the process (``exit_code``: 143 for SIGTERM, 130 for
-    SIGINT, as a shell reports a process killed by that signal).
-    """
-
-    def __init__(self, message: str, signum: int, step: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.step = step
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 def signal_name(signum: int) -> str:
@@ -443,7 +419,7 @@ def _check_structure(manager: ocp.CheckpointManager, step: int, target: Any,
     except KeyError as e:
         raise CheckpointError(
             f"checkpoint step {step} in {manager.directory} has no {'/'.join(subtree)} subtree "
-            f"({_first_line(e)}); it was not saved by pipo_jax.checkpoint.save") from e
+            f"({_first_line(e)}); it was not saved by pipo_jax.io.checkpoint.save") from e
     except Exception as e:
         raise _corrupt(manager, step, e) from e
     diff = _structure_diff(saved, target)
@@ -518,7 +494,7 @@ def saved_keys(stage_dir: str | Path, step: int | None = None) -> set[str]:
     """Top-level keys of the saved state of checkpoint ``step`` (default: the latest).
 
     A full train state has ``params``, ``opt_state`` and ``step``; a params-only checkpoint
-    (an imported model, ``python -m pipo_jax.convert hf-to-pipo``) has no ``opt_state``.
+    (an imported model, ``python -m pipo_jax.io.hf.convert hf-to-pipo``) has no ``opt_state``.
     """
     stage_dir = Path(stage_dir)
     with _open_for_restore(stage_dir, ocp.PyTreeCheckpointHandler()) as manager:
@@ -545,3 +521,21 @@ def restore_config(stage_dir: str | Path, step: int | None = None) -> Config:
         except Exception as e:
             raise _corrupt(manager, step, e) from e
         return _config_of(manager, step, restored[_CONFIG])
+
+
+def saved_stage(stage_dir: str | Path, step: int | None = None) -> str | None:
+    """The stage recorded with checkpoint ``step`` (default: the latest), or None for a
+    checkpoint saved before stages were recorded (``pipo_jax.io.run_dir.stage_of`` handles
+    those)."""
+    stage_dir = Path(stage_dir)
+    with _open_for_restore(stage_dir, ocp.StandardCheckpointHandler()) as manager:
+        step = _resolve_step(manager, stage_dir, step)
+        try:
+            custom = manager.metadata(step).custom_metadata or {}
+        except Exception as e:
+            raise _corrupt(manager, step, e) from e
+    stage = custom.get("stage")
+    if stage is not None and stage not in STAGES:
+        raise CheckpointError(f"checkpoint step {step} in {checkpoint_dir(stage_dir)} records an "
+                              f"unknown stage {stage!r}; it was not saved by this pipo_jax")
+    return stage

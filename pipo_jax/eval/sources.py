@@ -28,9 +28,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipo_jax.bench.schema import LETTERS, BenchError, json_lines, load_benchmark
 from pipo_jax.config import DataConfig
-from pipo_jax.data import test_examples
+from pipo_jax.data.loader import test_examples
+from pipo_jax.eval.schema import LETTERS, BenchError, json_lines, load_benchmark
 
 GPQA_OPTIONS = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
                 "Incorrect Answer 3")

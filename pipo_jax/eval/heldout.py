@@ -17,8 +17,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pipo_jax.api import PipoRunner
 from pipo_jax.data.arith import to_messages, verify
+from pipo_jax.decode.runner import PipoRunner
 
 MODELS = ("pipo", "ar")
 

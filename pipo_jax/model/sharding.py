@@ -1,6 +1,6 @@
 """Device mesh and the one table that maps logical axis names onto it.
 
-Parameters are annotated with logical names in ``pipo_jax.layers``/``pipo_jax.model``
+Parameters are annotated with logical names in ``pipo_jax.model.layers``/``pipo_jax.model.pipo``
 (``nn.with_logical_partitioning``), and the main activations are constrained with logical names
 too (``constrain``: the residual stream, latents, MTP states); this table decides where each name
 lives, so a larger mesh needs a different config, not different model code.

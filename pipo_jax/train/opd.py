@@ -27,25 +27,24 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from pipo_jax import decoding as dec
-from pipo_jax import opd, sharding
 from pipo_jax.config import Config, ModelConfig, OpdConfig
-from pipo_jax.data import make_prompt_dataset, verify
-from pipo_jax.model import PipoLM, lm_head
-from pipo_jax.tokenizer import Tokenizer
-from pipo_jax.trainer import (
-    StageResult,
-    TrainingError,
+from pipo_jax.data.arith import verify
+from pipo_jax.data.loader import make_prompt_dataset
+from pipo_jax.decode import engine as dec
+from pipo_jax.errors import TrainingError
+from pipo_jax.io.run_dir import abstract_params, model_diff, stage_of
+from pipo_jax.io.tokenizer import Tokenizer
+from pipo_jax.model import sharding
+from pipo_jax.model.pipo import PipoLM, lm_head
+from pipo_jax.train import opd_loss as opd
+from pipo_jax.train.loop import StageResult, run_steps
+from pipo_jax.train.state import (
     TrainState,
-    _check_same_model,
-    _stage_name,
-    abstract_params,
     apply_update,
+    check_same_model,
     check_tokenizer,
     make_optimizer,
-    model_diff,
     restore_prerequisite,
-    run_steps,
     setup_state,
     state_shardings,
 )
@@ -196,13 +195,10 @@ class Teacher:
 def load_teacher(cfg: Config, mesh: Mesh) -> Teacher:
     """The frozen AR teacher: ``opd.teacher_dir`` or ``<run_dir>/teacher``."""
     teacher_dir = Path(cfg.opd.teacher_dir or Path(cfg.run_dir) / "teacher")
-    if _stage_name(teacher_dir, False) in ("sft", "opd"):
-        raise TrainingError(f"opd.teacher_dir {teacher_dir} is a PIPO stage; the teacher is an "
-                            f"AR model (a run's teacher or ar stage)")
     params, saved = restore_prerequisite(
         teacher_dir, False, mesh, "the opd stage needs a frozen AR teacher",
         "train it first (stages=[teacher, ...]) or set opd.teacher_dir")
-    tcfg = saved.model_of(_stage_name(teacher_dir, False))
+    tcfg = saved.model_of(stage_of(teacher_dir, False))
     if tcfg.vocab_size != cfg.model.vocab_size:
         raise TrainingError(f"the teacher in {teacher_dir} has vocab_size {tcfg.vocab_size}, the "
                             f"student {cfg.model.vocab_size}: they must share a tokenizer")
@@ -215,7 +211,7 @@ def load_student(cfg: Config, mesh: Mesh) -> Params:
     params, saved = restore_prerequisite(
         student_dir, True, mesh, "the opd stage starts from the PIPO SFT model",
         "train the sft stage first or set opd.student_dir")
-    diff = model_diff(saved.model_of(_stage_name(student_dir, True)), cfg.model)
+    diff = model_diff(saved.model_of(stage_of(student_dir, True)), cfg.model)
     if diff:
         raise TrainingError(f"the student in {student_dir} has another model config than "
                             f"model: (saved vs now: {diff})")
@@ -326,7 +322,7 @@ def train_opd(cfg: Config, tokenizer: Tokenizer | None = None, mesh: Mesh | None
     mesh = mesh or sharding.build_mesh(cfg.mesh)
     sharding.check_batch(mesh, oc.batch_size, "opd.batch_size")
     stage_dir = Path(cfg.run_dir) / "opd"
-    _check_same_model(stage_dir, cfg, "opd")
+    check_same_model(stage_dir, cfg, "opd")
     prompts = make_prompt_dataset(cfg, tokenizer)  # bad data fails before any model work
     tx = make_optimizer(oc)
     # Programs traced in the mesh context place the model's activation constraints on it.

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pipo_jax import sharding
 from pipo_jax.config import LoraConfig, ModelConfig
-from pipo_jax.layers import (
+from pipo_jax.model import sharding
+from pipo_jax.model.layers import (
     RESIDUAL_AXES,
     Backbone,
     DecoderLayer,
@@ -167,12 +167,12 @@ class PipoLM(nn.Module):
     """PIPO (``pipo=True``) or the AR baseline (``pipo=False``) on the same backbone.
 
     ``__call__`` is the teacher-forced training forward. Decode uses the submodules through
-    ``pipo_jax.decoding`` (``model.apply(..., method=...)`` and per-layer applies).
+    ``pipo_jax.decode.engine`` (``model.apply(..., method=...)`` and per-layer applies).
     """
 
     cfg: ModelConfig
     pipo: bool = True
-    # Adapters on the backbone's and the MTP layer's projections (``pipo_jax.lora``).
+    # Adapters on the backbone's and the MTP layer's projections (``pipo_jax.model.lora``).
     lora: LoraConfig | None = None
 
     def setup(self) -> None:

@@ -8,7 +8,7 @@
 one token per pass), so every speed claim is a ratio measured on the same machine.
 
 ``load(run_dir, mesh=build_mesh(MeshConfig(...)))`` spreads the parameters over a device mesh
-(the logical rules of ``pipo_jax.sharding``) and decodes with programs compiled for it
+(the logical rules of ``pipo_jax.model.sharding``) and decodes with programs compiled for it
 (``decoding.MeshDecoder``): a model too large for one device, or larger batches.
 """
 
@@ -24,21 +24,20 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from pipo_jax import checkpoint as ckpt
-from pipo_jax import decoding as dec
 from pipo_jax.config import (
     PIPO_STAGES,
     Config,
     DecodeConfig,
-    MeshConfig,
     ModelConfig,
     validate_threshold,
 )
 from pipo_jax.data.arith import SYSTEM_PROMPT
-from pipo_jax.pairs import assert_pad_at_odd
-from pipo_jax.sharding import batch_parallel, batch_sharding, build_mesh
-from pipo_jax.tokenizer import ByteTokenizer, Tokenizer, reasoning_prompt, run_tokenizer
-from pipo_jax.trainer import restore_stage_params
+from pipo_jax.decode import engine as dec
+from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.io.run_dir import latest_pipo_stage, load_params
+from pipo_jax.io.tokenizer import ByteTokenizer, Tokenizer, reasoning_prompt, run_tokenizer
+from pipo_jax.model.pairs import assert_pad_at_odd
+from pipo_jax.model.sharding import batch_parallel, batch_sharding
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this many tokens (fewer compiles)
@@ -59,15 +58,6 @@ class Timing:
 
     prefill: float
     decode: float
-
-
-def load_params(stage_dir: str | Path, pipo: bool, step: int | None = None,
-                mesh: Mesh | None = None) -> tuple[Any, Config]:
-    """Parameters (and the config saved with them) of one training stage, on ``mesh`` (default:
-    one device); LoRA adapters are merged into their kernels, so decoding runs the plain model
-    at full speed."""
-    mesh = mesh or build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    return restore_stage_params(stage_dir, pipo, mesh, step)
 
 
 class PipoRunner:
@@ -251,7 +241,7 @@ def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | No
         raise ckpt.CheckpointError(
             f"{run_dir} does not exist: train a run first with `python train.py run_dir={run_dir}`")
     if stage is None:
-        stage = "opd" if ckpt.latest_step(run_dir / "opd") is not None else "sft"
+        stage = latest_pipo_stage(run_dir)
     if stage not in PIPO_STAGES:
         raise ValueError(f"stage must be one of {PIPO_STAGES}, got {stage!r}")
     if ar_stage not in ("ar", "teacher"):

@@ -1,8 +1,8 @@
-"""``python -m pipo_jax.bench convert {aime25,gpqa} --in FILE --out FILE [--seed N]``,
-``python -m pipo_jax.bench convert test-split --run RUN --out FILE [--num N]``.
+"""``python -m pipo_jax.eval convert {aime25,gpqa} --in FILE --out FILE [--seed N]``,
+``python -m pipo_jax.eval convert test-split --run RUN --out FILE [--num N]``.
 
-Converts a local copy of a public benchmark file to the benchmark schema (``pipo_jax.bench``);
-see ``pipo_jax/bench/convert.py`` for the input formats. Evaluate the result with
+Converts a local copy of a public benchmark file to the benchmark schema (``pipo_jax.eval``);
+see ``pipo_jax/eval/sources.py`` for the input formats. Evaluate the result with
 ``python decode.py --run RUN --bench FILE``.
 """
 
@@ -12,18 +12,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipo_jax.bench.convert import (
+from pipo_jax.cli import run_main
+from pipo_jax.config import ConfigError, config_from_json
+from pipo_jax.eval.sources import (
     aime25_questions,
     gpqa_questions,
     test_split_questions,
     write_jsonl,
 )
-from pipo_jax.cli import run_main
-from pipo_jax.config import ConfigError, config_from_json
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipo_jax.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pipo_jax.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="convert a benchmark file to the schema")

@@ -1,10 +1,10 @@
 """Hugging Face Qwen3 / Qwen3.5 checkpoints ↔ pipo-jax run directories.
 
-    python -m pipo_jax.convert hf-to-pipo --hf-dir DIR --out RUN_DIR [--param-dtype float32]
+    python -m pipo_jax.io.hf.convert hf-to-pipo --hf-dir DIR --out RUN_DIR [--param-dtype float32]
         [--compressor-type mlp|linear] [--max-context N] [--seed S] [--force]
-    python -m pipo_jax.convert pipo-to-hf --run RUN_DIR --out DIR [--dtype float32|bfloat16]
+    python -m pipo_jax.io.hf.convert pipo-to-hf --run RUN_DIR --out DIR [--dtype float32|bfloat16]
         [--step N] [--max-shard-size 2GB] [--force]
-    python -m pipo_jax.convert merge-lora --run RUN_DIR --out RUN_DIR [--step N] [--force]
+    python -m pipo_jax.io.hf.convert merge-lora --run RUN_DIR --out RUN_DIR [--step N] [--force]
 
 ``hf-to-pipo`` reads a local Hugging Face folder (config.json, ``*.safetensors`` with or without
 ``model.safetensors.index.json``, tokenizer.json and tokenizer_config.json; nothing is fetched)
@@ -60,23 +60,22 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from flax import linen as nn
 
-from pipo_jax import checkpoint as ckpt
-from pipo_jax import hf_mapping as hm
-from pipo_jax.api import load_params
 from pipo_jax.cli import run_main
 from pipo_jax.config import (
     PIPO_STAGES,
     STAGES,
     Config,
-    ConfigError,
     ModelConfig,
     config_from_json,
     save_config,
 )
-from pipo_jax.layers import slot_name
-from pipo_jax.model import backbone_layer, init_params, pipo_from_ar
-from pipo_jax.tokenizer import HFTokenizer, tokenizer_path
-from pipo_jax.trainer import checkpoint_adapters
+from pipo_jax.errors import ConvertError
+from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.io.hf import mapping as hm
+from pipo_jax.io.run_dir import checkpoint_adapters, latest_pipo_stage, load_params
+from pipo_jax.io.tokenizer import HFTokenizer, tokenizer_path
+from pipo_jax.model.layers import slot_name
+from pipo_jax.model.pipo import backbone_layer, init_params, pipo_from_ar
 
 HF_CONFIG = "hf_config.json"  # the source config.json, in the run directory
 HF_DTYPES = "hf_dtypes.json"  # {key: dtype} of tensors stored in another dtype than the config's
@@ -91,11 +90,6 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat
           "float16": np.dtype(np.float16)}
 _ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
              np.dtype(np.float16): "F16", np.dtype(np.float64): "F64"}
-
-
-class ConvertError(ConfigError):
-    """An input folder, run directory or option that cannot be converted (a user error: the CLI
-    prints it as one ``error:`` line and exits with 2)."""
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -456,7 +450,8 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
     with _numpy_saved_in_place():
         for stage, tree in (("ar", ar_params), ("sft", params)):
             with ckpt.open_manager(out / stage, getattr(config, stage).keep_checkpoints) as m:
-                ckpt.save(m, 0, {"step": step, "params": tree}, config, force=True, wait=True)
+                ckpt.save(m, 0, {"step": step, "params": tree}, config, stage,
+                          wait=True)
             _release_freed_memory()
 
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -487,11 +482,6 @@ def _source_dtype(hf_config: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------- pipo → hf
-
-
-def latest_pipo_stage(run: str | Path) -> str:
-    """``opd`` when the run has OPD checkpoints, else ``sft``: the run's latest PIPO model."""
-    return "opd" if ckpt.latest_step(Path(run) / "opd") is not None else "sft"
 
 
 def pipo_to_hf(run: str | Path, out: str | Path, dtype: str | None = None,
@@ -592,8 +582,7 @@ def merge_lora(run: str | Path, out: str | Path, step: int | None = None, force:
         params, _ = load_params(run / stage, stage in PIPO_STAGES, at)
         steps[stage] = int(at)
         with ckpt.open_manager(out / stage, getattr(config, stage).keep_checkpoints) as m:
-            ckpt.save(m, at, {"step": np.int32(at), "params": params}, config, force=True,
-                      wait=True)
+            ckpt.save(m, at, {"step": np.int32(at), "params": params}, config, stage, wait=True)
     log(f"{run} → {out}\n  merged LoRA adapters of: {', '.join(with_lora)}; steps "
         + ", ".join(f"{s} {n}" for s, n in steps.items()))
     return {"merged": with_lora, "steps": steps, "out": str(out)}
@@ -603,7 +592,7 @@ def merge_lora(run: str | Path, out: str | Path, step: int | None = None, force:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipo_jax.convert", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipo_jax.io.hf.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("hf-to-pipo", help="a local Hugging Face folder → a run directory")

@@ -39,7 +39,7 @@ import math
 import re
 from fractions import Fraction
 
-from pipo_jax.latex import braced
+from pipo_jax.eval.latex import braced
 
 THINK_END = "</think>"
 

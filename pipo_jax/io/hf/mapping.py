@@ -12,7 +12,7 @@ Key layout (the reference PyTorch implementation's, QWEN3_5.md §4):
 * the MTP module ``mtp.*`` (Qwen3.5's native one, or PIPO's head on export);
 * PIPO's own modules ``compressor.*`` and ``confidence_head.*``.
 
-This module never touches files: ``pipo_jax.convert`` streams tensors through these tables.
+This module never touches files: ``pipo_jax.io.hf.convert`` streams tensors through these tables.
 """
 
 from __future__ import annotations
@@ -24,14 +24,11 @@ from typing import Any
 import numpy as np
 
 from pipo_jax.config import ConfigError, ModelConfig
-from pipo_jax.layers import slot_name
+from pipo_jax.errors import MappingError
+from pipo_jax.model.layers import slot_name
 
 Path_ = tuple[str, ...]
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3")
-
-
-class MappingError(ConfigError):
-    """A checkpoint whose keys, shapes or config do not fit the model; the message says which."""
 
 
 # ------------------------------------------------------------------------------------- configs

@@ -177,7 +177,7 @@ def _compare(part: str, size: str, batch: int, length: int, chunked: Callable[[]
              scan: Callable[[], Any], repeats: int) -> dict[str, Any]:
     c_first, c_time, c_best, (c_out, c_state) = _time(chunked, repeats)
     s_first, s_time, s_best, (s_out, s_state) = _time(scan, repeats)
-    # Layers return (out, (conv state, recurrent state)); deltanet returns (o, state).
+    # Layers return (out, DeltaNetCache(conv, state)); deltanet returns (o, state).
     c_state, s_state = jax.tree.leaves(c_state)[-1], jax.tree.leaves(s_state)[-1]
     tokens = batch * length
     return {

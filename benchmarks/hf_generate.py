@@ -7,7 +7,7 @@ A ``Qwen3_5ForCausalLM`` is built from a config, every parameter randomised (QWE
 and its state dict mapped into our parameters with ``pipo_jax.io.hf.mapping.load_into``. Both sides
 then decode greedily, batch ``B``, exactly ``--new-tokens`` tokens (no EOS):
 
-* ours: ``decoding.ar_prefill`` + ``decoding.ar_decode_loop`` (jitted, compiled by an untimed
+* ours: ``pipo_jax.decode.engine.Decoder`` prefill + decode loop (jitted, compiled by an untimed
   warm-up call);
 * HF: ``model.generate(do_sample=False, use_cache=True, eos_token_id=None)`` after one untimed
   warm-up call, once per torch thread count in ``--torch-threads`` (default 2 and 1: with 2
@@ -39,7 +39,8 @@ import numpy as np
 from flax import linen as nn
 
 from benchmarks.common import set_blas_threads, table, write
-from pipo_jax.decode import engine as dec
+from pipo_jax.decode.engine import Decoder, DecodeSpec
+from pipo_jax.decode.sampling import SamplingParams, request_keys
 from pipo_jax.io.hf import mapping as hm
 from pipo_jax.model.pipo import init_params
 
@@ -111,10 +112,11 @@ def run_ours(cfg: Any, params: dict, prompt_BxP: np.ndarray, new_tokens: int,
     b = prompt_BxP.shape[0]
     tokens = jnp.asarray(prompt_BxP, jnp.int32)
     valid = jnp.ones(prompt_BxP.shape, bool)
-    keys = dec.request_keys(list(range(b)))
-    static = dict(cfg=cfg, sp=dec.SamplingParams(), budget=new_tokens, pad_id=PAD, eos_id=NO_EOS)
-    prefill = lambda: dec.ar_prefill(params, tokens, valid, keys, **static)
-    loop = lambda s: dec.ar_decode_loop(params, s, **static)
+    keys = request_keys(list(range(b)))
+    decoder = Decoder(DecodeSpec(cfg, False, SamplingParams(), new_tokens, PAD, NO_EOS))
+    thr = np.float32(-1.0)  # read only by PIPO
+    prefill = lambda: decoder.prefill(params, tokens, valid, keys, thr)
+    loop = lambda s: decoder.loop(params, s, thr)
     t = time.perf_counter()
     out = np.asarray(jax.block_until_ready(loop(prefill())).out)  # compiles both
     compile_s = time.perf_counter() - t

@@ -18,8 +18,9 @@ import jax
 import numpy as np
 
 from benchmarks.common import table, write
-from pipo_jax.decode import engine as dec
+from pipo_jax.decode.engine import Decoder, DecodeSpec, prepare_prompts
 from pipo_jax.decode.runner import load
+from pipo_jax.decode.sampling import SamplingParams, request_keys
 
 NO_EOS = -1  # an id no token has: decoding runs to the budget
 
@@ -49,20 +50,16 @@ def measure(runner, prompt: list[int], new_tokens: int, threshold: float | None,
     cfg = runner.config.model
     tok = runner.tokenizer
     pipo = threshold is not None
-    tokens, valid = dec.prepare_prompts([prompt], pipo, tok.pad_id, 64, new_tokens,
+    tokens, valid = prepare_prompts([prompt], pipo, tok.pad_id, 64, new_tokens,
                                         cfg.max_context)
-    keys = dec.request_keys([0])
-    static = dict(cfg=cfg, sp=dec.SamplingParams(), budget=new_tokens, pad_id=tok.pad_id,
-                  eos_id=NO_EOS)
-    if pipo:
-        thr = np.float32(threshold)
-        use_mtp = threshold < 1.0
-        prefill = lambda: dec.pipo_prefill(runner.params, tokens, valid, keys, thr,
-                                           use_mtp=use_mtp, **static)
-        loop = lambda s: dec.pipo_decode_loop(runner.params, s, thr, use_mtp=use_mtp, **static)
-    else:
-        prefill = lambda: dec.ar_prefill(runner.ar_params, tokens, valid, keys, **static)
-        loop = lambda s: dec.ar_decode_loop(runner.ar_params, s, **static)
+    keys = request_keys([0])
+    spec = DecodeSpec(cfg, pipo, SamplingParams(), new_tokens, tok.pad_id, NO_EOS,
+                      draft=pipo and threshold < 1.0)
+    decoder = Decoder(spec)
+    params = runner.params if pipo else runner.ar_params
+    thr = np.float32(threshold if pipo else -1.0)
+    prefill = lambda: decoder.prefill(params, tokens, valid, keys, thr)
+    loop = lambda s: decoder.loop(params, s, thr)
     ttft = _time(lambda _: jax.block_until_ready(prefill().out), repeats)
     # The loop donates its input state, so each timed call gets a fresh (untimed) prefill.
     decode = _time(lambda s: jax.block_until_ready(loop(s).out), repeats,

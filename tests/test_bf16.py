@@ -7,6 +7,7 @@ from flax import linen as nn
 
 from pipo_jax.config import ModelConfig, TrainConfig, load_config
 from pipo_jax.decode import engine as dec
+from pipo_jax.decode import sampling
 from pipo_jax.model.pipo import PipoLM, init_params
 from pipo_jax.train.losses import sft_loss
 from pipo_jax.train.state import TrainState, make_optimizer
@@ -43,11 +44,10 @@ def test_bf16_train_step_and_decode():
     assert np.isfinite(float(loss))
 
     prompts, valid = dec.prepare_prompts([[3, 4, 5], [6, 7]], True, 0, 8, 8, CFG.max_context)
-    state = dec.pipo_prefill(st.params, prompts, valid, dec.request_keys([0, 1]),
-                             np.float32(-1.0), cfg=CFG, sp=dec.SamplingParams(),
-                             use_mtp=True, budget=8, pad_id=0, eos_id=1)
-    state = dec.pipo_decode_loop(st.params, state, np.float32(-1.0), cfg=CFG,
-                                 sp=dec.SamplingParams(), use_mtp=True, budget=8, pad_id=0,
-                                 eos_id=1)
-    assert state.cache.layers[0][0].dtype == jnp.bfloat16
+    decoder = dec.Decoder(dec.DecodeSpec(CFG, True, sampling.SamplingParams(), 8, 0, 1,
+                                         draft=True))
+    thr = np.float32(-1.0)
+    state = decoder.prefill(st.params, prompts, valid, sampling.request_keys([0, 1]), thr)
+    state = decoder.loop(st.params, state, thr)
+    assert state.cache.layers[0].k.dtype == jnp.bfloat16
     assert np.all(np.asarray(state.n_tokens) == 8)

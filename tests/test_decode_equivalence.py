@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from pipo_jax.config import ModelConfig
-from pipo_jax.decode import engine as dec
 from pipo_jax.model.pipo import PipoLM
 
 PAD = 0
@@ -47,15 +46,20 @@ class _Model:
                        for seed, pipo in enumerate((True, False))}
         self.forward = {pipo: jax.jit(lambda p, t, pipo=pipo: PipoLM(cfg, pipo).apply(
             {"params": p}, t)) for pipo in (True, False)}
-        self.logits = jax.jit(functools.partial(dec.lm_logits, cfg))
-        self.embed = jax.jit(functools.partial(dec.embed, cfg))
-        self.compress = jax.jit(lambda p, x: dec.compress(cfg, p, x))
-        self.prefill_backbone = jax.jit(functools.partial(dec.prefill_backbone, cfg),
-                                        static_argnames=("slots", "pipo"))
-        self.prefill_mtp = jax.jit(functools.partial(dec.prefill_mtp, cfg))
-        self.backbone_step = jax.jit(functools.partial(dec.backbone_step, cfg))
-        self.mtp_step = jax.jit(functools.partial(dec.mtp_step, cfg))
-        self.advance = jax.jit(dec.advance)
+        self.logits = jax.jit(lambda p, h: PipoLM(cfg, False).apply(
+            {"params": p}, h, method=PipoLM.logits))
+        # The model's own decode methods, as the decoder calls them.
+        self.prefill = {pipo: jax.jit(functools.partial(_method, cfg, pipo, PipoLM.prefill),
+                                      static_argnums=(3, 4)) for pipo in (True, False)}
+        self.step = {pipo: jax.jit(functools.partial(_method, cfg, pipo, PipoLM.step))
+                     for pipo in (True, False)}
+        self.prefill_mtp = jax.jit(functools.partial(_method, cfg, True, PipoLM.prefill_mtp))
+        self.step_mtp = jax.jit(functools.partial(_method, cfg, True, PipoLM.step_mtp))
+        self.next_slot = jax.jit(lambda cache, active: cache.next_slot(active))
+
+
+def _method(cfg: ModelConfig, pipo: bool, method, params, *args):
+    return PipoLM(cfg, pipo).apply({"params": params}, *args, method=method)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -86,25 +90,23 @@ def test_pipo_forced_decode_matches_teacher_forced(model, with_pad, left_pad):
     prompt_len = 20 if m_.cfg.family == "qwen3_5" else 8
     prompt = np.concatenate([np.full(left_pad, PAD, np.int32), t[:prompt_len]])[None]
     valid = np.concatenate([np.zeros(left_pad, bool), np.ones(prompt_len, bool)])[None]
-    latents = m_.compress(p, jnp.asarray(prompt))
-    lv = jnp.asarray(valid[:, 0::2])
-    h_all, cache, pos = m_.prefill_backbone(p, latents, lv, slots=32, pipo=True)
+    _, h_all, cache, pos = m_.prefill[True](p, jnp.asarray(prompt), jnp.asarray(valid), 32,
+                                            True)
     l0 = prompt_len // 2
     tok1_seq = jnp.concatenate([prompt[:, 2::2], t[None, prompt_len:prompt_len + 1]], axis=1)
-    m_last, conf, cache = m_.prefill_mtp(p, cache, h_all, tok1_seq, lv)
+    mtp_logits, conf, cache = m_.prefill_mtp(p, h_all, tok1_seq, jnp.asarray(valid), cache)
     tol = dict(rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(m_.logits(p, h_all[0, left_pad // 2:]), ref_bb[:l0], **tol)
-    np.testing.assert_allclose(m_.logits(p, m_last)[0], ref_mtp[l0 - 1], **tol)
+    np.testing.assert_allclose(mtp_logits[0], ref_mtp[l0 - 1], **tol)
     np.testing.assert_allclose(conf[0], ref_conf[l0 - 1], **tol)
     for i in range(l0, len(t) // 2 - 1):
         pair = jnp.asarray(t[None, 2 * i: 2 * i + 2])
-        latent = m_.compress(p, pair)
-        h, cache = m_.backbone_step(p, cache, latent, pos)
-        m, conf, cache = m_.mtp_step(p, cache, h, jnp.asarray(t[None, 2 * i + 2]), pos)
-        cache = m_.advance(cache, jnp.ones((1,), bool))
+        logits, h, cache = m_.step[True](p, pair, pos, cache)
+        mtp_logits, conf, cache = m_.step_mtp(p, h, jnp.asarray(t[None, 2 * i + 2]), pos, cache)
+        cache = m_.next_slot(cache, jnp.ones((1,), bool))
         pos = pos + 1
-        np.testing.assert_allclose(m_.logits(p, h)[0], ref_bb[i], **tol)
-        np.testing.assert_allclose(m_.logits(p, m)[0], ref_mtp[i], **tol)
+        np.testing.assert_allclose(logits[0], ref_bb[i], **tol)
+        np.testing.assert_allclose(mtp_logits[0], ref_mtp[i], **tol)
         np.testing.assert_allclose(conf[0], ref_conf[i], **tol)
 
 
@@ -117,12 +119,12 @@ def test_ar_forced_decode_matches_teacher_forced(model, left_pad):
     prompt_len = 13 if m_.cfg.family == "qwen3_5" else 5
     prompt = np.concatenate([np.full(left_pad, PAD, np.int32), t[:prompt_len]])[None]
     valid = np.concatenate([np.zeros(left_pad, bool), np.ones(prompt_len, bool)])[None]
-    x = m_.embed(p, jnp.asarray(prompt))
-    h_all, cache, pos = m_.prefill_backbone(p, x, jnp.asarray(valid), slots=40, pipo=False)
+    _, h_all, cache, pos = m_.prefill[False](p, jnp.asarray(prompt), jnp.asarray(valid), 40,
+                                             False)
     tol = dict(rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(m_.logits(p, h_all[0, left_pad:]), ref[:prompt_len], **tol)
     for j in range(prompt_len, len(t) - 1):
-        h, cache = m_.backbone_step(p, cache, m_.embed(p, jnp.asarray(t[None, j:j + 1])), pos)
-        cache = m_.advance(cache, jnp.ones((1,), bool))
+        logits, _, cache = m_.step[False](p, jnp.asarray(t[None, j:j + 1]), pos, cache)
+        cache = m_.next_slot(cache, jnp.ones((1,), bool))
         pos = pos + 1
-        np.testing.assert_allclose(m_.logits(p, h)[0], ref[j], **tol)
+        np.testing.assert_allclose(logits[0], ref[j], **tol)

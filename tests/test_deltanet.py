@@ -19,6 +19,7 @@ from flax import linen as nn
 
 from pipo_jax.config import ModelConfig
 from pipo_jax.model import deltanet
+from pipo_jax.model.cache import DeltaNetCache
 from pipo_jax.model.layers import GatedDeltaNet
 
 B, N, DK, DV = 2, 3, 8, 6
@@ -167,12 +168,15 @@ def mixer_params():
 
 @functools.partial(jax.jit, static_argnames=("use_scan",))
 def _mixer(p, x, key_valid=None, use_scan=False):
-    return MIXER.apply({"params": p}, x, key_valid, use_scan)
+    out, cache = MIXER.apply({"params": p}, x, key_valid, use_scan)
+    return out, (cache.conv, cache.state)
 
 
 @jax.jit
 def _mixer_decode(p, x, conv, state):
-    return MIXER.apply({"params": p}, x, conv, state, method=GatedDeltaNet.decode)
+    out, cache = MIXER.apply({"params": p}, x, DeltaNetCache(conv, state),
+                             method=GatedDeltaNet.decode)
+    return out, (cache.conv, cache.state)
 
 
 def _x(t, seed=0):

@@ -1,6 +1,6 @@
 """SPEC §6 decode semantics: confidence gating, PAD and EOS rules, AR decode, left padding.
 
-Runs the real on-device decoder (``pipo_prefill`` + ``pipo_decode_loop``, greedy) on a random
+Runs the real on-device decoder (``engine.prefill`` + ``engine.decode_loop``, greedy) on a random
 micro model and checks its output against independent step-by-step recomputations.
 """
 
@@ -17,6 +17,7 @@ import pytest
 
 from pipo_jax.config import ModelConfig
 from pipo_jax.decode import engine as dec
+from pipo_jax.decode import sampling
 from pipo_jax.model.pairs import parity_pad
 from pipo_jax.model.pipo import PipoLM
 
@@ -26,7 +27,7 @@ CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2
 H = CFG.d_model
 EOS = 1  # its embedding row is zero in ``random_params``: logit 0, never the argmax
 BUDGET = 12
-SP = dec.SamplingParams()  # greedy
+SP = sampling.SamplingParams()  # greedy
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15]]  # parity PAD + 4 left PADs for row 0
 
 
@@ -81,23 +82,29 @@ def _prompts(prompts, pipo=True, bucket=2):
     return dec.prepare_prompts(prompts, pipo, PAD, bucket, BUDGET, CFG.max_context)
 
 
+@functools.cache
+def _decoder(spec: dec.DecodeSpec) -> dec.Decoder:
+    return dec.Decoder(spec)  # one compilation per spec for the whole module
+
+
 def pipo_decode(params, prompts, threshold, eos=EOS, seeds=None) -> dict:
     tokens, valid = _prompts(prompts)
-    keys = dec.request_keys(seeds if seeds is not None else range(len(prompts)))
+    keys = sampling.request_keys(seeds if seeds is not None else range(len(prompts)))
     thr = jnp.float32(threshold)
-    static = dict(cfg=CFG, sp=SP, use_mtp=threshold < 1.0, budget=BUDGET, pad_id=PAD, eos_id=eos)
-    state = dec.pipo_prefill(params, tokens, valid, keys, thr, **static)
-    state = dec.pipo_decode_loop(params, state, thr, **static)
+    decoder = _decoder(dec.DecodeSpec(CFG, True, SP, BUDGET, PAD, eos, draft=threshold < 1.0))
+    state = decoder.prefill(params, tokens, valid, keys, thr)
+    state = decoder.loop(params, state, thr)
     return {k: np.asarray(getattr(state, k)) for k in
             ("out", "n_tokens", "n_passes", "n_drafts", "n_commits", "done")}
 
 
 def ar_decode(params, prompts, eos=EOS) -> dict:
     tokens, valid = _prompts(prompts, pipo=False)
-    keys = dec.request_keys(range(len(prompts)))
-    static = dict(cfg=CFG, sp=SP, budget=BUDGET, pad_id=PAD, eos_id=eos)
-    state = dec.ar_prefill(ar_of(params), tokens, valid, keys, **static)
-    state = dec.ar_decode_loop(ar_of(params), state, **static)
+    keys = sampling.request_keys(range(len(prompts)))
+    decoder = _decoder(dec.DecodeSpec(CFG, False, SP, BUDGET, PAD, eos))
+    thr = jnp.float32(-1.0)  # read only by PIPO
+    state = decoder.prefill(ar_of(params), tokens, valid, keys, thr)
+    state = decoder.loop(ar_of(params), state, thr)
     return {k: np.asarray(getattr(state, k)) for k in ("out", "n_tokens", "n_passes", "done")}
 
 
@@ -126,34 +133,39 @@ def check_invariants(res: dict, eos: int, pipo: bool = True) -> None:
 
 
 @jax.jit
+def _logits(params, h):
+    return PipoLM(CFG).apply({"params": params}, h, method=PipoLM.logits)
+
+
+@jax.jit
 def _prompt_logits(params, tokens, valid):
     """Backbone logits at every prompt latent (the prefill's hidden states)."""
-    latents = dec.compress(CFG, params, tokens)
-    h_all, _, _ = dec.prefill_backbone(CFG, params, latents, valid[:, 0::2], 16, True)
-    return dec.lm_logits(CFG, params, h_all)
+    _, h_all, _, _ = PipoLM(CFG).apply({"params": params}, tokens, valid, 16, False,
+                                       method=PipoLM.prefill)
+    return PipoLM(CFG).apply({"params": params}, h_all, method=PipoLM.logits)
 
 
 @functools.partial(jax.jit, static_argnames="slots")
 def _replay_prefill(params, tokens, valid, token1, slots):
     """Prefill pieces forced to the emitted ``token1`` → (backbone logits, MTP logits, conf
     logit, cache, positions) at the last prompt latent."""
-    lv = valid[:, 0::2]
-    latents = dec.compress(CFG, params, tokens)
-    h_all, cache, pos = dec.prefill_backbone(CFG, params, latents, lv, slots, True)
+    model, variables = PipoLM(CFG), {"params": params}
+    logits, h_all, cache, pos = model.apply(variables, tokens, valid, slots, True,
+                                            method=PipoLM.prefill)
     tok1 = jnp.concatenate([tokens[:, 2::2], token1[:, None]], axis=1)
-    m, conf, cache = dec.prefill_mtp(CFG, params, cache, h_all, tok1, lv)
-    return (dec.lm_logits(CFG, params, h_all[:, -1]), dec.lm_logits(CFG, params, m), conf, cache,
-            pos)
+    mtp_logits, conf, cache = model.apply(variables, h_all, tok1, valid, cache,
+                                          method=PipoLM.prefill_mtp)
+    return logits, mtp_logits, conf, cache, pos
 
 
 @jax.jit
 def _replay_step(params, cache, pos, pair, token1, active):
     """One decode step forced to the emitted previous pair and ``token1``."""
-    latent = dec.compress(CFG, params, pair)
-    h, cache = dec.backbone_step(CFG, params, cache, latent, pos)
-    m, conf, cache = dec.mtp_step(CFG, params, cache, h, token1, pos)
-    return (dec.lm_logits(CFG, params, h), dec.lm_logits(CFG, params, m), conf,
-            dec.advance(cache, active), pos + 1)
+    model, variables = PipoLM(CFG), {"params": params}
+    logits, h, cache = model.apply(variables, pair, pos, cache, method=PipoLM.step)
+    mtp_logits, conf, cache = model.apply(variables, h, token1, pos, cache,
+                                          method=PipoLM.step_mtp)
+    return logits, mtp_logits, conf, cache.next_slot(active), pos + 1
 
 
 def manual_gate_check(params, prompts, res, threshold, eos=EOS, drafted=True) -> dict:
@@ -262,8 +274,8 @@ def test_decode_with_rejections_matches_teacher_forced_forward(params, threshold
         seq = np.asarray(list(parity_pad(prompt, PAD)) + out.tolist(), np.int32)
         l0 = len(parity_pad(prompt, PAD)) // 2
         ref = _forward(params, jnp.asarray(seq)[None])
-        lg_h = np.array(dec.lm_logits(CFG, params, ref["h"]))[0]
-        lg_m = np.asarray(dec.lm_logits(CFG, params, ref["m"]))[0]
+        lg_h = np.array(_logits(params, ref["h"]))[0]
+        lg_m = np.asarray(_logits(params, ref["m"]))[0]
         conf = np.asarray(jax.nn.sigmoid(ref["conf_logits"]))[0]
         lg_h[:, PAD] = -np.inf
         # Step-by-step replay of this row alone, forced to its emitted tokens.
@@ -278,7 +290,7 @@ def test_decode_with_rejections_matches_teacher_forced_forward(params, threshold
                 rh, rm, rc, cache, pos = _replay_step(params, cache, pos, prev, out[None, 2 * s],
                                                       jnp.ones((1,), bool))
             np.testing.assert_allclose(np.asarray(rh)[0], np.asarray(
-                dec.lm_logits(CFG, params, ref["h"]))[0, i], **tol)
+                _logits(params, ref["h"]))[0, i], **tol)
             assert out[2 * s] == np.argmax(lg_h[i]), (r, s)
             if threshold < 1.0 and i < len(lg_m):
                 np.testing.assert_allclose(np.asarray(rm)[0], lg_m[i], **tol)
@@ -318,11 +330,10 @@ def test_threshold_one_commits_none_and_skips_mtp(params):
 def _used_leaves(params, use_mtp) -> tuple[set[str], int]:
     """Which parameter leaves one decode step's jaxpr reads, and its equation count."""
     tokens, valid = _prompts(PROMPTS)
-    state = dec.pipo_prefill(params, tokens, valid, dec.request_keys([0, 1]), jnp.float32(0.5),
-                             cfg=CFG, sp=SP, use_mtp=True, budget=BUDGET, pad_id=PAD,
-                             eos_id=EOS)
-    step = functools.partial(dec.pipo_step, cfg=CFG, sp=SP, use_mtp=use_mtp, budget=BUDGET,
-                             pad_id=PAD, eos_id=EOS)
+    spec = dec.DecodeSpec(CFG, True, SP, BUDGET, PAD, EOS, draft=use_mtp)
+    state = _decoder(spec).prefill(params, tokens, valid, sampling.request_keys([0, 1]),
+                                   jnp.float32(0.5))
+    step = functools.partial(dec.step, spec=spec)
     closed = jax.make_jaxpr(lambda p, s: step(p, s, jnp.float32(0.5)))(params, state)
     paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     invars = closed.jaxpr.invars[:len(paths)]

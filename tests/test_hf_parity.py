@@ -10,7 +10,6 @@
 All float32 on CPU; logits must agree to 1e-4 absolute (they are O(5)).
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,6 @@ pytest.importorskip("transformers")
 
 import hf_reference as ref  # noqa: E402  (needs torch)
 
-from pipo_jax.decode import engine as dec  # noqa: E402
 from pipo_jax.io.hf import mapping as hm  # noqa: E402
 from pipo_jax.model.pipo import PipoLM  # noqa: E402
 
@@ -62,11 +60,12 @@ class Case:
         cfg = self.cfg
         self.forward = jax.jit(
             lambda p, t: PipoLM(cfg, False).apply({"params": p}, t)["h"])
-        self.logits = jax.jit(functools.partial(dec.lm_logits, cfg))
-        self.embed = jax.jit(functools.partial(dec.embed, cfg))
-        self.prefill = jax.jit(functools.partial(dec.prefill_backbone, cfg),
-                               static_argnames=("slots", "pipo"))
-        self.step = jax.jit(functools.partial(dec.backbone_step, cfg))
+        ar = PipoLM(cfg, False)
+        self.logits = jax.jit(lambda p, h: ar.apply({"params": p}, h, method=PipoLM.logits))
+        # The model's own decode methods, as the decoder calls them.
+        self.prefill = jax.jit(lambda p, *a: ar.apply({"params": p}, *a, method=PipoLM.prefill),
+                               static_argnums=(3, 4))
+        self.step = jax.jit(lambda p, *a: ar.apply({"params": p}, *a, method=PipoLM.step))
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +119,8 @@ def test_prefill_then_decode_matches_hf_full_forward(cases, family, tie):
                        np.concatenate([np.full(LEFT_PAD, PAD_ID), ids[1, :PROMPT - LEFT_PAD]])])
     valid = np.ones((B, PROMPT), bool)
     valid[1, :LEFT_PAD] = False
-    x = c.embed(c.params, jnp.asarray(prompt, jnp.int32))
-    h_all, cache, pos = c.prefill(c.params, x, jnp.asarray(valid), slots=PROMPT + STEPS,
-                                  pipo=False)
+    _, h_all, cache, pos = c.prefill(c.params, jnp.asarray(prompt, jnp.int32),
+                                     jnp.asarray(valid), PROMPT + STEPS, False)
     np.testing.assert_array_equal(pos, [PROMPT, PROMPT - LEFT_PAD])
     name = _name(family, tie)
     logits = np.asarray(c.logits(c.params, h_all))
@@ -134,10 +132,10 @@ def test_prefill_then_decode_matches_hf_full_forward(cases, family, tie):
     got, want = [], []
     for j in range(STEPS):
         tok = ids[np.arange(B), starts + j][:, None]
-        h, cache = c.step(c.params, cache, c.embed(c.params, jnp.asarray(tok, jnp.int32)), pos)
-        cache = dec.advance(cache, jnp.ones((B,), bool))
+        logits, _, cache = c.step(c.params, jnp.asarray(tok, jnp.int32), pos, cache)
+        cache = cache.next_slot(jnp.ones((B,), bool))
         pos = pos + 1
-        got.append(np.asarray(c.logits(c.params, h)))
+        got.append(np.asarray(logits))
         want.append(c.ref_logits[np.arange(B), starts + j])
     _close(np.stack(got), np.stack(want), f"{name} {STEPS} decode steps")
 

@@ -9,7 +9,7 @@ one token per pass), so every speed claim is a ratio measured on the same machin
 
 ``load(run_dir, mesh=build_mesh(MeshConfig(...)))`` spreads the parameters over a device mesh
 (the logical rules of ``pipo_jax.model.sharding``) and decodes with programs compiled for it
-(``decoding.MeshDecoder``): a model too large for one device, or larger batches.
+(``pipo_jax.decode.engine.Decoder``): a model too large for one device, or larger batches.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from pipo_jax.config import (
     validate_threshold,
 )
 from pipo_jax.data.arith import SYSTEM_PROMPT
-from pipo_jax.decode import engine as dec
+from pipo_jax.decode import engine
+from pipo_jax.decode.sampling import request_keys
+from pipo_jax.errors import PromptError
 from pipo_jax.io import checkpoint as ckpt
 from pipo_jax.io.run_dir import latest_pipo_stage, load_params
 from pipo_jax.io.tokenizer import ByteTokenizer, Tokenizer, reasoning_prompt, run_tokenizer
@@ -78,7 +80,7 @@ class PipoRunner:
         self.tokenizer = tokenizer or ByteTokenizer()
         self.system_prompt = system_prompt
         self.mesh = mesh
-        self._decoders: dict[tuple[Any, ...], dec.MeshDecoder] = {}
+        self._decoders: dict[engine.DecodeSpec, engine.Decoder] = {}
 
     # -------------------------------------------------------------------------------- prompts
 
@@ -91,14 +93,14 @@ class PipoRunner:
         tok = self.tokenizer
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise dec.PromptError("empty prompt: give a question to answer")
+                raise PromptError("empty prompt: give a question to answer")
             messages = [{"role": "user", "content": prompt}]
         elif len(prompt) and all(isinstance(m, dict) for m in prompt):
             messages = list(prompt)  # type: ignore[arg-type]
         else:
             ids = [int(i) for i in prompt]  # type: ignore[union-attr]
             if not ids:
-                raise dec.PromptError("empty prompt: give at least one token")
+                raise PromptError("empty prompt: give at least one token")
             return ids
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
@@ -152,40 +154,27 @@ class PipoRunner:
 
     def _generate_batch(self, ids: list[list[int]], seeds: list[int], opts: DecodeConfig,
                         pipo: bool) -> tuple[list[Generation], Timing]:
-        tok, cfg = self.tokenizer, self.config
-        mcfg = cfg.model if pipo else self.ar_model
-        tokens, valid = dec.prepare_prompts(ids, pipo, tok.pad_id, PROMPT_BUCKET,
-                                            opts.max_new_tokens, mcfg.max_context)
-        text_vocab = getattr(tok, "tokenizer_vocab_size", mcfg.vocab_size)
-        sp = dec.SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.presence_penalty,
-                                text_vocab if text_vocab < mcfg.vocab_size else 0)
-        static: dict[str, Any] = dict(cfg=mcfg, sp=sp, budget=opts.max_new_tokens,
-                                      pad_id=tok.pad_id, eos_id=tok.eos_id)
-        if pipo:
-            static["use_mtp"] = opts.threshold < 1.0
+        tok = self.tokenizer
+        mcfg = self.config.model if pipo else self.ar_model
+        tokens, valid = engine.prepare_prompts(ids, pipo, tok.pad_id, PROMPT_BUCKET,
+                                               opts.max_new_tokens, mcfg.max_context)
         params = self.params if pipo else self.ar_params
-        extra = (np.float32(opts.threshold),) if pipo else ()
-        if self.mesh is None:
-            prefill = dec.pipo_prefill if pipo else dec.ar_prefill
-            loop = dec.pipo_decode_loop if pipo else dec.ar_decode_loop
-            run_prefill = lambda *a: prefill(*a, **static)
-            run_loop = lambda *a: loop(*a, **static)
-            keys = dec.request_keys(seeds)
-        else:
-            decoder = self._decoder(pipo, static)
-            run_prefill, run_loop = decoder.prefill, decoder.loop
+        decoder = self._decoder(engine.DecodeSpec.of(mcfg, pipo, opts, tok), params)
+        keys = request_keys(seeds)
+        if self.mesh is not None:
             # Rows split evenly over the batch axes: repeat the last request, drop its copies.
             fill = -len(ids) % batch_parallel(self.mesh)
             tokens, valid = (np.concatenate([a, np.repeat(a[-1:], fill, 0)])
                              for a in (tokens, valid))
             tokens, valid, keys = jax.device_put(
-                (tokens, valid, dec.request_keys([*seeds, *[seeds[-1]] * fill])),
+                (tokens, valid, request_keys([*seeds, *[seeds[-1]] * fill])),
                 batch_sharding(self.mesh))
+        threshold = np.float32(opts.threshold)
         t0 = time.perf_counter()
-        state = run_prefill(params, tokens, valid, keys, *extra)
+        state = decoder.prefill(params, tokens, valid, keys, threshold)
         jax.block_until_ready(state.out)
         t1 = time.perf_counter()
-        state = run_loop(params, state, *extra)
+        state = decoder.loop(params, state, threshold)
         jax.block_until_ready(state.out)
         t2 = time.perf_counter()
         host = jax.device_get({k: getattr(state, k) for k in
@@ -208,14 +197,11 @@ class PipoRunner:
                        "prompt_tokens": len(ids[i])}))
         return gens, Timing(prefill=t1 - t0, decode=t2 - t1)
 
-    def _decoder(self, pipo: bool, static: dict[str, Any]) -> dec.MeshDecoder:
-        key = (pipo, *sorted(static.items(), key=lambda kv: kv[0]))
-        if key not in self._decoders:
-            params = self.params if pipo else self.ar_params
-            assert self.mesh is not None
-            self._decoders[key] = dec.MeshDecoder(
-                self.mesh, jax.tree.map(lambda a: a.sharding, params), pipo, **static)
-        return self._decoders[key]
+    def _decoder(self, spec: engine.DecodeSpec, params: Any) -> engine.Decoder:
+        if spec not in self._decoders:
+            params_sh = None if self.mesh is None else jax.tree.map(lambda a: a.sharding, params)
+            self._decoders[spec] = engine.Decoder(spec, self.mesh, params_sh)
+        return self._decoders[spec]
 
 
 def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | None = None,

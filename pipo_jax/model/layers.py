@@ -5,11 +5,13 @@ Every parameter carries logical axis names (``embed``, ``heads``, ``kv``, ``mlp`
 ``layers``); ``pipo_jax.model.sharding`` maps them onto a device mesh with one rules table.
 
 Every mixer has two modes with the same parameters:
-* ``DecoderLayer.__call__``: a whole sequence (training, prefill); returns what a cache needs:
-  keys/values B×L×K×D (full attention) or (conv state B×(k-1)×C, recurrent state B×N×dk×dv)
-  (Gated DeltaNet).
+* ``DecoderLayer.__call__``: a whole sequence (training, prefill); returns what a cache needs
+  (``pipo_jax.model.cache``): an ``AttentionCache`` of keys/values B×L×K×D or a
+  ``DeltaNetCache`` (conv state B×(k-1)×C, recurrent state B×N×dk×dv).
 * ``DecoderLayer.decode``: one new position against a cache it only reads; returns the new
-  key/value row (written in place by the caller) or the new DeltaNet states.
+  key/value row (``DecodeCache.write`` puts it in place) or the new DeltaNet states.
+
+``Backbone`` runs either mode over the whole stack: with ``cache=`` it is one decode step.
 
 Norm conventions (QWEN3_5.md §2.1): ``family: qwen3`` norms are ``w·x̂`` with ``w`` initialised
 to ones; ``qwen3_5`` norms are ``(1 + w)·x̂`` with ``w`` stored as the offset and initialised to
@@ -24,6 +26,7 @@ from flax import linen as nn
 
 from pipo_jax.config import LoraConfig, ModelConfig
 from pipo_jax.model import deltanet, sharding
+from pipo_jax.model.cache import AttentionCache, DeltaNetCache, LayerCache
 from pipo_jax.model.lora import LoraDenseGeneral
 
 # Logical axes of the residual stream (and of latents and MTP states), B×L×H.
@@ -143,7 +146,7 @@ class Attention(nn.Module):
         return q_BxLxNxD.reshape(b, length, self.cfg.n_kv_heads, g, d)
 
     def __call__(self, x_BxLxH: Array, positions_BxL: Array,
-                 key_valid_BxL: Array | None) -> tuple[Array, tuple[Array, Array]]:
+                 key_valid_BxL: Array | None) -> tuple[Array, AttentionCache]:
         """Causal self-attention over a whole sequence → (out B×L×H, (k, v) B×L×K×D)."""
         q, k, v, gate = self._qkv(x_BxLxH, positions_BxL)
         groups = self.cfg.n_heads // self.cfg.n_kv_heads
@@ -159,27 +162,28 @@ class Attention(nn.Module):
         scores = jnp.where(allowed[:, None], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.matmul(probs, v_t).transpose(0, 2, 1, 3)  # B x L x N x D
-        return self._out(out, gate), (k, v)
+        return self._out(out, gate), AttentionCache(k, v)
 
-    def decode(self, x_Bx1xH: Array, positions_B: Array, k_cache_BxSxKxD: Array,
-               v_cache_BxSxKxD: Array, cache_valid_BxS: Array) -> tuple[Array, tuple[Array, Array]]:
-        """One new position against a read-only cache → (out B×1×H, (k, v) B×1×K×D).
+    def decode(self, x_Bx1xH: Array, positions_B: Array, cache: AttentionCache,
+               cache_valid_BxS: Array) -> tuple[Array, AttentionCache]:
+        """One new position against a read-only cache (``k``, ``v`` B×S×K×D) → (out B×1×H,
+        the new row (k, v) B×1×K×D).
 
         ``cache_valid`` marks the cache slots this position may attend to (the new position
         itself is attended to directly, so it need not be in the cache yet).
         """
         q, k, v, gate = self._qkv(x_Bx1xH, positions_B[:, None])
         qg = self._grouped(q)[:, 0] * (self.cfg.head_dim ** -0.5)  # B x K x G x D
-        s_cache = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache_BxSxKxD,
+        s_cache = jnp.einsum("bkgd,bskd->bkgs", qg, cache.k,
                              preferred_element_type=jnp.float32)
         s_cache = jnp.where(cache_valid_BxS[:, None, None, :], s_cache, _NEG_INF)
         s_self = jnp.einsum("bkgd,bkd->bkg", qg, k[:, 0], preferred_element_type=jnp.float32)
         scores = jnp.concatenate([s_cache, s_self[..., None]], axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = (jnp.einsum("bkgs,bskd->bkgd", probs[..., :-1], v_cache_BxSxKxD)
+        out = (jnp.einsum("bkgs,bskd->bkgd", probs[..., :-1], cache.v)
                + probs[..., -1:] * v[:, 0, :, None, :])
         out = out.reshape(x_Bx1xH.shape[0], 1, self.cfg.n_heads, self.cfg.head_dim)
-        return self._out(out, gate), (k, v)
+        return self._out(out, gate), AttentionCache(k, v)
 
 
 class GatedDeltaNet(nn.Module):
@@ -285,18 +289,17 @@ class GatedDeltaNet(nn.Module):
         else:
             o, state = deltanet.chunked(q, k, v, g, beta, chunk=c.linear_chunk)
         conv_state = window[:, t:]  # the last kernel-1 projected inputs
-        return self._output(o, x_BxLxH), (conv_state, state)
+        return self._output(o, x_BxLxH), DeltaNetCache(conv_state, state)
 
-    def decode(self, x_Bx1xH: Array, conv_state_BxKxC: Array,
-               state_BxNxKxV: Array) -> tuple[Array, tuple[Array, Array]]:
-        """One token → (out B×1×H, (new conv state, new recurrent state))."""
-        window = jnp.concatenate([conv_state_BxKxC, self.in_proj_qkv(x_Bx1xH).astype(
-            conv_state_BxKxC.dtype)], axis=1)
+    def decode(self, x_Bx1xH: Array, cache: DeltaNetCache) -> tuple[Array, DeltaNetCache]:
+        """One token → (out B×1×H, the new conv and recurrent states)."""
+        window = jnp.concatenate([cache.conv, self.in_proj_qkv(x_Bx1xH).astype(
+            cache.conv.dtype)], axis=1)
         q, k, v = self._split(self._conv_out(window, 1))
         g, beta = self._gates(x_Bx1xH)
         o, state = deltanet.recurrent_step(q[:, 0], k[:, 0], v[:, 0].astype(jnp.float32),
-                                           g[:, 0], beta[:, 0], state_BxNxKxV)
-        return self._output(o[:, None], x_Bx1xH), (window[:, 1:], state)
+                                           g[:, 0], beta[:, 0], cache.state)
+        return self._output(o[:, None], x_Bx1xH), DeltaNetCache(window[:, 1:], state)
 
 
 class SwiGLU(nn.Module):
@@ -310,9 +313,6 @@ class SwiGLU(nn.Module):
         up = projection(c, self.lora, c.mlp_dim, ("embed",), ("mlp",), name="up_proj")(x)
         return projection(c, self.lora, c.d_model, ("mlp",), ("embed",), name="down_proj")(
             nn.silu(gate) * up)
-
-
-LayerCache = tuple[Array, Array]  # (k, v) for full attention; (conv, state) for DeltaNet
 
 
 class DecoderLayer(nn.Module):
@@ -349,12 +349,13 @@ class DecoderLayer(nn.Module):
 
     def decode(self, x_Bx1xH: Array, positions_B: Array, cache: LayerCache,
                cache_valid_BxS: Array) -> tuple[Array, LayerCache]:
-        """One position → (x, new k/v row B×1×K×D, or the new DeltaNet states)."""
+        """One position against this layer's cache (one block's: no ``n_blocks`` axis) → (x,
+        the new k/v row B×1×K×D, or the new DeltaNet states)."""
         h = self.input_norm(x_Bx1xH)
         if self.layer_type == "full_attention":
-            a, new = self.attn.decode(h, positions_B, cache[0], cache[1], cache_valid_BxS)
+            a, new = self.attn.decode(h, positions_B, cache, cache_valid_BxS)
         else:
-            a, new = self.linear_attn.decode(h, cache[0], cache[1])
+            a, new = self.linear_attn.decode(h, cache)
         x = x_Bx1xH + a
         return x + self.mlp(self.post_attn_norm(x)), new
 
@@ -372,20 +373,25 @@ def slot_name(j: int) -> str:
 
 
 class _ScanBody(nn.Module):
-    """One repeat of the layer pattern, in ``nn.scan``'s ``(carry, x) → (carry, y)`` form."""
+    """One repeat of the layer pattern, in ``nn.scan``'s ``(carry, x) → (carry, y)`` form: a
+    whole sequence, or (``cache`` given: this block's caches) one decode step."""
 
     cfg: ModelConfig
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array,
-                 key_valid: Array | None) -> tuple[Array, tuple[LayerCache, ...]]:
-        caches = []
+    def __call__(self, x: Array, positions: Array, key_valid: Array | None,
+                 cache: tuple[LayerCache, ...] | None = None,
+                 cache_valid: Array | None = None) -> tuple[Array, tuple[LayerCache, ...]]:
+        made = []
         for j, layer_type in enumerate(self.cfg.layer_pattern):
-            x, cache = DecoderLayer(self.cfg, layer_type, self.lora, name=slot_name(j))(
-                x, positions, key_valid)
-            caches.append(cache)
-        return x, tuple(caches)
+            layer = DecoderLayer(self.cfg, layer_type, self.lora, name=slot_name(j))
+            if cache is None:
+                x, new = layer(x, positions, key_valid)
+            else:
+                x, new = layer.decode(x, positions, cache[j], cache_valid)
+            made.append(new)
+        return x, tuple(made)
 
 
 class Backbone(nn.Module):
@@ -401,9 +407,16 @@ class Backbone(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxH: Array, positions_BxL: Array,
-                 key_valid_BxL: Array | None = None) -> tuple[Array, tuple[LayerCache, ...]]:
+                 key_valid_BxL: Array | None = None,
+                 cache: tuple[LayerCache, ...] | None = None,
+                 cache_valid_BxS: Array | None = None) -> tuple[Array, tuple[LayerCache, ...]]:
         """Returns the final-normed hidden states B×L×H and, per pattern slot, its caches
-        stacked over blocks (``n_blocks × …``)."""
+        stacked over blocks (``n_blocks × …``).
+
+        With ``cache`` (``DecodeCache.layers``, read only) it is one decode step: ``x`` B×1×H
+        at ``positions`` B, attending to the slots ``cache_valid_BxS`` marks and to itself; it
+        returns the new key/value rows and DeltaNet states, stacked over blocks.
+        """
         body: type[nn.Module] = _ScanBody
         if self.cfg.remat_policy != "none":
             body = nn.remat(body, policy=REMAT_POLICIES[self.cfg.remat_policy],
@@ -411,8 +424,10 @@ class Backbone(nn.Module):
         # Each block draws its own LoRA dropout mask.
         scanned = nn.scan(body, variable_axes={"params": 0},
                           split_rngs={"params": True, "dropout": True},
-                          in_axes=(nn.broadcast, nn.broadcast), length=self.cfg.n_blocks,
+                          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                          length=self.cfg.n_blocks,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        x, caches = scanned(self.cfg, self.lora, name="layers")(x_BxLxH, positions_BxL,
-                                                                  key_valid_BxL)
-        return norm(self.cfg, name="final_norm")(x), caches
+        x, made = scanned(self.cfg, self.lora, name="layers")(x_BxLxH, positions_BxL,
+                                                                key_valid_BxL, cache,
+                                                                cache_valid_BxS)
+        return norm(self.cfg, name="final_norm")(x), made

@@ -20,6 +20,7 @@ from flax import linen as nn
 
 from pipo_jax.config import LoraConfig, ModelConfig
 from pipo_jax.model import sharding
+from pipo_jax.model.cache import AttentionCache, DecodeCache
 from pipo_jax.model.layers import (
     RESIDUAL_AXES,
     Backbone,
@@ -132,16 +133,16 @@ class MTPHead(nn.Module):
         return self.fc(jnp.concatenate([self.norm_emb(e_tok1), self.norm_hidden(h)], axis=-1))
 
     def __call__(self, h_BxLxH: Array, e_tok1_BxLxH: Array, positions_BxL: Array,
-                 key_valid_BxL: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
-        """Whole sequence → (m B×L×H post-norm, (k, v) B×L×K×D)."""
+                 key_valid_BxL: Array | None = None) -> tuple[Array, AttentionCache]:
+        """Whole sequence → (m B×L×H post-norm, its keys/values B×L×K×D)."""
         x, kv = self.layer(self._input(h_BxLxH, e_tok1_BxLxH), positions_BxL, key_valid_BxL)
         return self.final_norm(x), kv
 
-    def decode(self, h_Bx1xH: Array, e_tok1_Bx1xH: Array, positions_B: Array, k_cache: Array,
-               v_cache: Array, cache_valid_BxS: Array) -> tuple[Array, tuple[Array, Array]]:
-        """One position against the MTP layer's own cache → (m B×1×H, (k, v) B×1×K×D)."""
-        x, kv = self.layer.decode(self._input(h_Bx1xH, e_tok1_Bx1xH), positions_B,
-                                  (k_cache, v_cache), cache_valid_BxS)
+    def decode(self, h_Bx1xH: Array, e_tok1_Bx1xH: Array, positions_B: Array,
+               cache: AttentionCache, cache_valid_BxS: Array) -> tuple[Array, AttentionCache]:
+        """One position against the MTP layer's own cache → (m B×1×H, the new row B×1×K×D)."""
+        x, kv = self.layer.decode(self._input(h_Bx1xH, e_tok1_Bx1xH), positions_B, cache,
+                                  cache_valid_BxS)
         return self.final_norm(x), kv
 
 
@@ -166,8 +167,9 @@ class ConfidenceHead(nn.Module):
 class PipoLM(nn.Module):
     """PIPO (``pipo=True``) or the AR baseline (``pipo=False``) on the same backbone.
 
-    ``__call__`` is the teacher-forced training forward. Decode uses the submodules through
-    ``pipo_jax.decode.engine`` (``model.apply(..., method=...)`` and per-layer applies).
+    ``__call__`` is the teacher-forced training forward. Decoding (``pipo_jax.decode.engine``)
+    calls ``prefill`` once and ``step`` per backbone pass (PIPO: ``prefill_mtp`` / ``step_mtp``
+    after each, for the draft); each takes and returns the explicit ``DecodeCache``.
     """
 
     cfg: ModelConfig
@@ -216,6 +218,60 @@ class PipoLM(nn.Module):
 
     def logits(self, h: Array) -> Array:
         return self.embedder.attend(h)
+
+    # ------------------------------------------------------------------------------ decoding
+
+    def _inputs(self, tokens_BxT: Array) -> Array:
+        """The backbone's inputs: latents of token pairs (PIPO) or token embeddings (AR)."""
+        return self.compress(tokens_BxT) if self.pipo else self.embedder(tokens_BxT)
+
+    def prefill(self, prompt_BxP: Array, valid_BxP: Array, slots: int,
+                draft: bool) -> tuple[Array, Array, DecodeCache, Array]:
+        """The whole (left-padded) prompt through the backbone, into a fresh cache of ``slots``.
+
+        PIPO reads ``P/2`` latents (``valid`` of each pair's first token marks the real ones),
+        AR reads ``P`` tokens. Returns the last position's logits B×V (token1 of the first
+        pair, or the first token), every position's hidden state B×L×H (``prefill_mtp``'s
+        input), the cache (``index = L``; with an MTP cache when ``draft``) and each row's next
+        position B.
+        """
+        valid = valid_BxP[:, 0::2] if self.pipo else valid_BxP
+        positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+        h, made = self.backbone(self._inputs(prompt_BxP), positions, valid)
+        cache = DecodeCache.empty(self.cfg, h.shape[0], slots, draft, h.dtype)
+        cache = cache.write(made, 0).mark_valid(valid)
+        return self.logits(h[:, -1]), h, cache, positions[:, -1] + 1
+
+    def step(self, last_Bx2: Array, positions_B: Array,
+             cache: DecodeCache) -> tuple[Array, Array, DecodeCache]:
+        """One backbone pass on the last emitted pair (PIPO; AR: the last token, B×1) at
+        ``positions`` → (logits B×V of the next token1, hidden B×H, cache with this pass's rows
+        written at ``cache.index``; ``next_slot`` marks them attendable)."""
+        h, made = self.backbone(self._inputs(last_Bx2), positions_B, None, cache.layers,
+                                cache.valid)
+        return self.logits(h[:, 0]), h[:, 0], cache.write(made, cache.index)
+
+    def prefill_mtp(self, h_BxLxH: Array, tok1_BxL: Array, valid_BxP: Array,
+                    cache: DecodeCache) -> tuple[Array, Array, DecodeCache]:
+        """The MTP layer over the prompt's latents, teacher-forced with ``tok1`` (the first
+        token of the next pair at each position: the known prompt token, and the sampled
+        token1 at the last) → (the last position's draft logits B×V, its confidence logit B,
+        the cache with the MTP layer's rows)."""
+        valid = valid_BxP[:, 0::2]
+        positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+        m, kv = self.mtp_head(h_BxLxH, self.embedder(tok1_BxL), positions, valid)
+        conf = self.confidence_head(h_BxLxH[:, -1], m[:, -1])
+        return self.logits(m[:, -1]), conf, cache.write_mtp(kv, 0)
+
+    def step_mtp(self, h_BxH: Array, token1_B: Array, positions_B: Array,
+                 cache: DecodeCache) -> tuple[Array, Array, DecodeCache]:
+        """The MTP and confidence heads at this pass's slot → (draft logits B×V, confidence
+        logit B, cache with the MTP row written at ``cache.index``)."""
+        assert cache.mtp is not None
+        m, kv = self.mtp_head.decode(h_BxH[:, None], self.embedder(token1_B[:, None]),
+                                     positions_B, cache.mtp, cache.valid)
+        conf = self.confidence_head(h_BxH, m[:, 0])
+        return self.logits(m[:, 0]), conf, cache.write_mtp(kv, cache.index)
 
 
 def lm_head(params: dict) -> Array:

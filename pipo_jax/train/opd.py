@@ -3,12 +3,12 @@
 Each step is three jit-compiled programs, with the rollout kept on the device between them:
 
 1. **rollout**: the student generates responses to a batch of prompts with the decoder used at
-   inference (``decoding.pipo_prefill`` + ``decoding.pipo_decode_loop``: one ``lax.while_loop``,
-   ``lax.cond`` pair acceptance), at ``opd.rollout_temperature`` with the current parameters;
+   inference (``pipo_jax.decode.engine.generate``: one ``lax.while_loop``, ``lax.cond`` pair
+   acceptance), at ``opd.rollout_temperature`` with the current parameters;
 2. **teacher scoring**: the teacher runs on each rollout with its PADs removed, and its hidden
-   states are mapped back to the student's backbone and MTP positions (``opd.compact``);
+   states are mapped back to the student's backbone and MTP positions (``opd_loss.compact``);
 3. **update**: the student's compressed teacher-forced forward on the rollout, the divergence at
-   backbone and MTP positions and the confidence BCE (``opd.opd_loss``), one AdamW step.
+   backbone and MTP positions and the confidence BCE (``opd_loss.opd_loss``), one AdamW step.
 
 The host only builds prompt batches and, one step late, scores the finished rollouts' answers.
 """
@@ -30,7 +30,8 @@ from jax.sharding import Mesh
 from pipo_jax.config import Config, ModelConfig, OpdConfig
 from pipo_jax.data.arith import verify
 from pipo_jax.data.loader import make_prompt_dataset
-from pipo_jax.decode import engine as dec
+from pipo_jax.decode import engine
+from pipo_jax.decode.sampling import SamplingParams, request_keys, vocab_limit
 from pipo_jax.errors import TrainingError
 from pipo_jax.io.run_dir import abstract_params, model_diff, stage_of
 from pipo_jax.io.tokenizer import Tokenizer
@@ -63,25 +64,29 @@ def rollout_seeds(seed: int, step: int, batch: int) -> np.ndarray:
         0, 2**31 - 1, size=batch, dtype=np.uint32)
 
 
+def rollout_spec(cfg: ModelConfig, oc: OpdConfig, tokenizer: Tokenizer) -> engine.DecodeSpec:
+    """The decode statics of the student's rollouts: ``opd``'s temperature and budget, drafts
+    unless every row's threshold is >= 1."""
+    sp = SamplingParams(temperature=oc.rollout_temperature,
+                        vocab_limit=vocab_limit(tokenizer, cfg.vocab_size))
+    thresholds = oc.rollout_thresholds or (oc.rollout_threshold,)
+    return engine.DecodeSpec(cfg, True, sp, oc.rollout_max_new_tokens, tokenizer.pad_id,
+                             tokenizer.eos_id, draft=min(thresholds) < 1.0)
+
+
 def rollout(params: Params, prompt_BxP: Array, valid_BxP: Array, seeds_B: Array, *,
-            cfg: ModelConfig, oc: OpdConfig, pad_id: int, eos_id: int,
-            vocab_limit: int) -> dict[str, Array]:
-    """Student rollouts → training rows (see ``opd.rollout_rows``), all on the device.
+            spec: engine.DecodeSpec, oc: OpdConfig) -> dict[str, Array]:
+    """Student rollouts → training rows (see ``opd_loss.rollout_rows``), all on the device.
 
     Returns ``tokens`` B×T, ``prompt_len`` B, ``seq_len`` B and ``n_tokens`` B (real tokens
     generated, EOS included).
     """
-    sp = dec.SamplingParams(temperature=oc.rollout_temperature, vocab_limit=vocab_limit)
-    row_thresholds = oc.row_thresholds(prompt_BxP.shape[0])
-    threshold = (jnp.asarray(row_thresholds, jnp.float32) if oc.rollout_thresholds
-                 else jnp.float32(oc.rollout_threshold))
-    static = dict(cfg=cfg, sp=sp, use_mtp=min(row_thresholds) < 1.0,
-                  budget=oc.rollout_max_new_tokens, pad_id=pad_id, eos_id=eos_id)
-    keys = dec.request_keys(seeds_B)
-    state = dec.pipo_prefill(params, prompt_BxP, valid_BxP, keys, threshold, **static)
-    state = dec.pipo_decode_loop(params, state, threshold, **static)
+    threshold = (jnp.asarray(oc.row_thresholds(prompt_BxP.shape[0]), jnp.float32)
+                 if oc.rollout_thresholds else jnp.float32(oc.rollout_threshold))
+    state = engine.generate(params, prompt_BxP, valid_BxP, request_keys(seeds_B), threshold,
+                            spec=spec)
     tokens, prompt_len, seq_len = opd.rollout_rows(prompt_BxP, valid_BxP, state.out,
-                                                   state.n_passes, pad_id)
+                                                   state.n_passes, spec.pad_id)
     return {"tokens": tokens, "prompt_len": prompt_len, "seq_len": seq_len,
             "n_tokens": state.n_tokens}
 
@@ -171,7 +176,7 @@ def rollout_prompts(cfg: Config, tokenizer: Tokenizer,
                     prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Prompt ids → the left-padded batch ``rollout`` takes (tokens B×P, valid B×P), padded to
     ``opd.prompt_bucket`` and checked against the context with ``opd``'s token budget."""
-    return dec.prepare_prompts(prompts, True, tokenizer.pad_id, cfg.opd.prompt_bucket,
+    return engine.prepare_prompts(prompts, True, tokenizer.pad_id, cfg.opd.prompt_bucket,
                                cfg.opd.rollout_max_new_tokens, cfg.model.max_context)
 
 
@@ -179,10 +184,8 @@ def rollout_fn(cfg: Config, tokenizer: Tokenizer, **shardings: Any) -> Any:
     """``rollout`` jit-compiled for ``cfg.opd``'s sampling and budget and ``tokenizer``'s ids:
     ``(params, prompt B×P, valid B×P, seeds B) → rows``; ``shardings`` are ``jax.jit``'s
     ``in_shardings`` / ``out_shardings``."""
-    text_vocab = getattr(tokenizer, "tokenizer_vocab_size", cfg.model.vocab_size)
-    return jax.jit(functools.partial(
-        rollout, cfg=cfg.model, oc=cfg.opd, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
-        vocab_limit=text_vocab if text_vocab < cfg.model.vocab_size else 0), **shardings)
+    return jax.jit(functools.partial(rollout, spec=rollout_spec(cfg.model, cfg.opd, tokenizer),
+                                     oc=cfg.opd), **shardings)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ import numpy as np
 from flax import linen as nn
 
 from benchmarks.common import table, write
-from pipo_jax.config import LoraConfig, ModelConfig, TrainConfig, load_config
+from pipo_jax.config import LoraConfig, ModelConfig, SftConfig, TrainConfig, load_config
 from pipo_jax.model import lora as lora_lib
 from pipo_jax.model.pipo import init_params
 from pipo_jax.train.state import TrainState, attach_adapters, make_optimizer
@@ -109,7 +109,7 @@ def main() -> None:
         mask = np.zeros_like(tokens, dtype=bool)
         mask[:, args.seq // 4:] = True
         batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
-        base_tc = TrainConfig(steps=1000, batch_size=args.batch, learning_rate=1e-4)
+        base_tc = SftConfig(steps=1000, batch_size=args.batch, learning_rate=1e-4)
         lora_tc = dataclasses.replace(base_tc, tuner="lora",
                                       lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
         no_drop_tc = dataclasses.replace(lora_tc, lora=dataclasses.replace(lora_tc.lora,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax.config import ModelConfig, TrainConfig
+from pipo_jax.config import ArConfig, ModelConfig, SftConfig
 from pipo_jax.model import pairs
 from pipo_jax.model.pipo import PipoLM
 from pipo_jax.train import losses
@@ -43,14 +43,14 @@ _logits = jax.jit(lambda p, h: PipoLM(CFG, False).apply({"params": p}, h, method
 @jax.jit
 def _sft(p, tokens, mask):
     out = PipoLM(CFG, True).apply({"params": p}, tokens)
-    tc = TrainConfig(w_mtp=0.7, w_conf=0.3, loss_chunk=7)
+    tc = SftConfig(w_mtp=0.7, w_conf=0.3, loss_chunk=7)
     return losses.sft_loss(out, p["embedder"]["embedding"], tokens, mask, tc)
 
 
 @jax.jit
 def _ar(p, tokens, mask):
     out = PipoLM(CFG, False).apply({"params": p}, tokens)
-    return losses.ar_loss(out, p["embedder"]["embedding"], tokens, mask, TrainConfig(loss_chunk=6))
+    return losses.ar_loss(out, p["embedder"]["embedding"], tokens, mask, ArConfig(loss_chunk=6))
 
 
 def _log_softmax64(logits) -> np.ndarray:

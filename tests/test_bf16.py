@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from pipo_jax.config import ModelConfig, TrainConfig, load_config
+from pipo_jax.config import ModelConfig, SftConfig, load_config
 from pipo_jax.decode import engine as dec
 from pipo_jax.decode import sampling
 from pipo_jax.model.pipo import PipoLM, init_params
@@ -28,7 +28,7 @@ def test_bf16_train_step_and_decode():
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 1, CFG.vocab_size)
     out = PipoLM(CFG, True).apply({"params": params}, tokens)
     assert out["h"].dtype == jnp.bfloat16 and out["conf_logits"].dtype == jnp.float32
-    tc = TrainConfig(steps=4, loss_chunk=8)
+    tc = SftConfig(steps=4, loss_chunk=8)
     tx = make_optimizer(tc)
     st = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
     batch = {"tokens": tokens, "loss_mask": jnp.ones_like(tokens, bool)}

@@ -13,7 +13,14 @@ import chex
 import numpy as np
 import pytest
 
-from pipo_jax.config import Config, ConfigError, DataConfig, TrainConfig, load_config
+from pipo_jax.config import (
+    ArConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    SftConfig,
+    load_config,
+)
 from pipo_jax.data import arith, chat_builder, chat_jsonl, loader, tfds_builder
 from pipo_jax.data.chat_jsonl import ChatDataError, MalformedLines, conversation_ids
 from pipo_jax.io.hf.convert import model_config
@@ -273,7 +280,7 @@ def test_prompt_masking(tmp_path: Path) -> None:
                 {"role": "assistant", "reasoning_content": "think", "content": "a2"}]
     path = _write(tmp_path / "d.jsonl", [_line(messages)])
     cfg = Config(data=_chat_cfg(tmp_path / "tfds", [path], max_len=64),
-                 ar=TrainConfig(batch_size=2), sft=TrainConfig(batch_size=2, pad_ratio_max=1.0))
+                 ar=ArConfig(batch_size=2), sft=SftConfig(batch_size=2, pad_ratio_max=1.0))
     prompt, response = conversation_ids(
         TOK, [{"role": "system", "content": "sys"}, {"role": "user", "content": "u1"},
               {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}],
@@ -303,8 +310,8 @@ def arith_as_chat(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Con
                                         "content": "<think>\n" + ex["response"]}])
         for ex in examples])
     chat = dataclasses.replace(base, source="chat_jsonl", train_files=(str(path),))
-    stages = {"ar": TrainConfig(batch_size=8, seed=1),
-              "sft": TrainConfig(batch_size=8, seed=1, pad_ratio_max=0.5)}
+    stages = {"ar": ArConfig(batch_size=8, seed=1),
+              "sft": SftConfig(batch_size=8, seed=1, pad_ratio_max=0.5)}
     return Config(data=base, **stages), Config(data=chat, **stages)
 
 
@@ -341,8 +348,8 @@ def test_length_bucketing(tmp_path: Path) -> None:
     path = _write(tmp_path / "d.jsonl", _varied_lines(40, seed=2))
     buckets, max_len, window = (64, 128, 192, 256, 320, 384, 448), 512, 3
     plain = Config(data=_chat_cfg(tmp_path / "tfds", [path], max_len=max_len),
-                   ar=TrainConfig(batch_size=4, seed=3),
-                   sft=TrainConfig(batch_size=4, seed=3, pad_ratio_max=0.5))
+                   ar=ArConfig(batch_size=4, seed=3),
+                   sft=SftConfig(batch_size=4, seed=3, pad_ratio_max=0.5))
     bucketed = dataclasses.replace(
         plain, data=dataclasses.replace(plain.data, buckets=buckets, bucket_window=window))
     steps = range(4 * window)

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from pipo_jax.config import Config, ConfigError, config_from_json, from_dict
+from pipo_jax.config import Config, ConfigError, config_from_json, from_dict, to_dict
 from pipo_jax.io import checkpoint as ck
 
 # A restore that fails inside orbax leaves tensorstore callbacks that fire after orbax closed its
@@ -347,3 +347,41 @@ def test_failed_background_save_surfaces_and_keeps_previous_step(tmp_path, monke
     assert ck.all_steps(tmp_path) == [1]
     restored, _ = ck.restore(tmp_path, abstract_of(make_state(1)))
     chex.assert_trees_all_equal(restored, make_state(1))
+
+
+def test_a_stage_restores_by_its_recorded_stage_not_its_directory_name(tmp_path):
+    """The stage is in the checkpoint's metadata: a teacher saved under any directory name
+    restores with ``teacher_model``'s shapes, and a PIPO loader refuses an AR checkpoint.
+    A checkpoint saved before the metadata existed falls back to its directory's name."""
+    import orbax.checkpoint as ocp
+    from flax import linen as nn
+
+    from pipo_jax.config import MeshConfig, load_config
+    from pipo_jax.errors import CheckpointError
+    from pipo_jax.io import run_dir
+    from pipo_jax.model.pipo import init_params
+    from pipo_jax.model.sharding import build_mesh
+
+    cfg = load_config(REPO / "configs" / "micro.yaml")
+    assert cfg.teacher_model.d_model != cfg.model.d_model
+    teacher = nn.unbox(init_params(cfg.teacher_model, False, jax.random.key(0)))
+    with ck.open_manager(tmp_path / "big_teacher", keep=1) as manager:
+        ck.save(manager, 3, {"step": np.int32(3), "params": teacher}, cfg, "teacher", wait=True)
+    mesh = build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    assert run_dir.stage_of(tmp_path / "big_teacher", pipo=False) == "teacher"
+    params, _ = run_dir.restore_stage_params(tmp_path / "big_teacher", False, mesh)
+    chex.assert_trees_all_equal(params, teacher)
+    with pytest.raises(CheckpointError, match="holds an AR model .stage teacher."):
+        run_dir.restore_stage_params(tmp_path / "big_teacher", True, mesh)
+
+    # Legacy: saved without the stage (as before the metadata) → the directory name decides.
+    legacy = tmp_path / "old_run" / "teacher"
+    with ck.open_manager(legacy, keep=1) as manager:
+        manager.save(0, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"step": np.int32(0), "params": teacher}),
+            config=ocp.args.JsonSave(to_dict(cfg))), force=True)
+        manager.wait_until_finished()
+    assert ck.saved_stage(legacy) is None
+    assert run_dir.stage_of(legacy, pipo=False) == "teacher"
+    params, _ = run_dir.restore_stage_params(legacy, False, mesh)
+    chex.assert_trees_all_equal(params, teacher)

@@ -279,3 +279,27 @@ def test_micro_config_is_micro():
     micro = C.load_config(CONFIGS / "micro.yaml")
     assert micro.model.d_model <= 64 and micro.model.n_layers <= 4
     assert micro.sft.steps <= 20 and micro.ar.steps <= 20
+
+
+@pytest.mark.parametrize("key", ["ar.w_mtp", "teacher.pad_ratio_max", "ar.pad_augment",
+                                 "opd.pad_ratio_max", "sft.rollout_threshold"])
+def test_a_key_of_another_stage_is_refused(key):
+    """Each stage has its own config class: a key it would not read is an error naming it,
+    not a value silently ignored."""
+    with pytest.raises(ConfigError, match=f"unknown config key {key}"):
+        C.load_config(None, [f"{key}=0.5"])
+    assert C.load_config(None, ["sft.w_mtp=5", "opd.w_mtp=2"]).sft.w_mtp == 5.0
+    assert type(C.Config().ar) is C.ArConfig and type(C.Config().sft) is C.SftConfig
+
+
+def test_a_config_saved_before_per_stage_classes_still_loads():
+    """Saved configs of older runs list every shared field in every stage section; the keys a
+    stage never read are dropped, the rest round-trip."""
+    raw = C.to_dict(C.Config())
+    for stage in ("teacher", "ar"):
+        raw[stage].update(w_mtp=1.0, w_conf=1.0, pad_augment="shift", pad_ratio_max=0.25,
+                          pad_dense_frac=0.0, detach_confidence_inputs=True)
+    raw["opd"].update(pad_augment="shift", pad_ratio_max=0.25, pad_dense_frac=0.0)
+    assert C.saved_from_dict(raw) == C.Config()
+    with pytest.raises(ConfigError, match="unknown config keys teacher.detach_confidence_inputs"):
+        C.from_dict(raw)  # only saved configs get the allowance

@@ -12,7 +12,7 @@ import chex
 import numpy as np
 import pytest
 
-from pipo_jax.config import Config, DataConfig, TrainConfig
+from pipo_jax.config import ArConfig, Config, DataConfig, SftConfig
 from pipo_jax.data import arith, loader, mixed, tfds_builder
 from pipo_jax.io.tokenizer import ByteTokenizer
 from pipo_jax.model import pairs
@@ -31,8 +31,8 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
     """A config whose small dataset is built once for the whole module."""
     data = _data_cfg(tmp_path_factory.mktemp("tfds"))
     tfds_builder.build(data)
-    return Config(data=data, ar=TrainConfig(batch_size=8, seed=1),
-                  sft=TrainConfig(batch_size=8, seed=1, pad_ratio_max=0.5))
+    return Config(data=data, ar=ArConfig(batch_size=8, seed=1),
+                  sft=SftConfig(batch_size=8, seed=1, pad_ratio_max=0.5))
 
 
 def _array_record_files(data_dir: Path) -> list[Path]:

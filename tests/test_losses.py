@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax.config import ModelConfig, TrainConfig
+from pipo_jax.config import ModelConfig, SftConfig
 from pipo_jax.model.pipo import PipoLM
 from pipo_jax.train import losses
 
@@ -133,7 +133,7 @@ def _batch():
     return jnp.asarray(tokens), jnp.asarray(mask)
 
 
-TC = TrainConfig(loss_chunk=5)
+TC = SftConfig(loss_chunk=5)
 
 
 def _bce_of(params, tokens, mask, detach):

@@ -17,7 +17,7 @@ from pipo_jax.config import (
     Config,
     ConfigError,
     DataConfig,
-    TrainConfig,
+    SftConfig,
     load_config,
 )
 from pipo_jax.data import arith, loader, mixed, tfds_builder
@@ -263,7 +263,7 @@ def test_tfds_round_trip_and_directories(tmp_path: Path) -> None:
     assert addition.name == "1.0.0"
     assert loader.test_examples(addition_cfg) == arith.generate_split("test", 0, 9, (2, 3))
 
-    cfg = Config(data=data, sft=TrainConfig(batch_size=4, seed=1))
+    cfg = Config(data=data, sft=SftConfig(batch_size=4, seed=1))
     batch = loader.make_train_dataset(cfg, ByteTokenizer(), "sft")[0]
     assert batch["tokens"].shape == (4, data.max_len)
 

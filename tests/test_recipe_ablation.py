@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 from benchmarks.recipe_ablation import Arm, arms
-from pipo_jax.config import Config, OpdConfig, TrainConfig
+from pipo_jax.config import Config, OpdConfig, SftConfig
 
 
 def _base(dense: float, mode: str = "shift") -> Config:
-    return Config(sft=TrainConfig(pad_augment=mode, pad_dense_frac=dense),
+    return Config(sft=SftConfig(pad_augment=mode, pad_dense_frac=dense),
                   opd=OpdConfig(rollout_threshold=0.9))
 
 

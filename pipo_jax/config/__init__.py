@@ -20,6 +20,7 @@ from pipo_jax.config.schema import (
     MIXED_OPS,
     PIPO_STAGES,
     STAGES,
+    ArConfig,
     Config,
     DataConfig,
     DecodeConfig,
@@ -27,6 +28,7 @@ from pipo_jax.config.schema import (
     MeshConfig,
     ModelConfig,
     OpdConfig,
+    SftConfig,
     TrainConfig,
     validate_threshold,
 )
@@ -34,8 +36,8 @@ from pipo_jax.errors import ConfigError
 
 __all__ = [
     "DEFAULT_MIXED_OPS", "LAYER_TYPES", "LORA_TARGETS", "MIXED_OPS", "PIPO_STAGES", "STAGES",
-    "Config", "ConfigError", "DataConfig", "DecodeConfig", "LoraConfig", "MeshConfig",
-    "ModelConfig", "OpdConfig", "TrainConfig", "apply_overrides", "config_from_json",
+    "ArConfig", "Config", "ConfigError", "DataConfig", "DecodeConfig", "LoraConfig", "MeshConfig",
+    "ModelConfig", "OpdConfig", "SftConfig", "TrainConfig", "apply_overrides", "config_from_json",
     "from_dict", "load_config", "save_config", "saved_from_dict", "to_dict",
     "validate_threshold",
 ]

@@ -158,18 +158,31 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # config lists every field, so a missing one predates it) gets the value it ran with.
 # (``split``: the reference augmentation, then with a fixed count of splits per row.)
 _FILLED_IN_SAVED = {("data", "task"): "addition", ("sft", "pad_augment"): "split"}
+# Keys that configs saved before each stage had its own config class carry in sections that
+# never read them (every stage shared one class): dropped on load, since they did nothing.
+_UNUSED_IN_SAVED = {
+    "teacher": ("w_mtp", "w_conf", "pad_augment", "pad_ratio_max", "pad_dense_frac",
+                "detach_confidence_inputs"),
+    "ar": ("w_mtp", "w_conf", "pad_augment", "pad_ratio_max", "pad_dense_frac",
+           "detach_confidence_inputs"),
+    "opd": ("pad_augment", "pad_ratio_max", "pad_dense_frac"),
+}
 
 
 def saved_from_dict(raw: dict[str, Any]) -> Config:
     """``from_dict`` for a config saved with a run (``save_config``, checkpoints), also by an
     earlier version: a run saved before ``data.task`` existed trained on ``addition``, not on
-    today's default."""
+    today's default; keys a stage never read (before per-stage config classes) are dropped."""
     if not isinstance(raw, dict):
         return from_dict(raw)  # its error
     raw = json.loads(json.dumps(raw))  # deep copy of plain data
     for (section, key), value in _FILLED_IN_SAVED.items():
         if isinstance(raw.get(section), dict):
             raw[section].setdefault(key, value)
+    for section, keys in _UNUSED_IN_SAVED.items():
+        if isinstance(raw.get(section), dict):
+            for key in keys:
+                raw[section].pop(key, None)
     return from_dict(raw)
 
 

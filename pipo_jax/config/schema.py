@@ -273,7 +273,9 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training stage (``ar`` or ``sft``)."""
+    """What every training stage has: the tuner, the optimiser, the loop and its checkpoints.
+    Each stage's section is its own subclass (``ArConfig``, ``SftConfig``, ``OpdConfig``) with
+    only the keys it uses, so a key of another stage is an error, not silently ignored."""
 
     # "full": every parameter trains. "lora": adapters on ``lora.targets`` plus the PIPO modules
     # of SPEC §4 (compressor, confidence head, MTP fc, its pre-norms and final norm); the rest
@@ -296,22 +298,8 @@ class TrainConfig:
     # multiple of ``keep_every`` (0: none), e.g. for evaluating the run's history later.
     keep_checkpoints: int = 2
     keep_every: int = 0
-    # SPEC §4 loss weights and PAD augmentation (ignored by the ``ar`` stage). Each step draws
-    # r ~ U[0, pad_ratio_max]; every response pair then holds a rejection event with probability
-    # r (a per-pair Bernoulli draw). "shift" inserts one lone PAD, the state after a rejected
-    # draft; "split" (the reference) turns (a, b) into (a, PAD), (b, PAD); "mix" picks either
-    # per event (``pipo_jax.model.pairs.random_pad_augment``). ``pad_dense_frac``: the share of rows
-    # drawn instead at their own r ~ U[pad_ratio_max, 1], the long runs of rejections that a
-    # threshold near 1 decodes (0: off, the reference; such rows are up to twice as long, so a
-    # config that turns them on must leave room in ``data.max_len`` or accept truncation).
-    w_mtp: float = 1.0
-    w_conf: float = 1.0
-    pad_augment: Literal["split", "shift", "mix"] = "shift"
-    pad_ratio_max: float = 0.25
-    pad_dense_frac: float = 0.0
     # Tokens per chunk of the vocabulary cross-entropy (peak logits memory: chunk × V).
     loss_chunk: int = 2048
-    detach_confidence_inputs: bool = True
 
     @property
     def adapters(self) -> LoraConfig | None:
@@ -325,12 +313,6 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ConfigError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        if not 0.0 <= self.pad_ratio_max <= 1.0:  # also refuses NaN
-            raise ConfigError(f"pad_ratio_max must be in [0, 1] (the largest per-pair rejection "
-                              f"probability), got {self.pad_ratio_max}")
-        if not 0.0 <= self.pad_dense_frac <= 1.0:
-            raise ConfigError(f"pad_dense_frac must be in [0, 1] (the share of densely augmented "
-                              f"rows), got {self.pad_dense_frac}")
         if self.loss_chunk <= 0 or self.log_every <= 0 or self.ckpt_every <= 0:
             raise ConfigError("loss_chunk, log_every and ckpt_every must be positive")
         if self.keep_checkpoints < 1:
@@ -343,10 +325,51 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArConfig(TrainConfig):
+    """An autoregressive stage: ``teacher`` (the larger OPD teacher) or ``ar`` (the student's
+    AR base). Next-token cross-entropy; nothing beyond ``TrainConfig``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SftConfig(TrainConfig):
+    """The PIPO SFT stage (SPEC §4): loss weights and PAD augmentation.
+
+    Each step draws r ~ U[0, pad_ratio_max]; every response pair then holds a rejection event
+    with probability r (a per-pair Bernoulli draw). "shift" inserts one lone PAD, the state
+    after a rejected draft; "split" (the reference) turns (a, b) into (a, PAD), (b, PAD); "mix"
+    picks either per event (``pipo_jax.model.pairs.random_pad_augment``). ``pad_dense_frac``:
+    the share of rows drawn instead at their own r ~ U[pad_ratio_max, 1], the long runs of
+    rejections that a threshold near 1 decodes (0: off, the reference; such rows are up to
+    twice as long, so a config that turns them on must leave room in ``data.max_len`` or accept
+    truncation).
+    """
+
+    w_mtp: float = 1.0
+    w_conf: float = 1.0
+    pad_augment: Literal["split", "shift", "mix"] = "shift"
+    pad_ratio_max: float = 0.25
+    pad_dense_frac: float = 0.0
+    detach_confidence_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.pad_ratio_max <= 1.0:  # also refuses NaN
+            raise ConfigError(f"pad_ratio_max must be in [0, 1] (the largest per-pair rejection "
+                              f"probability), got {self.pad_ratio_max}")
+        if not 0.0 <= self.pad_dense_frac <= 1.0:
+            raise ConfigError(f"pad_dense_frac must be in [0, 1] (the share of densely augmented "
+                              f"rows), got {self.pad_dense_frac}")
+
+
+@dataclasses.dataclass(frozen=True)
 class OpdConfig(TrainConfig):
     """The on-policy distillation stage (SPEC §5): rollouts of the student, scored by a frozen
-    AR teacher. Inherits the optimiser, tuner and loss-weight fields of ``TrainConfig``
-    (``w_mtp``, ``w_conf``; ``pad_ratio_max`` is unused: rollouts are not augmented)."""
+    AR teacher. Its loss weights are ``w_backbone``, ``w_mtp`` and ``w_conf``; rollouts are not
+    PAD-augmented."""
+
+    w_mtp: float = 1.0
+    w_conf: float = 1.0
+    detach_confidence_inputs: bool = True
 
     # Stage directories (a run's ``sft`` / ``teacher`` folder, or any run's). Empty: the student
     # starts from ``<run_dir>/sft`` and the teacher is ``<run_dir>/teacher``.
@@ -471,9 +494,9 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     # The AR teacher the ``teacher`` stage trains (same tokenizer and vocabulary as ``model``).
     teacher_model: ModelConfig = ModelConfig()
-    teacher: TrainConfig = TrainConfig()
-    ar: TrainConfig = TrainConfig()
-    sft: TrainConfig = TrainConfig()
+    teacher: ArConfig = ArConfig()
+    ar: ArConfig = ArConfig()
+    sft: SftConfig = SftConfig()
     opd: OpdConfig = OpdConfig()
     decode: DecodeConfig = DecodeConfig()
 

@@ -204,9 +204,12 @@ def make_train_dataset(cfg: Config, tokenizer: Tokenizer, stage: str) -> grain.M
     if train_cfg.seed < 0:
         raise ValueError(f"{stage}.seed must be non-negative, got {train_cfg.seed}")
     data = cfg.data
+    pipo = stage in PIPO_STAGES  # AR rows are not augmented
     make_batch = functools.partial(
-        _make_batch, stage=stage, seed=train_cfg.seed, pad_ratio_max=train_cfg.pad_ratio_max,
-        pad_augment=train_cfg.pad_augment, pad_dense_frac=train_cfg.pad_dense_frac,
+        _make_batch, stage=stage, seed=train_cfg.seed,
+        pad_ratio_max=train_cfg.pad_ratio_max if pipo else 0.0,
+        pad_augment=train_cfg.pad_augment if pipo else "split",
+        pad_dense_frac=train_cfg.pad_dense_frac if pipo else 0.0,
         max_len=data.max_len, pad_id=tokenizer.pad_id, buckets=data.buckets)
     examples = _train_examples(data, tokenizer)
     if not data.buckets:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from pipo_jax.errors import USER_ERRORS, Preempted
+from pipo_jax.errors import USER_ERRORS, ConfigError, Preempted
 
 
 def run_main(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
@@ -25,3 +25,24 @@ def run_main(main: Callable[[list[str]], int], argv: list[str] | None = None) ->
     except KeyboardInterrupt:
         print("interrupted: the last committed checkpoint is intact", file=sys.stderr)
         return 130
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str, what: str, error: type[ConfigError] = ConfigError) -> int:
+    """A byte size given on a command line: ``"80GiB"``, ``"95 GB"``, ``"500MiB"``, ``"1e6"``,
+    ``"4096"`` → bytes (GB = 10⁹ as in transformers, GiB = 2³⁰). Anything else, or a size below
+    one byte, raises ``error`` naming the option ``what``."""
+    s = text.strip().lower().replace(" ", "")
+    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(number):]
+    try:
+        value = float(number) * _BYTE_UNITS[unit]
+    except (ValueError, KeyError):
+        value = -1.0
+    if not value >= 1:  # also refuses NaN
+        raise error(f"{what} {text!r} must be a positive number with an optional unit (B, KB, "
+                    f"MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 2GB or 80GiB")
+    return int(value)

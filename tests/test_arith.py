@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipo_jax.data import arith
+from pipo_jax.eval.scoring import last_boxed, verify
 from pipo_jax.io.tokenizer import ByteTokenizer
 
 LINE = re.compile(r"(\d)\+(\d)\+([01])=(\d+), write (\d), carry ([01])")
@@ -95,30 +96,31 @@ def test_worked_solution_arithmetic(level: int) -> None:
         total = int(("1" if carry else "") + "".join(reversed(written)))
         assert total == a + b and ex["answer"] == str(a + b)
         assert lines[2 + level:] == [f"So the sum is {a + b}.", "</think>", f"\\boxed{{{a + b}}}"]
-        assert arith.verify(ex["response"], ex["answer"])
+        assert verify(ex["response"], ex["answer"])
 
 
 def test_extract_boxed() -> None:
-    assert arith.extract_boxed("so \\boxed{132}") == "132"
-    assert arith.extract_boxed("\\boxed{1} then \\boxed{2}") == "2"
-    assert arith.extract_boxed("\\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
-    assert arith.extract_boxed("\\boxed{{a}{b{c}}}") == "{a}{b{c}}"
-    assert arith.extract_boxed("no answer here") is None
-    assert arith.extract_boxed("\\boxed{12") is None
-    assert arith.extract_boxed("\\boxed{1} and \\boxed{2{3}") is None
-    assert arith.extract_boxed("\\boxed{}") == ""
+    """The one verifier (``pipo_jax.eval.scoring``) on the embedded task's answers."""
+    assert last_boxed("so \\boxed{132}") == "132"
+    assert last_boxed("\\boxed{1} then \\boxed{2}") == "2"
+    assert last_boxed("\\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{{a}{b{c}}}") == "{a}{b{c}}"
+    assert last_boxed("no answer here") is None
+    assert last_boxed("\\boxed{12") is None
+    assert last_boxed("\\boxed{1} and \\boxed{2{3}") is None
+    assert last_boxed("\\boxed{}") == ""
 
 
 def test_verify() -> None:
-    assert arith.verify("...</think>\n\\boxed{132}", "132")
-    assert arith.verify("\\boxed{ 1,320 }", "1320")
-    assert arith.verify("\\boxed{0132}", "132")
-    assert arith.verify("\\boxed{+132}", "132")
-    assert not arith.verify("\\boxed{133}", "132")
-    assert not arith.verify("\\boxed{132} no wait \\boxed{133}", "132")
-    assert not arith.verify("the sum is 132", "132")
-    assert not arith.verify("\\boxed{}", "132")
-    assert not arith.verify("\\boxed{13 2x}", "132")
+    assert verify("...</think>\n\\boxed{132}", "132")
+    assert verify("\\boxed{ 1,320 }", "1320")
+    assert verify("\\boxed{0132}", "132")
+    assert verify("\\boxed{+132}", "132")
+    assert not verify("\\boxed{133}", "132")
+    assert not verify("\\boxed{132} no wait \\boxed{133}", "132")
+    assert not verify("the sum is 132", "132")
+    assert not verify("\\boxed{}", "132")
+    assert not verify("\\boxed{13 2x}", "132")
 
 
 def test_to_messages() -> None:

@@ -24,8 +24,8 @@ from pipo_jax.config import ConfigError, load_config, save_config
 from pipo_jax.data.loader import test_examples
 from pipo_jax.decode.runner import Generation, PipoRunner, load
 from pipo_jax.eval import __main__ as bench_cli
+from pipo_jax.eval.aggregate import pass_at_k
 from pipo_jax.eval.harness import evaluate_benchmarks, question_record, summarise
-from pipo_jax.eval.heldout import pass_at_k
 from pipo_jax.eval.protocol import PRESETS, resolve_options, sample_seed
 from pipo_jax.eval.schema import (
     BenchError,

@@ -21,6 +21,7 @@ from pipo_jax.config import (
     load_config,
 )
 from pipo_jax.data import arith, loader, mixed, tfds_builder
+from pipo_jax.eval.scoring import verify
 from pipo_jax.io.tokenizer import ByteTokenizer
 from pipo_jax.model import pairs
 
@@ -49,7 +50,7 @@ def _check_example(ex: dict) -> list[tuple[str, str, int]]:
     op, a, b = mixed.parse_question(ex["question"])
     result = {"add": a + b, "sub": a - b, "mul": a * b}[op]
     assert ex["answer"] == str(result) and result >= 0
-    assert arith.verify(ex["response"], ex["answer"])
+    assert verify(ex["response"], ex["answer"])
     lines = ex["response"].split("\n")
     assert lines[-2:] == ["</think>", f"\\boxed{{{result}}}"]
     used = []

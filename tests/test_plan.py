@@ -11,8 +11,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from pipo_jax.cli import run_main
+from pipo_jax.cli import parse_bytes, run_main
 from pipo_jax.config import ConfigError, MeshConfig, load_config
+from pipo_jax.errors import ConvertError
 from pipo_jax.model.sharding import build_mesh
 from pipo_jax.train import plan as plan_lib
 
@@ -107,13 +108,19 @@ def test_device_presets_and_memory_sizes() -> None:
     assert plan_lib.resolve_devices(["tpu-v5p", "h100-80gb"], "12.5GB") == [
         ("tpu-v5p", 95 * 2 ** 30), ("h100-80gb", 81559 * 2 ** 20),
         ("12.5GB device", 12_500_000_000)]
-    assert plan_lib.parse_bytes("80GiB") == 80 * 2 ** 30
-    assert plan_lib.parse_bytes("1024") == 1024
+    assert parse_bytes("80GiB", "--device-memory") == 80 * 2 ** 30
+    assert parse_bytes("1024", "--device-memory") == 1024
     with pytest.raises(ConfigError, match="unknown --device 'tpu-v9'; presets: tpu-v4"):
         plan_lib.resolve_devices(["tpu-v9"], None)
     for bad in ("lots", "-1GB", "8 parsecs"):
         with pytest.raises(ConfigError, match="must be a positive number with an optional unit"):
-            plan_lib.parse_bytes(bad)
+            parse_bytes(bad, "--device-memory")
+    # The same parser reads the converter's --max-shard-size (transformers' units).
+    assert parse_bytes("2GB", "--max-shard-size") == 2 * 10 ** 9
+    assert parse_bytes("500MiB", "--max-shard-size") == 500 * 2 ** 20
+    assert parse_bytes("1e6", "--max-shard-size") == 10 ** 6
+    with pytest.raises(ConvertError, match="--max-shard-size '0.5' must be a positive number"):
+        parse_bytes("0.5", "--max-shard-size", ConvertError)
 
 
 @pytest.mark.parametrize("text, message", [

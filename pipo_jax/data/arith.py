@@ -22,11 +22,8 @@ stable hash that does not depend on the seed, so no seed can leak a test problem
 from __future__ import annotations
 
 import hashlib
-import re
 
 import numpy as np
-
-from pipo_jax.eval.latex import braced
 
 SYSTEM_PROMPT = "Solve step by step."
 
@@ -120,29 +117,6 @@ def generate_split(split: str, seed: int, n: int, levels: tuple[int, ...]) -> li
         seen.add((a, b))
         out.append(_problem(a, b, level))
     return out
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in ``text`` (nested braces kept); None if absent or
-    unbalanced."""
-    start = text.rfind(_BOXED)
-    return None if start < 0 else braced(text, start + len(_BOXED) - 1)
-
-
-def normalize_answer(answer: str) -> str:
-    """Canonical form for comparison: no whitespace, thousands separators or ``$``; integers
-    without sign ``+`` or leading zeros."""
-    s = re.sub(r"\s+", "", answer)
-    s = s.replace("{,}", "").replace(",", "").replace("$", "")
-    if re.fullmatch(r"[+-]?\d+", s):
-        return str(int(s))
-    return s
-
-
-def verify(text: str, answer: str) -> bool:
-    """Whether a model response ``text`` ends with the right ``\\boxed{}`` answer."""
-    boxed = extract_boxed(text)
-    return boxed is not None and normalize_answer(boxed) == normalize_answer(answer)
 
 
 def to_messages(example: dict) -> list[dict[str, str]]:

@@ -44,13 +44,12 @@ from pathlib import Path
 from typing import Literal
 
 from pipo_jax.errors import ChatDataError
-from pipo_jax.io.tokenizer import ROLES, Tokenizer, reasoning_prompt
+from pipo_jax.io.tokenizer import ROLES, THINK, THINK_END, Tokenizer, reasoning_prompt
 
 log = logging.getLogger(__name__)
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # What closes the reasoning and opens the answer (Qwen3 template).
-THINK_END = "\n" + THINK_CLOSE + "\n\n"
+ANSWER_SEPARATOR = "\n" + THINK_END + "\n\n"
 _GLOB_CHARS = frozenset("*?[")
 # Malformed lines named in the log when they are skipped.
 _LOGGED_SKIPS = 5
@@ -119,8 +118,8 @@ class _Malformed(ValueError):
 
 def _strip_reasoning(content: str) -> str:
     # Past assistant turns: the Qwen3 template keeps only the answer after the last </think>.
-    if THINK_CLOSE in content:
-        return content.rsplit(THINK_CLOSE, 1)[1].lstrip("\n")
+    if THINK_END in content:
+        return content.rsplit(THINK_END, 1)[1].lstrip("\n")
     return content
 
 
@@ -132,25 +131,25 @@ def _response(message: dict) -> str:
         if not isinstance(reasoning, str):
             raise _Malformed("the final assistant turn's reasoning_content must be a string, "
                              f"got {type(reasoning).__name__}")
-        if THINK_OPEN in content or THINK_CLOSE in content:
+        if THINK in content or THINK_END in content:
             raise _Malformed("the final assistant turn has both reasoning_content and a <think> "
                              "block in its content; keep one")
         if not reasoning.strip() and not content.strip():
             raise _Malformed("the final assistant turn is empty")
-        return reasoning.strip("\n") + THINK_END + content.lstrip("\n")
+        return reasoning.strip("\n") + ANSWER_SEPARATOR + content.lstrip("\n")
     if not content.strip():
         raise _Malformed("the final assistant turn is empty")
-    if THINK_CLOSE in content:
+    if THINK_END in content:
         body = content.lstrip()
-        if body.startswith(THINK_OPEN):
-            body = body[len(THINK_OPEN):]
+        if body.startswith(THINK):
+            body = body[len(THINK):]
             body = body[1:] if body.startswith("\n") else body
             return body
         return content
-    if THINK_OPEN in content:
+    if THINK in content:
         raise _Malformed("the final assistant turn opens <think> but never closes it with "
                          "</think>")
-    return THINK_END + content.lstrip("\n")
+    return ANSWER_SEPARATOR + content.lstrip("\n")
 
 
 def parse_conversation(text: str, where: str = "<line>") -> Conversation:

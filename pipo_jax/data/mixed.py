@@ -33,7 +33,7 @@ The wording is drawn from a generator seeded by the data seed and the problem al
 reads the same wherever it appears. Train and test are disjoint by a stable hash of the problem
 (the operation and its operands, unordered for ``+`` and ``*``) that does not depend on the seed;
 additions hash as ``arith.split_of`` does, so a test addition of one task is never a training
-addition of the other. The verifier (``arith.verify``) and chat messages
+addition of the other. The verifier (``pipo_jax.eval.scoring.verify``) and chat messages
 (``arith.to_messages``) are ``arith``'s.
 """
 

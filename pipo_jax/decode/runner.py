@@ -108,10 +108,13 @@ class PipoRunner:
 
     # ----------------------------------------------------------------------------- generation
 
-    def _options(self, overrides: dict[str, Any]) -> DecodeConfig:
+    def decode_options(self, overrides: dict[str, Any]) -> DecodeConfig:
+        """The run's ``decode`` config with ``overrides`` (``DecodeConfig`` fields; None: not
+        given) applied and validated."""
         unknown = set(overrides) - {f.name for f in dataclasses.fields(DecodeConfig)}
         if unknown:
-            raise TypeError(f"unknown generate() option(s) {sorted(unknown)}")
+            raise TypeError(f"unknown decode option(s) {sorted(unknown)}; the options are "
+                            f"DecodeConfig's fields")
         given = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self.config.decode, **given)
 
@@ -133,7 +136,7 @@ class PipoRunner:
             raise ValueError(f"model must be 'pipo' or 'ar', got {model!r}")
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], dict)):
             prompts = [prompts]  # type: ignore[list-item]
-        opts = self._options(options)
+        opts = self.decode_options(options)
         validate_threshold(opts.threshold)
         ids = [self.encode_prompt(p) for p in prompts]  # type: ignore[arg-type]
         seeds = list(seeds) if seeds is not None else [opts.seed + i for i in range(len(ids))]

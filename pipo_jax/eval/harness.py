@@ -10,7 +10,7 @@ size can shift them), otherwise up to the floating-point differences of other ba
 Metrics per (benchmark, model), with ``k`` = samples per question (PAPER §4):
 
 - ``avg@k``: mean over questions of the fraction of correct samples (mean per-sample accuracy);
-- ``pass@k``: the unbiased estimator of Chen et al. (``evaluate.pass_at_k``) at ``k`` = the
+- ``pass@k``: the unbiased estimator of Chen et al. (``aggregate.pass_at_k``) at ``k`` = the
   number of samples, where it equals the paper's empirical pass@k (the fraction of questions with
   at least one correct sample);
 - ``mean_tokens``: real (non-PAD) tokens per response; ``commit_rate``: committed drafts / drafts
@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from pipo_jax.config import DecodeConfig
 from pipo_jax.decode import engine as dec
 from pipo_jax.decode.runner import PROMPT_BUCKET, Generation, PipoRunner
-from pipo_jax.eval.heldout import pass_at_k, write_json
+from pipo_jax.eval.aggregate import aggregate
+from pipo_jax.eval.heldout import write_json
 from pipo_jax.eval.protocol import sample_seed
 from pipo_jax.eval.schema import BenchError, Benchmark, Question, to_messages
 from pipo_jax.eval.scoring import score
@@ -42,15 +43,6 @@ from pipo_jax.eval.store import ResultFile, result_path
 from pipo_jax.io import checkpoint as ckpt
 
 SUMMARY_FILE = "summary.json"
-
-
-def decode_config(runner: PipoRunner, options: dict[str, Any]) -> DecodeConfig:
-    """The run's ``decode`` config with ``options`` (None = not given) applied and validated."""
-    unknown = set(options) - {f.name for f in dataclasses.fields(DecodeConfig)}
-    if unknown:
-        raise TypeError(f"unknown decode option(s) {sorted(unknown)}")
-    return dataclasses.replace(runner.config.decode,
-                               **{k: v for k, v in options.items() if v is not None})
 
 
 def result_header(bench: Benchmark, model: str, samples: int, decode: DecodeConfig,
@@ -126,19 +118,10 @@ def summarise(records: Sequence[dict[str, Any]], samples: int) -> dict[str, Any]
     """Metrics of one (benchmark, model) from its question records (see the module docstring)."""
     if not records:
         raise ValueError("no records to summarise")
-    k = samples
     outs = [s for r in records for s in r["samples"]]
-    stats = [s["stats"] for s in outs]
-    tokens = sum(s["tokens"] for s in stats)
-    drafts = sum(s["drafts"] for s in stats)
     return {
         "num_questions": len(records),
-        f"avg@{k}": statistics.fmean(r["num_correct"] / k for r in records),
-        f"pass@{k}": statistics.fmean(pass_at_k(k, r["num_correct"], k) for r in records),
-        "mean_tokens": tokens / len(stats),
-        "commit_rate": sum(s["commits"] for s in stats) / drafts if drafts else 0.0,
-        "tokens_per_pass": tokens / max(sum(s["backbone_passes"] for s in stats), 1),
-        "finished_rate": statistics.fmean(bool(s["finished"]) for s in stats),
+        **aggregate([r["num_correct"] for r in records], samples, [s["stats"] for s in outs]),
         "answered_rate": statistics.fmean(s["extracted"] is not None for s in outs),
     }
 
@@ -179,7 +162,7 @@ def evaluate_benchmarks(runner: PipoRunner, benches: Sequence[Benchmark], *,
         raise BenchError(f"samples must be >= 1, got {samples}")
     if max_questions is not None and max_questions < 1:
         raise BenchError(f"--max-questions must be >= 1, got {max_questions}")
-    decode = decode_config(runner, options or {})
+    decode = runner.decode_options(options or {})
     selected = {b.name: list(b.questions[:max_questions]) for b in benches}
     for b in benches:
         check_prompt_lengths(runner, selected[b.name], decode.max_new_tokens)

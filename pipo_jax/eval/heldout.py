@@ -9,7 +9,6 @@ batch 1 after a warm-up call so that compilation is not timed.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,17 +16,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pipo_jax.data.arith import to_messages, verify
+from pipo_jax.data.arith import to_messages
 from pipo_jax.decode.runner import PipoRunner
+from pipo_jax.eval.aggregate import aggregate
+from pipo_jax.eval.scoring import verify
 
 MODELS = ("pipo", "ar")
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``n`` samples with ``c`` correct (Chen et al., 2021)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def _accuracy(runner: PipoRunner, examples: Sequence[dict], model: str, samples: int,
@@ -44,17 +38,10 @@ def _accuracy(runner: PipoRunner, examples: Sequence[dict], model: str, samples:
                                     seeds=seeds[start:start + bs], **options))
     correct = [verify(o.text, ex["answer"]) for o, ex in zip(outs, requests, strict=True)]
     per_q = [sum(correct[i * samples:(i + 1) * samples]) for i in range(len(examples))]
-    tokens = sum(o.stats["tokens"] for o in outs)
-    passes = sum(o.stats["backbone_passes"] for o in outs)
-    drafts = sum(o.stats["drafts"] for o in outs)
-    commits = sum(o.stats["commits"] for o in outs)
+    metrics = aggregate(per_q, samples, [o.stats for o in outs])
     return {
-        "pass@1": statistics.fmean(c / samples for c in per_q),
-        f"pass@{samples}": statistics.fmean(pass_at_k(samples, c, samples) for c in per_q),
-        "mean_tokens": tokens / len(outs),
-        "tokens_per_pass": tokens / max(passes, 1),
-        "commit_rate": commits / drafts if drafts else 0.0,
-        "finished_rate": statistics.fmean(o.stats["finished"] for o in outs),
+        "pass@1": metrics.pop(f"avg@{samples}"),
+        **metrics,
         "samples": [{"question": examples[i // samples]["question"], "text": o.text,
                      "correct": correct[i], **o.stats} for i, o in enumerate(outs)],
     }

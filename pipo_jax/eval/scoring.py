@@ -40,8 +40,7 @@ import re
 from fractions import Fraction
 
 from pipo_jax.eval.latex import braced
-
-THINK_END = "</think>"
+from pipo_jax.io.tokenizer import THINK_END
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{")
@@ -215,3 +214,9 @@ def score(text: str, kind: str, reference: str,
         letter = extract_choice(text, num_choices)
         return letter, letter is not None and letter == reference.strip().upper()
     raise ValueError(f"kind must be 'boxed' or 'choice', got {kind!r}")
+
+
+def verify(text: str, answer: str) -> bool:
+    """Whether a response's final boxed answer equals ``answer`` (``score`` of kind ``boxed``):
+    the check of the embedded task's held-out evaluation and OPD's rollout accuracy."""
+    return score(text, "boxed", answer)[1]

@@ -28,11 +28,11 @@ import optax
 from jax.sharding import Mesh
 
 from pipo_jax.config import Config, ModelConfig, OpdConfig
-from pipo_jax.data.arith import verify
 from pipo_jax.data.loader import make_prompt_dataset
 from pipo_jax.decode import engine
 from pipo_jax.decode.sampling import SamplingParams, request_keys, vocab_limit
 from pipo_jax.errors import TrainingError
+from pipo_jax.eval.scoring import verify
 from pipo_jax.io.run_dir import abstract_params, model_diff, stage_of
 from pipo_jax.io.tokenizer import Tokenizer
 from pipo_jax.model import sharding

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from pipo_jax.cli import run_main
+from pipo_jax.cli import parse_bytes, run_main
 from pipo_jax.config import PIPO_STAGES, Config, ConfigError, MeshConfig, TrainConfig, load_config
 from pipo_jax.model import lora as lora_lib
 from pipo_jax.model import sharding
@@ -77,8 +77,6 @@ DEVICE_PRESETS: dict[str, int] = {
 # Stages whose step is ``trainer.train_step`` (OPD's also rolls out and scores a teacher).
 PLANNED_STAGES = ("teacher", "ar", "sft")
 
-_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": GB, "tb": 10 ** 12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": GiB, "tib": 1 << 40}
 _CHILD_FLAG = "--simulated-child"
 
 
@@ -98,21 +96,6 @@ def mesh_device_count(mesh_cfg: MeshConfig, num_devices: int | None, available: 
     return n
 
 
-def parse_bytes(text: str) -> int:
-    """``"80GiB"``, ``"95 GB"``, ``"17179869184"`` → bytes (GB = 10⁹, GiB = 2³⁰)."""
-    s = text.strip().lower().replace(" ", "")
-    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in _UNITS or not value > 0:
-        raise ConfigError(f"device memory {text!r} must be a positive number with an optional "
-                          "unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 80GiB")
-    return int(value * _UNITS[unit])
-
-
 def resolve_devices(presets: list[str], memory: str | None) -> list[tuple[str, int]]:
     """``--device`` presets and ``--device-memory`` → ``[(name, bytes)]``."""
     out = []
@@ -122,7 +105,7 @@ def resolve_devices(presets: list[str], memory: str | None) -> list[tuple[str, i
                               f"{', '.join(DEVICE_PRESETS)} (or give --device-memory BYTES)")
         out.append((name, DEVICE_PRESETS[name]))
     if memory is not None:
-        out.append((f"{memory.strip()} device", parse_bytes(memory)))
+        out.append((f"{memory.strip()} device", parse_bytes(memory, "--device-memory")))
     return out
 
 

@@ -45,7 +45,6 @@ import contextlib
 import ctypes
 import dataclasses
 import json
-import re
 import resource
 import shutil
 import sys
@@ -60,7 +59,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from flax import linen as nn
 
-from pipo_jax.cli import run_main
+from pipo_jax.cli import parse_bytes, run_main
 from pipo_jax.config import (
     PIPO_STAGES,
     STAGES,
@@ -174,21 +173,6 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
-
-
-def parse_size(text: str) -> int:
-    """``"2GB"``, ``"500MiB"``, ``"1e6"`` or ``"4096"`` → bytes (GB = 10⁹ as in transformers)."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]i?)?[bB]?\s*", text)
-    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-    try:
-        value = float(m.group(1)) * units[(m.group(2) or "").lower()]  # type: ignore[union-attr]
-    except (AttributeError, ValueError):
-        raise ConvertError(f"--max-shard-size {text!r} is not a size like 2GB, 500MB or 4096"
-                           ) from None
-    if value < 1:
-        raise ConvertError(f"--max-shard-size must be positive, got {text!r}")
-    return int(value)
 
 
 def _dtype_name(dtype: np.dtype) -> str:
@@ -490,7 +474,7 @@ def pipo_to_hf(run: str | Path, out: str | Path, dtype: str | None = None,
     """Exports a run's PIPO parameters (``stage``: default the latest, ``opd`` when the run has
     it, else ``sft``) as a Hugging Face folder; returns a summary."""
     run, out = Path(run), Path(out)
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = parse_bytes(max_shard_size, "--max-shard-size", ConvertError)
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     base = _read_json(run / HF_CONFIG, "") if (run / HF_CONFIG).is_file() else None

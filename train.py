@@ -7,8 +7,8 @@ the stages named, in the canonical order. A stage that already has checkpoints r
 latest one; a finished stage is skipped.
 
 Multi-process runs (TPU pod slices, multi-GPU hosts): every process runs the same command with
-``--distributed-auto`` or ``--coordinator HOST:PORT --num-processes N --process-id I``; see the
-README's "Scaling out". SIGTERM saves the current step and exits with status 143; running the
+``--distributed-auto`` or ``--coordinator HOST:PORT --num-processes N --process-id I``; see
+docs/scaling.md. SIGTERM saves the current step and exits with status 143; running the
 command again resumes from it.
 """
 

@@ -5,7 +5,7 @@
 Plans the stage's train step on a one-device mesh (``plan.plan_memory``), then runs that step
 once on freshly initialised parameters and random tokens and reads the device's
 ``memory_stats()["peak_bytes_in_use"]``. Needs a GPU or TPU: the CPU backend keeps no memory
-statistics. The README's "Checked on a GPU" table was measured this way (on an H200).
+statistics. The "Checked on a GPU" table of docs/scaling.md was measured this way (on an H200).
 """
 
 from __future__ import annotations

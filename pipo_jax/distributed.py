@@ -3,7 +3,7 @@ driven by command-line flags.
 
 Every process runs the same command; after ``initialize`` the program sees one global device
 mesh, and ``pipo_jax.model.sharding`` splits the global batch over it. Launch recipes (TPU pod
-slice, multi-GPU hosts, localhost) are in the README's *Multi-host training* section.
+slice, multi-GPU hosts, localhost) are in docs/scaling.md, "Multi-host launch".
 
 These are launch settings, not model settings: they are flags, never saved with a checkpoint,
 and a run may resume on another number of processes or devices.

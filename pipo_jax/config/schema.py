@@ -152,7 +152,7 @@ Task = Literal["addition", "mixed"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
 MIXED_OPS = ("add", "sub", "mul")
 # The default operations: the embedded teacher's CPU budget does not learn ``sub`` and ``mul``
-# well (README, "The task").
+# well (docs/embedded-default.md, "The task").
 DEFAULT_MIXED_OPS = ("add",)
 
 

@@ -42,6 +42,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from pipo_jax.config import (
@@ -240,6 +241,39 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, cfg: Config, sta
     if wait:
         manager.wait_until_finished()
     return started
+
+
+# Orbax deep-copies numpy leaves before an asynchronous save (in case the caller mutates them
+# meanwhile): a second full copy of a converted model. ``save_params`` waits for the commit and
+# never mutates its tree, so its numpy leaves are written in place, through a registry of its
+# own (orbax's global one is left alone).
+_IN_PLACE_HANDLERS = ocp.type_handlers.create_type_handler_registry(
+    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (jax.Array, ocp.type_handlers.ArrayHandler()),
+    *((t, ocp.type_handlers.ScalarHandler()) for t in (int, float, np.number)))
+
+
+def save_params(stage_dir: str | Path, step: int, params: Any, cfg: Config, stage: str,
+                keep: int = 1) -> None:
+    """Writes a params-only checkpoint (``{"step", "params"}``, no optimizer state) of
+    ``stage`` at ``step`` and waits for its commit: an imported or merged model, which a stage
+    resumes from with fresh adapters and optimizer. Numpy leaves are written without a copy."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=preservation_policy(keep), create=True,
+        cleanup_tmp_directories=True, enable_async_checkpointing=False)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_IN_PLACE_HANDLERS)
+    state = {"step": np.int32(step), "params": params}
+    with ocp.CheckpointManager(checkpoint_dir(stage_dir), options=options,
+                               item_handlers=_item_handlers(handler)) as manager:
+        args = ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(state),
+                                     _CONFIG: ocp.args.JsonSave(to_dict(cfg))})
+        manager.save(step, args=args, force=True,
+                     custom_metadata={"stage": stage, "pipo": stage in PIPO_STAGES})
+        manager.wait_until_finished()
+    if jax.process_index() == 0:
+        _write_config_json(Path(stage_dir), cfg)
 
 
 # --------------------------------------------------------------------------- preemption

@@ -372,6 +372,14 @@ def slot_name(j: int) -> str:
     return f"layer_{j}"
 
 
+def layer_slot(cfg: ModelConfig, i: int) -> tuple[str, int]:
+    """Where backbone layer ``i`` lives in the stacked parameters: ``(slot name, block)``, i.e.
+    ``backbone/layers/layer_{i % P}`` at index ``i // P`` of its leading axis, with ``P`` the
+    period of ``cfg.layer_pattern``. The one place that knows the stacked layout."""
+    period = len(cfg.layer_pattern)
+    return slot_name(i % period), i // period
+
+
 class _ScanBody(nn.Module):
     """One repeat of the layer pattern, in ``nn.scan``'s ``(carry, x) → (carry, y)`` form: a
     whole sequence, or (``cache`` given: this block's caches) one decode step."""

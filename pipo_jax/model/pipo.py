@@ -27,8 +27,8 @@ from pipo_jax.model.layers import (
     DecoderLayer,
     dense_init,
     dtype_of,
+    layer_slot,
     norm,
-    slot_name,
 )
 
 Array = jax.Array
@@ -291,9 +291,8 @@ def init_params(cfg: ModelConfig, pipo: bool, rng: Array,
 
 def backbone_layer(cfg: ModelConfig, backbone_params: dict, i: int) -> dict:
     """Parameters of backbone layer ``i`` (un-stacked from its scanned pattern slot)."""
-    period = len(cfg.layer_pattern)
-    return jax.tree.map(lambda x: x[i // period],
-                        backbone_params["layers"][slot_name(i % period)])
+    slot, block = layer_slot(cfg, i)
+    return jax.tree.map(lambda x: x[block], backbone_params["layers"][slot])
 
 
 def pipo_from_ar(cfg: ModelConfig, ar_params: dict, rng: Array,

@@ -1,6 +1,6 @@
 """On-policy distillation maths (SPEC §5): rollout rows, PAD compaction, divergences, the loss.
 
-Everything here is a pure function of arrays, jit-compiled by the OPD stage (``distill.py``).
+Everything here is a pure function of arrays, jit-compiled by the OPD stage (``train/opd.py``).
 
 Shapes: ``B`` rollouts, ``T`` tokens of a rollout row (prompt + response, PAD-padded), ``L = T/2``
 pairs, ``N`` positions, ``V`` vocabulary, ``H``/``Ht`` student/teacher hidden sizes.

@@ -10,8 +10,8 @@ prints, per device:
   and its shardings (``Σ prod(sharding.shard_shape(shape)) · itemsize`` over the leaves);
   gradients cover only the trained parameters (LoRA: the adapters and the SPEC §4 PIPO modules),
   in the parameter dtype;
-* temporaries: ``memory_analysis()`` of the train step exactly as ``trainer.train_stage`` builds
-  it (``trainer.jit_train_step``: in/out shardings, donated state, the configured remat policy
+* temporaries: ``memory_analysis()`` of the train step exactly as ``supervised.train_stage`` builds
+  it (``supervised.jit_train_step``: in/out shardings, donated state, the configured remat policy
   and chunked loss, traced in the mesh context that places the activation constraints), lowered
   and compiled on abstract ``jax.ShapeDtypeStruct`` inputs. They hold the gradients and the
   activations at the step's peak; ``activations`` is temporaries minus gradients;
@@ -294,7 +294,7 @@ def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch:
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     t0 = time.perf_counter()
-    # The step exactly as trainer.train_stage jits it, traced in the mesh context that places
+    # The step exactly as supervised.train_stage jits it, traced in the mesh context that places
     # the model's activation constraints.
     with jax.set_mesh(mesh):
         step_fn = jit_train_step(cfg, stage, tx, mesh, shardings)

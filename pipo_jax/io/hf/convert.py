@@ -55,8 +55,6 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 from flax import linen as nn
 
 from pipo_jax.cli import parse_bytes, run_main
@@ -73,7 +71,7 @@ from pipo_jax.io import checkpoint as ckpt
 from pipo_jax.io.hf import mapping as hm
 from pipo_jax.io.run_dir import checkpoint_adapters, latest_pipo_stage, load_params
 from pipo_jax.io.tokenizer import HFTokenizer, tokenizer_path
-from pipo_jax.model.layers import slot_name
+from pipo_jax.model.layers import layer_slot
 from pipo_jax.model.pipo import backbone_layer, init_params, pipo_from_ar
 
 HF_CONFIG = "hf_config.json"  # the source config.json, in the run directory
@@ -133,25 +131,6 @@ def _prepare_out(out: Path, force: bool, ours: Iterable[str]) -> None:
             elif target.exists() or target.is_symlink():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-@contextlib.contextmanager
-def _numpy_saved_in_place() -> Iterator[None]:
-    """Orbax deep-copies numpy leaves before an asynchronous save (in case the caller mutates
-    them meanwhile): a second full copy of the model. Our saves wait for the commit and never
-    mutate the tree, so for their duration numpy arrays are written in place."""
-    handlers = ocp.type_handlers
-    previous = handlers.get_type_handler(np.ndarray)
-    # Orbax logs a warning for every override; this one is deliberate and undone below.
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        handlers.register_type_handler(
-            np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False), override=True)
-        yield
-    finally:
-        handlers.register_type_handler(np.ndarray, previous, override=True)
-        absl_logging.set_verbosity(verbosity)
 
 
 def _release_freed_memory() -> None:
@@ -362,7 +341,7 @@ def fresh_modules(cfg: ModelConfig, params: dict, modules: Iterable[str], seed: 
     if not modules:
         return {}
     pattern = cfg.layer_pattern
-    slot = slot_name(cfg.last_full_attention % len(pattern))
+    slot, _ = layer_slot(cfg, cfg.last_full_attention)
     layer = jax.tree.map(lambda x: x[None],
                          backbone_layer(cfg, params["backbone"], cfg.last_full_attention))
     small = dataclasses.replace(
@@ -429,14 +408,11 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
     if odd:
         _write_json(out / HF_DTYPES, odd)
     save_config(config, out / "config.json")
-    step = np.int32(0)
     ar_params = {"embedder": params["embedder"], "backbone": params["backbone"]}
-    with _numpy_saved_in_place():
-        for stage, tree in (("ar", ar_params), ("sft", params)):
-            with ckpt.open_manager(out / stage, getattr(config, stage).keep_checkpoints) as m:
-                ckpt.save(m, 0, {"step": step, "params": tree}, config, stage,
-                          wait=True)
-            _release_freed_memory()
+    for stage, tree in (("ar", ar_params), ("sft", params)):
+        ckpt.save_params(out / stage, 0, tree, config, stage,
+                         getattr(config, stage).keep_checkpoints)
+        _release_freed_memory()
 
     n_params = sum(x.size for x in jax.tree.leaves(params))
     summary = {
@@ -565,8 +541,8 @@ def merge_lora(run: str | Path, out: str | Path, step: int | None = None, force:
         at = step if stage == "sft" and step is not None else ckpt.latest_step(run / stage)
         params, _ = load_params(run / stage, stage in PIPO_STAGES, at)
         steps[stage] = int(at)
-        with ckpt.open_manager(out / stage, getattr(config, stage).keep_checkpoints) as m:
-            ckpt.save(m, at, {"step": np.int32(at), "params": params}, config, stage, wait=True)
+        ckpt.save_params(out / stage, at, params, config, stage,
+                         getattr(config, stage).keep_checkpoints)
     log(f"{run} → {out}\n  merged LoRA adapters of: {', '.join(with_lora)}; steps "
         + ", ".join(f"{s} {n}" for s, n in steps.items()))
     return {"merged": with_lora, "steps": steps, "out": str(out)}

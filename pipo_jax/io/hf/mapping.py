@@ -25,7 +25,7 @@ import numpy as np
 
 from pipo_jax.config import ConfigError, ModelConfig
 from pipo_jax.errors import MappingError
-from pipo_jax.model.layers import slot_name
+from pipo_jax.model.layers import layer_slot
 
 Path_ = tuple[str, ...]
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3")
@@ -258,7 +258,6 @@ def key_table(cfg: ModelConfig) -> dict[str, Target]:
     """Every checkpoint key of a PIPO model of ``cfg`` (text prefix per ``text_prefix``)."""
     d = cfg.d_model
     pre = text_prefix(cfg)
-    period = len(cfg.layer_pattern)
     table: dict[str, Target] = {}
 
     def add(key: str, path: Path_, index: int | None, shape: tuple, maps: tuple,
@@ -274,8 +273,9 @@ def key_table(cfg: ModelConfig) -> dict[str, Target]:
         "backbone")
     for i, layer_type in enumerate(cfg.resolved_layer_types):
         for suffix, sub, shape, maps in _layer_entries(cfg, layer_type):
-            add(f"{pre}layers.{i}.{suffix}", ("backbone", "layers", slot_name(i % period), *sub),
-                i // period, shape, maps, "backbone")
+            slot, block = layer_slot(cfg, i)
+            add(f"{pre}layers.{i}.{suffix}", ("backbone", "layers", slot, *sub), block, shape,
+                maps, "backbone")
     add("mtp.fc.weight", ("mtp_head", "fc", "kernel"), None, (2 * d, d), (_t, _t), "mtp")
     for hf, ours in (("pre_fc_norm_embedding", "norm_emb"), ("pre_fc_norm_hidden", "norm_hidden"),
                      ("norm", "final_norm")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from pathlib import Path
@@ -101,3 +102,23 @@ def test_rejects_misuse(tmp_path):
         writer.write_scalars(1, {"loss": 1.0})
     # The rejected writes left no partial record behind.
     assert read_jsonl(tmp_path) == []
+
+
+def test_compare_runs_finds_any_changed_value(tmp_path):
+    """``benchmarks.compare_runs``, the bit-identity proof of a refactor: equal logs pass
+    (wall-clock values aside), one changed loss fails."""
+    from benchmarks.compare_runs import compare_stage
+
+    runs = {"a": (1.25, 10.0), "b": (1.25, 99.0), "c": (1.2500001, 10.0)}
+    for run, (loss, speed) in runs.items():
+        stage = tmp_path / run / "sft"
+        stage.mkdir(parents=True)
+        (stage / "metrics.jsonl").write_text(
+            json.dumps({"step": 1, "loss": 2.0, "tokens_per_second": speed}) + "\n"
+            + json.dumps({"step": 2, "loss": loss, "tokens_per_second": speed}) + "\n")
+    same = compare_stage(tmp_path / "a" / "sft", tmp_path / "b" / "sft")
+    assert same["identical"] and same["values"] == 4
+    changed = compare_stage(tmp_path / "a" / "sft", tmp_path / "c" / "sft")
+    assert not changed["identical"]
+    assert changed["differences"] == [{"step": 2, "key": "loss", "before": 1.25,
+                                       "after": 1.2500001}]

@@ -417,17 +417,15 @@ def _opd_config(run_dir: Path, data_dir: Path, *overrides: str):
         *overrides])
 
 
-def _write_params(stage_dir: Path, params, cfg) -> None:
+def _write_params(stage_dir: Path, params, cfg, stage: str) -> None:
     """A params-only checkpoint, as hf-to-pipo writes (an imported or merged model)."""
-    with ckpt.open_manager(stage_dir, 1) as manager:
-        ckpt.save(manager, 0, {"step": np.int32(0), "params": params}, cfg, "sft",
-                  wait=True)
+    ckpt.save_params(stage_dir, 0, params, cfg, stage)
 
 
 def _student_and_teacher(run_dir: Path, micro) -> None:
     cfg, student, teacher = micro
-    _write_params(run_dir / "sft", student, cfg)
-    _write_params(run_dir / "teacher", teacher, cfg)
+    _write_params(run_dir / "sft", student, cfg, "sft")
+    _write_params(run_dir / "teacher", teacher, cfg, "teacher")
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ import pytest
 
 from pipo_jax.cli import run_main
 from pipo_jax.config import Config, load_config
+from pipo_jax.errors import Preempted
 from pipo_jax.io import checkpoint as ckpt
 from pipo_jax.model import sharding
 from pipo_jax.train.loop import Advance, run_steps
@@ -92,7 +93,7 @@ def test_signal_saves_current_step_and_raises_preempted(tmp_path, signum):
     saved (committed), ``Preempted`` carries the exit status, the handlers are put back."""
     cfg = loop_config(tmp_path)
     before = {s: signal.getsignal(s) for s in ckpt.StopSignals.SIGNALS}
-    with pytest.raises(ckpt.Preempted) as info:
+    with pytest.raises(Preempted) as info:
         run_steps(cfg, "ar", fake_state(), 0, fake_advance({4: send(signum)}),
                           progress=False)
     err = info.value
@@ -125,7 +126,7 @@ def test_signal_during_last_step_host_work_still_stops(tmp_path):
             send(signal.SIGTERM)()
         return {}
 
-    with pytest.raises(ckpt.Preempted) as info:
+    with pytest.raises(Preempted) as info:
         run_steps(cfg, "ar", fake_state(), 0, fake_advance({}), summarise,
                           progress=False)
     assert info.value.step == 3 and info.value.exit_code == 143
@@ -145,7 +146,7 @@ def test_second_sigint_interrupts_at_once(tmp_path):
 
 def test_run_main_reports_preempted_with_signal_exit_status(capsys):
     def main(argv: list[str]) -> int:
-        raise ckpt.Preempted("ar stopped by SIGTERM after step 5 of 8; ...", signal.SIGTERM, 5)
+        raise Preempted("ar stopped by SIGTERM after step 5 of 8; ...", signal.SIGTERM, 5)
 
     assert run_main(main, []) == 143
     assert capsys.readouterr().err == "preempted: ar stopped by SIGTERM after step 5 of 8; ...\n"

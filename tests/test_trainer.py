@@ -85,9 +85,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     saved: dict[tuple[str, int], Any] = {}
     real_save = ckpt.save
 
-    def recording_save(manager: Any, step: int, state: Any, cfg: Config, **kw: Any) -> bool:
+    def recording_save(manager: Any, step: int, state: Any, cfg: Config, stage: str,
+                       **kw: Any) -> bool:
         saved[(Path(manager.directory).parent.name, step)] = _host_copy(state)
-        return real_save(manager, step, state, cfg, **kw)
+        return real_save(manager, step, state, cfg, stage, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ckpt, "save", recording_save)

@@ -34,7 +34,7 @@ from pipo_jax.config import (
 from pipo_jax.data.arith import SYSTEM_PROMPT
 from pipo_jax.decode import engine
 from pipo_jax.decode.sampling import request_keys
-from pipo_jax.errors import PromptError
+from pipo_jax.errors import CheckpointError, PromptError
 from pipo_jax.io import checkpoint as ckpt
 from pipo_jax.io.run_dir import latest_pipo_stage, load_params
 from pipo_jax.io.tokenizer import ByteTokenizer, Tokenizer, reasoning_prompt, run_tokenizer
@@ -227,7 +227,7 @@ def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | No
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ckpt.CheckpointError(
+        raise CheckpointError(
             f"{run_dir} does not exist: train a run first with `python train.py run_dir={run_dir}`")
     if stage is None:
         stage = latest_pipo_stage(run_dir)

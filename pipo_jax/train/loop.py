@@ -51,7 +51,7 @@ def run_steps(cfg: Config, stage: str, state: TrainState, start: int, advance: A
     SIGTERM or SIGINT (``ckpt.StopSignals``; in a multi-process job, JAX's preemption sync point)
     stops the loop after the current step: that step's metrics are checked (NaN guard) and
     logged, its state is saved and committed, the files are closed, the previous signal
-    handlers restored, and ``ckpt.Preempted`` is raised. Running the stage again resumes from
+    handlers restored, and ``Preempted`` is raised. Running the stage again resumes from
     that step and reproduces the uninterrupted run exactly: batches and dropout keys are
     functions of the step, and the saved state is the whole training state.
 

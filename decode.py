@@ -25,6 +25,7 @@ from pipo_jax.config import ConfigError, validate_threshold
 from pipo_jax.data.loader import test_examples
 from pipo_jax.decode.runner import load
 from pipo_jax.distributed import simulate_cpu_devices
+from pipo_jax.errors import PromptError
 from pipo_jax.eval.harness import SUMMARY_FILE, evaluate_benchmarks, format_summary
 from pipo_jax.eval.heldout import evaluate, format_table, write_json
 from pipo_jax.eval.protocol import PRESETS, resolve_options
@@ -118,6 +119,8 @@ def main(argv: list[str]) -> int:
     if args.prompt is not None:
         for model in models:
             (gen,) = runner.generate(args.prompt, model=model, **options)
+            if gen.error is not None:
+                raise PromptError(gen.error)
             print(f"--- {model}\n{gen.text}\n{json.dumps(gen.stats)}")
         return 0
     if runner.config.data.source != "arith":

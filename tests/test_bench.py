@@ -495,16 +495,20 @@ def test_resume_after_max_questions_equals_uninterrupted(runner, run_dir, math_f
 
 
 class CrashingRunner:
-    """The runner, but ``generate`` raises KeyboardInterrupt after ``calls`` calls."""
+    """The runner, but ``generate`` raises KeyboardInterrupt once ``questions`` questions'
+    samples have finished (mid-decode: other requests are still in their slots)."""
 
-    def __init__(self, runner: PipoRunner, calls: int) -> None:
-        self.runner, self.calls = runner, calls
+    def __init__(self, runner: PipoRunner, questions: int) -> None:
+        self.runner, self.left = runner, questions * SAMPLES
 
-    def generate(self, *args, **kwargs):
-        if self.calls == 0:
-            raise KeyboardInterrupt
-        self.calls -= 1
-        return self.runner.generate(*args, **kwargs)
+    def generate(self, *args, on_done=None, **kwargs):
+        def crash_after(i, gen):
+            if self.left == 0:
+                raise KeyboardInterrupt
+            self.left -= 1
+            on_done(i, gen)
+
+        return self.runner.generate(*args, on_done=crash_after, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self.runner, name)

@@ -448,7 +448,19 @@ class DecodeConfig:
     top_p: float = 1.0
     presence_penalty: float = 0.0
     seed: int = 0
+    # Requests decoded at once: the decode slots of continuous batching (a finished row's slot
+    # takes the next request at once), or the rows of one static batch.
     batch_size: int = 16
+    # "continuous" (refill finished slots) or "static" (a batch runs until its longest row ends).
+    batching: str = "continuous"
+    # Decode steps the device runs between host checks for finished rows (continuous batching).
+    sync_steps: int = 32
+    # How a step attends to the cache: "blocked" (only the filled key/value blocks, online
+    # softmax; cost follows the filled context) or "masked" (every allocated slot: the reference).
+    attention: str = "blocked"
+    kv_block: int = 256  # key/value slots per block of "blocked" attention
+    # Prompts are consumed this many tokens at a time (even): memory follows the chunk.
+    prefill_chunk: int = 2048
 
     def __post_init__(self) -> None:
         validate_threshold(self.threshold, "decode.threshold")
@@ -462,6 +474,19 @@ class DecodeConfig:
             raise ConfigError(f"decode.top_p must be in (0, 1], got {self.top_p}")
         if self.batch_size <= 0:
             raise ConfigError(f"decode.batch_size must be positive, got {self.batch_size}")
+        if self.batching not in ("continuous", "static"):
+            raise ConfigError(f"decode.batching must be 'continuous' or 'static', got "
+                              f"{self.batching!r}")
+        if self.sync_steps <= 0:
+            raise ConfigError(f"decode.sync_steps must be positive, got {self.sync_steps}")
+        if self.attention not in ("blocked", "masked"):
+            raise ConfigError(f"decode.attention must be 'blocked' or 'masked', got "
+                              f"{self.attention!r}")
+        if self.kv_block <= 0:
+            raise ConfigError(f"decode.kv_block must be positive, got {self.kv_block}")
+        if self.prefill_chunk <= 0 or self.prefill_chunk % 2:
+            raise ConfigError(f"decode.prefill_chunk must be a positive even number of tokens, "
+                              f"got {self.prefill_chunk}")
 
 
 def validate_threshold(threshold: float, name: str = "threshold") -> None:

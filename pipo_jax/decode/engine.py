@@ -1,12 +1,16 @@
 """On-device decode for PIPO and the AR baseline (SPEC §6): one code path for both.
 
 A request batch is left-padded (by an even number of tokens for PIPO, so pairs stay aligned),
-prefilled in one call, then decoded by one ``lax.while_loop`` that exits early once every row is
-done; nothing returns to the host per token. Every function is pure in (params, inputs) with
-one frozen ``DecodeSpec`` of statics; each backbone pass is one call of the model's own decode
-method (``PipoLM.step``; PIPO adds ``PipoLM.step_mtp`` for the draft) on the explicit
-``DecodeCache`` held in the loop carry. ``Decoder`` compiles prefill and loop, on a device mesh
-of any size or wherever the inputs are.
+prefilled chunk by chunk (``fill``: ``PipoLM.extend`` per chunk of ``prefill_chunk`` tokens, so
+memory follows the chunk, not the prompt), its first output sampled (``first_emit``), then
+decoded by one ``lax.while_loop`` that exits early once every row is done; nothing returns to
+the host per token. Every function is pure in (params, inputs) with one frozen ``DecodeSpec``
+of statics; each backbone pass is one call of the model's own decode method (``PipoLM.step``;
+PIPO adds ``PipoLM.step_mtp`` for the draft) on the explicit ``DecodeCache`` held in the loop
+carry. Every row has its own cache length, step and output position, so rows need not be in
+step: ``pipo_jax.decode.batching`` refills finished rows while the others run. ``Decoder``
+compiles prefill and loop of a static batch, on a device mesh of any size or wherever the
+inputs are.
 
 Shapes: ``B`` batch, ``P`` prompt tokens, ``L0 = P/2`` prompt latents, ``S`` cache slots, ``N``
 token budget (real, non-PAD tokens), ``V`` vocabulary.
@@ -29,7 +33,8 @@ from pipo_jax.config import DecodeConfig, ModelConfig
 from pipo_jax.decode.sampling import SamplingParams, mark_seen, sample, vocab_limit
 from pipo_jax.errors import PromptError
 from pipo_jax.io.tokenizer import Tokenizer
-from pipo_jax.model.cache import DecodeCache
+from pipo_jax.model.attention import CacheAttention
+from pipo_jax.model.cache import DecodeCache, put_rows
 from pipo_jax.model.pairs import parity_pad
 from pipo_jax.model.pipo import PipoLM
 from pipo_jax.model.sharding import batch_sharding, replicated
@@ -45,7 +50,8 @@ class DecodeSpec:
     ``pipo``: PIPO (pairs) or the AR baseline (tokens) on ``cfg``. ``draft``: PIPO runs the MTP
     and confidence heads (never for AR; for PIPO not when the threshold is >= 1, which commits
     no draft: one token per pass, no MTP work and no MTP cache). ``budget``: real tokens per
-    request.
+    request. ``attention``: how steps attend to the cache (``blocked``: the filled blocks only).
+    ``prefill_chunk``: prompts are consumed this many tokens at a time (even).
     """
 
     cfg: ModelConfig
@@ -55,10 +61,15 @@ class DecodeSpec:
     pad_id: int
     eos_id: int
     draft: bool = False
+    attention: CacheAttention = CacheAttention()
+    prefill_chunk: int = 2048
 
     def __post_init__(self) -> None:
         if self.draft and not self.pipo:
             raise ValueError("an AR DecodeSpec cannot draft (draft=True needs pipo=True)")
+        if self.prefill_chunk <= 0 or self.prefill_chunk % 2:
+            raise ValueError(f"prefill_chunk must be a positive even number of tokens, got "
+                             f"{self.prefill_chunk}")
 
     @classmethod
     def of(cls, cfg: ModelConfig, pipo: bool, opts: DecodeConfig,
@@ -67,11 +78,30 @@ class DecodeSpec:
         sp = SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.presence_penalty,
                             vocab_limit(tokenizer, cfg.vocab_size))
         return cls(cfg, pipo, sp, opts.max_new_tokens, tokenizer.pad_id, tokenizer.eos_id,
-                   draft=pipo and opts.threshold < 1.0)
+                   draft=pipo and opts.threshold < 1.0,
+                   attention=CacheAttention(opts.attention, opts.kv_block),
+                   prefill_chunk=opts.prefill_chunk)
 
     @property
     def model(self) -> PipoLM:
-        return PipoLM(self.cfg, self.pipo)
+        return PipoLM(self.cfg, self.pipo, cache_attention=self.attention)
+
+    @property
+    def chunk(self) -> int:
+        """Prompt positions (PIPO: latents; AR: tokens) per prefill chunk."""
+        return self.prefill_chunk // 2 if self.pipo else self.prefill_chunk
+
+    @property
+    def out_width(self) -> int:
+        """Output slots per row: a pair per pass (PIPO) or a token per pass (AR)."""
+        return 2 * self.budget if self.pipo else self.budget
+
+    def slots(self, prompt_positions: int) -> int:
+        """Cache slots for a prompt of ``prompt_positions`` latents (AR: tokens) and the budget
+        (a pass per real token in the worst case), in whole attention blocks."""
+        need = prompt_positions + self.budget
+        block = self.attention.block
+        return need if need <= block else -(-need // block) * block
 
 
 @struct.dataclass
@@ -79,8 +109,8 @@ class DecodeState:
     cache: DecodeCache
     last: Array  # B × 2 (PIPO: the last emitted pair) or B × 1 (AR: the last token)
     positions: Array  # B int32: RoPE position of the next latent/token
-    out: Array  # B × slots int32, PAD where nothing (or a rejected draft) was emitted
-    step: Array  # int32 scalar: decode steps done after prefill
+    out: Array  # B × out_width int32, PAD where nothing (or a rejected draft) was emitted
+    step: Array  # B int32: decode steps this row has done after its prefill
     done: Array  # B bool
     n_tokens: Array  # B int32: real tokens emitted (EOS included, PAD excluded)
     n_passes: Array  # B int32: backbone passes spent on this row (prefill included)
@@ -142,7 +172,14 @@ def accept_pair(conf_B: Array, token2_B: Array, threshold: Array, pad_id: int) -
     return jax.vmap(one)(conf_B, token2_B, jnp.broadcast_to(threshold, conf_B.shape))
 
 
-def _emit_pair(state: DecodeState, token1: Array, token2: Array, slot: Array,
+def _write_out(out_BxW: Array, values_BxN: Array, at_B: Array, active_B: Array) -> Array:
+    """Each running row's ``values`` into its output at ``at``; finished rows keep theirs."""
+    n = values_BxN.shape[1]
+    current = jax.vmap(lambda o, i: jax.lax.dynamic_slice_in_dim(o, i, n))(out_BxW, at_B)
+    return put_rows(out_BxW, jnp.where(active_B[:, None], values_BxN, current), at_B)
+
+
+def _emit_pair(state: DecodeState, token1: Array, token2: Array,
                spec: DecodeSpec) -> DecodeState:
     """Writes one step's (token1, token2-or-PAD) for the rows still running and updates counts."""
     active = ~state.done
@@ -153,7 +190,8 @@ def _emit_pair(state: DecodeState, token1: Array, token2: Array, slot: Array,
     token2 = jnp.where(draft_ok, token2, spec.pad_id)
     committed = token2 != spec.pad_id
     token1 = jnp.where(active, token1, spec.pad_id)
-    out = jax.lax.dynamic_update_slice(state.out, jnp.stack([token1, token2], axis=1), (0, slot))
+    pair = jnp.stack([token1, token2], axis=1)
+    out = _write_out(state.out, pair, 2 * state.step, active)
     n_tokens = n1 + committed
     done = state.done | (active & (t1_eos | (committed & (token2 == spec.eos_id))
                                    | (n_tokens >= spec.budget)))
@@ -162,68 +200,138 @@ def _emit_pair(state: DecodeState, token1: Array, token2: Array, slot: Array,
         out=out, done=done, n_tokens=n_tokens, seen=seen,
         n_drafts=state.n_drafts + (draft_ok if spec.draft else 0),
         n_commits=state.n_commits + committed,
-        last=jnp.stack([token1, token2], axis=1))
+        last=jnp.where(active[:, None], pair, state.last))
 
 
-def _emit_token(state: DecodeState, token: Array, slot: Array, spec: DecodeSpec) -> DecodeState:
+def _emit_token(state: DecodeState, token: Array, spec: DecodeSpec) -> DecodeState:
     active = ~state.done
     token = jnp.where(active, token, spec.pad_id)
-    out = jax.lax.dynamic_update_slice(state.out, token[:, None], (0, slot))
+    out = _write_out(state.out, token[:, None], state.step, active)
     n_tokens = state.n_tokens + active
     done = state.done | (active & ((token == spec.eos_id) | (n_tokens >= spec.budget)))
     return state.replace(out=out, done=done, n_tokens=n_tokens,
-                         seen=mark_seen(state.seen, token, active), last=token[:, None])
+                         seen=mark_seen(state.seen, token, active),
+                         last=jnp.where(active[:, None], token[:, None], state.last))
 
 
 def _draft(spec: DecodeSpec, logits_BxV: Array, conf_logit_B: Array, keys_B: Array,
-           seen_BxV: Array | None, step: Array, threshold: Array) -> Array:
+           seen_BxV: Array | None, step_B: Array, threshold: Array) -> Array:
     """The gated second token of a pair: sampled from the MTP logits, kept or PAD."""
-    draft = sample(logits_BxV, keys_B, seen_BxV, spec.sampling, None, step, 1)
+    draft = sample(logits_BxV, keys_B, seen_BxV, spec.sampling, None, step_B, 1)
     return accept_pair(jax.nn.sigmoid(conf_logit_B), draft, threshold, spec.pad_id)
 
 
 # ------------------------------------------------------------------------------------ decode
 
 
-def prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array,
-            threshold: Array, *, spec: DecodeSpec) -> DecodeState:
-    """The prompt through the model, and the first output: one pair (PIPO) or token (AR).
+@struct.dataclass
+class Prefilled:
+    """A prompt batch consumed into the cache, before anything is sampled: what ``first_emit``
+    needs, and what the samples of one prompt share (``pipo_jax.decode.batching``)."""
+
+    cache: DecodeCache
+    logits: Array  # B × V: the next token (PIPO: token1 of the first pair)
+    h_last: Array  # B × H: the backbone state at the prompt's last position (PIPO's MTP input)
+    positions: Array  # B int32: RoPE position of the next latent/token
+
+
+def fill(params: Params, prompt_BxP: Array, valid_BxP: Array, *, spec: DecodeSpec,
+         slots: int | None = None) -> Prefilled:
+    """The left-padded prompt into a fresh cache of ``slots`` (default ``spec.slots``), chunk by
+    chunk (``spec.chunk`` positions, one ``PipoLM.extend`` each, DeltaNet states carried).
+
+    A prompt longer than one chunk is left-padded further to whole chunks, so activations and
+    attention scores are bounded by the chunk, not the prompt. PIPO with drafts also runs the
+    MTP layer over every prompt position (teacher-forced with the next pair's first token); the
+    last position's, whose token1 is not sampled yet, is redone by ``first_emit``.
+    """
+    model, variables = spec.model, {"params": params}
+    b, p = prompt_BxP.shape
+    if spec.pipo and p % 2:
+        raise ValueError(f"a PIPO prompt batch must have an even width, got {p}")
+    width = p // 2 if spec.pipo else p
+    chunk = min(spec.chunk, width)
+    extra = -width % chunk
+    tok_pad = 2 * extra if spec.pipo else extra
+    prompt = jnp.pad(prompt_BxP, ((0, 0), (tok_pad, 0)), constant_values=spec.pad_id)
+    valid = jnp.pad(valid_BxP, ((0, 0), (tok_pad, 0)))
+    width += extra
+    slots = spec.slots(width) if slots is None else slots
+    if slots < width + 1:
+        raise ValueError(f"{slots} cache slots cannot hold a prompt of {width} positions")
+    real = valid[:, 0::2] if spec.pipo else valid
+    dtype = jnp.dtype(spec.cfg.dtype)
+    cache = DecodeCache.empty(spec.cfg, b, slots, spec.draft, dtype)
+    cache = cache.replace(start=width - jnp.sum(real, axis=1, dtype=jnp.int32))
+    # The first token of the next pair at each latent; the last one's is not known yet.
+    tok1 = (jnp.pad(prompt[:, 2::2], ((0, 0), (0, 1)), constant_values=spec.pad_id)
+            if spec.draft else None)
+    tokens_per_chunk = 2 * chunk if spec.pipo else chunk
+
+    def one(i: Array | int, cache: DecodeCache) -> tuple[Array, DecodeCache]:
+        tokens = jax.lax.dynamic_slice_in_dim(prompt, i * tokens_per_chunk, tokens_per_chunk, 1)
+        t1 = None if tok1 is None else jax.lax.dynamic_slice_in_dim(tok1, i * chunk, chunk, 1)
+        h, cache = model.apply(variables, tokens, cache, t1, method=PipoLM.extend)
+        return h[:, -1], cache
+
+    n_chunks = width // chunk
+    if n_chunks == 1:
+        h_last, cache = one(0, cache)
+    else:
+        h0 = jnp.zeros((b, spec.cfg.d_model), dtype)
+        h_last, cache = jax.lax.fori_loop(
+            0, n_chunks, lambda i, c: one(i, c[1]), (h0, cache))
+    logits = model.apply(variables, h_last, method=PipoLM.logits)
+    positions = width - cache.start
+    return Prefilled(cache, logits, h_last, positions)
+
+
+def first_emit(params: Params, pre: Prefilled, keys_B: Array, threshold: Array, *,
+               spec: DecodeSpec) -> DecodeState:
+    """The first output of a prefilled batch: one pair (PIPO) or token (AR), sampled with each
+    row's own key, in a fresh ``DecodeState``.
 
     Unlike the reference implementation (which always emits PAD here), PIPO emits the
-    prefill's drafted ``token2``, gated as at every decode step. ``threshold`` (a scalar or one
-    per row) is read only by PIPO with drafts.
+    prefill's drafted ``token2``, gated as at every decode step: the MTP layer redoes the
+    prompt's last position with the sampled token1. ``threshold`` (a scalar or one per row) is
+    read only by PIPO with drafts.
     """
-    b, p = prompt_BxP.shape
     model, sp, variables = spec.model, spec.sampling, {"params": params}
-    slots = (p // 2 if spec.pipo else p) + spec.budget
-    logits, h_all, cache, positions = model.apply(
-        variables, prompt_BxP, valid_BxP, slots, spec.draft, method=PipoLM.prefill)
+    b = pre.logits.shape[0]
     seen = jnp.zeros((b, spec.cfg.vocab_size), bool) if sp.presence_penalty else None
-    step0 = jnp.int32(0)
-    token1 = sample(logits, keys_B, seen, sp, spec.pad_id, step0, 0)
     zeros = jnp.zeros((b,), jnp.int32)
+    token1 = sample(pre.logits, keys_B, seen, sp, spec.pad_id, zeros, 0)
+    cache = pre.cache
     state = DecodeState(
         cache=cache, last=jnp.zeros((b, 2 if spec.pipo else 1), jnp.int32),
-        positions=positions,
-        out=jnp.full((b, 2 * spec.budget if spec.pipo else spec.budget), spec.pad_id, jnp.int32),
-        step=step0, done=jnp.zeros((b,), bool), n_tokens=zeros, n_passes=zeros + 1,
+        positions=pre.positions,
+        out=jnp.full((b, spec.out_width), spec.pad_id, jnp.int32),
+        step=zeros, done=jnp.zeros((b,), bool), n_tokens=zeros, n_passes=zeros + 1,
         n_drafts=zeros, n_commits=zeros, seen=seen, keys=keys_B)
     if not spec.pipo:
-        return _emit_token(state, token1, step0, spec)
+        return _emit_token(state, token1, spec)
     token2 = jnp.full((b,), spec.pad_id, jnp.int32)
     if spec.draft:
-        tok1_seq = jnp.concatenate([prompt_BxP[:, 2::2], token1[:, None]], axis=1)
         draft_logits, conf_logit, cache = model.apply(
-            variables, h_all, tok1_seq, valid_BxP, cache, method=PipoLM.prefill_mtp)
+            variables, pre.h_last, token1, pre.positions - 1, cache, cache.length - 1,
+            method=PipoLM.step_mtp)
         seen1 = mark_seen(seen, token1, jnp.ones((b,), bool))
-        token2 = _draft(spec, draft_logits, conf_logit, keys_B, seen1, step0, threshold)
+        token2 = _draft(spec, draft_logits, conf_logit, keys_B, seen1, zeros, threshold)
         state = state.replace(cache=cache)
-    return _emit_pair(state, token1, token2, step0, spec)
+    return _emit_pair(state, token1, token2, spec)
+
+
+def prefill(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array,
+            threshold: Array, *, spec: DecodeSpec) -> DecodeState:
+    """``fill`` then ``first_emit``: the prompt through the model, and the first output."""
+    return first_emit(params, fill(params, prompt_BxP, valid_BxP, spec=spec), keys_B,
+                      threshold, spec=spec)
 
 
 def step(params: Params, state: DecodeState, threshold: Array, *,
          spec: DecodeSpec) -> DecodeState:
-    """One decode step: one backbone pass emits one pair (PIPO, SPEC §6) or one token (AR)."""
+    """One decode step: one backbone pass emits one pair (PIPO, SPEC §6) or one token (AR)
+    for every running row, each at its own cache length, position and step."""
     model, sp, variables = spec.model, spec.sampling, {"params": params}
     active = ~state.done
     n = state.step + 1
@@ -236,19 +344,26 @@ def step(params: Params, state: DecodeState, threshold: Array, *,
             variables, h, token1, state.positions, cache, method=PipoLM.step_mtp)
         seen1 = mark_seen(state.seen, token1, active)
         token2 = _draft(spec, draft_logits, conf_logit, state.keys, seen1, n, threshold)
-    state = state.replace(cache=cache.next_slot(active), positions=state.positions + 1, step=n,
-                          n_passes=state.n_passes + active)
+    state = state.replace(cache=cache.next_slot(active), positions=state.positions + active,
+                          step=state.step + active, n_passes=state.n_passes + active)
     if not spec.pipo:
-        return _emit_token(state, token1, n, spec)
-    return _emit_pair(state, token1, token2, 2 * n, spec)
+        return _emit_token(state, token1, spec)
+    return _emit_pair(state, token1, token2, spec)
 
 
 def decode_loop(params: Params, state: DecodeState, threshold: Array, *,
                 spec: DecodeSpec) -> DecodeState:
     """Steps until every row is done or has spent its budget (at most ``budget - 1`` steps)."""
-    body = functools.partial(step, params, threshold=threshold, spec=spec)
-    return jax.lax.while_loop(lambda s: (s.step < spec.budget - 1) & ~jnp.all(s.done), body,
-                              state)
+
+    def body(carry: tuple[DecodeState, Array]) -> tuple[DecodeState, Array]:
+        st, i = carry
+        return step(params, st, threshold, spec=spec), i + 1
+
+    def cond(carry: tuple[DecodeState, Array]) -> Array:
+        st, i = carry
+        return (i < spec.budget - 1) & ~jnp.all(st.done)
+
+    return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))[0]
 
 
 def generate(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array,

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from pipo_jax.config import (
     PIPO_STAGES,
@@ -32,7 +33,7 @@ from pipo_jax.config import (
     validate_threshold,
 )
 from pipo_jax.data.arith import SYSTEM_PROMPT
-from pipo_jax.decode import engine
+from pipo_jax.decode import batching, engine
 from pipo_jax.decode.sampling import request_keys
 from pipo_jax.errors import CheckpointError, PromptError
 from pipo_jax.io import checkpoint as ckpt
@@ -47,16 +48,20 @@ PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this many tokens 
 
 @dataclasses.dataclass
 class Generation:
-    """One request's output: ``text`` (PAD and EOS removed), its ``tokens`` and ``stats``."""
+    """One request's output: ``text`` (PAD and EOS removed), its ``tokens`` and ``stats``; or,
+    for a request that was refused (empty, or too long for the context), empty text and
+    ``error``, the one-line reason."""
 
     text: str
     tokens: list[int]
     stats: dict[str, Any]
+    error: str | None = None
 
 
 @dataclasses.dataclass
 class Timing:
-    """Wall-clock seconds of one batch: ``prefill`` (first token) and ``decode`` (the rest)."""
+    """Wall-clock seconds to the first output (``prefill``) and from there to the last
+    (``decode``): of each request with continuous batching, of each batch with static."""
 
     prefill: float
     decode: float
@@ -81,6 +86,8 @@ class PipoRunner:
         self.system_prompt = system_prompt
         self.mesh = mesh
         self._decoders: dict[engine.DecodeSpec, engine.Decoder] = {}
+        self._continuous: dict[tuple[engine.DecodeSpec, int, int],
+                               batching.ContinuousDecoder] = {}
 
     # -------------------------------------------------------------------------------- prompts
 
@@ -120,17 +127,29 @@ class PipoRunner:
 
     def generate(self, prompts: Prompt | Sequence[Prompt], *, model: str = "pipo",
                  seeds: Sequence[int] | None = None, return_timing: bool = False,
+                 progress: bool = False,
+                 on_done: Callable[[int, Generation], None] | None = None,
                  **options: Any) -> list[Generation] | tuple[list[Generation], list[Timing]]:
-        """Generates a response for each prompt.
+        """Generates a response for each prompt (any number of them).
+
+        With ``decode.batching: continuous`` (the default, on one device) the prompts share
+        ``batch_size`` decode slots, each refilled as soon as its row finishes, and the samples
+        of a repeated prompt share one prefill; ``static`` (and any mesh) decodes
+        ``batch_size`` prompts at a time. A prompt that is empty or too long for the context
+        is refused alone: its ``Generation.error`` says why, the others are decoded.
 
         Args:
           prompts: one prompt or a list (see ``encode_prompt``).
           model: ``"pipo"`` or ``"ar"`` (the autoregressive baseline).
           seeds: one sampling seed per prompt (default ``decode.seed + i``): a request's
             samples depend only on its own seed.
-          return_timing: also return per-batch ``Timing``.
+          return_timing: also return ``Timing``s (one per request with continuous batching,
+            one per batch with static).
+          progress: a progress bar of finished requests.
+          on_done: called ``on_done(i, generation)`` as each request finishes.
           **options: any ``DecodeConfig`` field (threshold, max_new_tokens, temperature, top_k,
-            top_p, presence_penalty, batch_size), overriding the run's ``decode`` config.
+            top_p, presence_penalty, batch_size, batching, …), overriding the run's ``decode``
+            config.
         """
         if model not in ("pipo", "ar"):
             raise ValueError(f"model must be 'pipo' or 'ar', got {model!r}")
@@ -138,30 +157,106 @@ class PipoRunner:
             prompts = [prompts]  # type: ignore[list-item]
         opts = self.decode_options(options)
         validate_threshold(opts.threshold)
-        ids = [self.encode_prompt(p) for p in prompts]  # type: ignore[arg-type]
-        seeds = list(seeds) if seeds is not None else [opts.seed + i for i in range(len(ids))]
-        if len(seeds) != len(ids):
-            raise ValueError(f"{len(seeds)} seeds for {len(ids)} prompts")
         pipo = model == "pipo"
         if not pipo and self.ar_params is None:
             raise ValueError(f"this run has no AR model (no <run_dir>/{self.ar_stage} checkpoint)")
-        outs: list[Generation] = []
-        timings: list[Timing] = []
-        for start in range(0, len(ids), opts.batch_size):
-            batch = ids[start:start + opts.batch_size]
-            gens, timing = self._generate_batch(batch, seeds[start:start + opts.batch_size], opts,
-                                                pipo)
-            outs.extend(gens)
-            timings.append(timing)
+        seeds = list(seeds) if seeds is not None else [opts.seed + i
+                                                       for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        ids: list[list[int]] = []
+        errors: dict[int, str] = {}
+        for i, p in enumerate(prompts):
+            try:
+                ids.append(self.encode_prompt(p))  # type: ignore[arg-type]
+            except PromptError as e:
+                ids.append([])  # refused by the decoder too; this message is kept
+                errors[i] = f"request {i}: {e}"
+        if opts.batching == "continuous" and self.mesh is None:
+            outs, timings = self._generate_continuous(ids, seeds, opts, pipo, progress, on_done)
+        else:
+            outs, timings = self._generate_static(ids, seeds, opts, pipo, progress, on_done)
+        for i, msg in errors.items():
+            outs[i] = _refused(msg)
         return (outs, timings) if return_timing else outs
+
+    def _model_of(self, pipo: bool) -> tuple[ModelConfig, Any]:
+        return (self.config.model, self.params) if pipo else (self.ar_model, self.ar_params)
+
+    def _generate_continuous(self, ids: list[list[int]], seeds: list[int], opts: DecodeConfig,
+                             pipo: bool, progress: bool,
+                             on_done: Callable[[int, Generation], None] | None
+                             ) -> tuple[list[Generation], list[Timing]]:
+        mcfg, params = self._model_of(pipo)
+        spec = engine.DecodeSpec.of(mcfg, pipo, opts, self.tokenizer)
+        key = (spec, opts.batch_size, opts.sync_steps)
+        if key not in self._continuous:
+            self._continuous[key] = batching.ContinuousDecoder(spec, opts.batch_size,
+                                                               opts.sync_steps)
+        done_cb = None if on_done is None else (
+            lambda i, r: on_done(i, self._generation(r, ids[i], pipo)))
+        rows = self._continuous[key].run(params, ids, seeds, opts.threshold,
+                                         bucket=PROMPT_BUCKET, max_context=mcfg.max_context,
+                                         progress=progress, on_done=done_cb)
+        return ([self._generation(r, ids[i], pipo) for i, r in enumerate(rows)],
+                [Timing(prefill=r.ttft, decode=r.decode) for r in rows])
+
+    def _generation(self, row: batching.RowResult, ids: list[int], pipo: bool) -> Generation:
+        if row.error is not None:
+            return _refused(row.error)
+        assert row.out is not None
+        return self._to_generation(row.out, row.n_tokens, row.n_passes, row.n_drafts,
+                                   row.n_commits, len(ids), pipo)
+
+    def _to_generation(self, out: np.ndarray, n_tokens: int, passes: int, drafts: int,
+                       commits: int, prompt_tokens: int, pipo: bool) -> Generation:
+        tok = self.tokenizer
+        if pipo:  # the pair invariant over the slots this row actually used
+            assert_pad_at_odd(out, tok.pad_id, 2 * passes)
+        emitted = [int(t) for t in out if t != tok.pad_id]
+        finished = tok.eos_id in emitted
+        text_ids = emitted[:emitted.index(tok.eos_id)] if finished else emitted
+        return Generation(
+            text=tok.decode(text_ids), tokens=text_ids,
+            stats={"tokens": n_tokens, "backbone_passes": passes, "drafts": drafts,
+                   "commits": commits, "commit_rate": commits / drafts if drafts else 0.0,
+                   "tokens_per_pass": n_tokens / max(passes, 1), "finished": finished,
+                   "prompt_tokens": prompt_tokens})
+
+    def _generate_static(self, ids: list[list[int]], seeds: list[int], opts: DecodeConfig,
+                         pipo: bool, progress: bool,
+                         on_done: Callable[[int, Generation], None] | None
+                         ) -> tuple[list[Generation], list[Timing]]:
+        mcfg = self._model_of(pipo)[0]
+        outs: list[Generation] = [_refused("") for _ in ids]
+        timings: list[Timing] = []
+        ok = []
+        for i, r in enumerate(ids):
+            try:
+                engine.prepare_prompts([r], pipo, self.tokenizer.pad_id, PROMPT_BUCKET,
+                                       opts.max_new_tokens, mcfg.max_context)
+                ok.append(i)
+            except PromptError as e:
+                outs[i] = _refused(f"request {i}: {e}")
+        with tqdm(total=len(ok), desc="decode", unit="request", disable=not progress) as bar:
+            for start in range(0, len(ok), opts.batch_size):
+                batch = ok[start:start + opts.batch_size]
+                gens, timing = self._generate_batch([ids[i] for i in batch],
+                                                    [seeds[i] for i in batch], opts, pipo)
+                for i, g in zip(batch, gens, strict=True):
+                    outs[i] = g
+                    if on_done is not None:
+                        on_done(i, g)
+                timings.append(timing)
+                bar.update(len(batch))
+        return outs, timings
 
     def _generate_batch(self, ids: list[list[int]], seeds: list[int], opts: DecodeConfig,
                         pipo: bool) -> tuple[list[Generation], Timing]:
         tok = self.tokenizer
-        mcfg = self.config.model if pipo else self.ar_model
+        mcfg, params = self._model_of(pipo)
         tokens, valid = engine.prepare_prompts(ids, pipo, tok.pad_id, PROMPT_BUCKET,
                                                opts.max_new_tokens, mcfg.max_context)
-        params = self.params if pipo else self.ar_params
         decoder = self._decoder(engine.DecodeSpec.of(mcfg, pipo, opts, tok), params)
         keys = request_keys(seeds)
         if self.mesh is not None:
@@ -181,23 +276,11 @@ class PipoRunner:
         jax.block_until_ready(state.out)
         t2 = time.perf_counter()
         host = jax.device_get({k: getattr(state, k) for k in
-                               ("out", "n_tokens", "n_passes", "n_drafts", "n_commits", "done")})
-        gens = []
-        for i in range(len(ids)):
-            if pipo:  # the pair invariant over the slots this row actually used
-                assert_pad_at_odd(host["out"][i], tok.pad_id, 2 * int(host["n_passes"][i]))
-            emitted = [int(t) for t in host["out"][i] if t != tok.pad_id]
-            finished = tok.eos_id in emitted
-            text_ids = emitted[:emitted.index(tok.eos_id)] if finished else emitted
-            n_tokens, passes = int(host["n_tokens"][i]), int(host["n_passes"][i])
-            drafts, commits = int(host["n_drafts"][i]), int(host["n_commits"][i])
-            gens.append(Generation(
-                text=tok.decode(text_ids), tokens=text_ids,
-                stats={"tokens": n_tokens, "backbone_passes": passes, "drafts": drafts,
-                       "commits": commits,
-                       "commit_rate": commits / drafts if drafts else 0.0,
-                       "tokens_per_pass": n_tokens / max(passes, 1), "finished": finished,
-                       "prompt_tokens": len(ids[i])}))
+                               ("out", "n_tokens", "n_passes", "n_drafts", "n_commits")})
+        gens = [self._to_generation(host["out"][i], int(host["n_tokens"][i]),
+                                    int(host["n_passes"][i]), int(host["n_drafts"][i]),
+                                    int(host["n_commits"][i]), len(ids[i]), pipo)
+                for i in range(len(ids))]
         return gens, Timing(prefill=t1 - t0, decode=t2 - t1)
 
     def _decoder(self, spec: engine.DecodeSpec, params: Any) -> engine.Decoder:
@@ -205,6 +288,11 @@ class PipoRunner:
             params_sh = None if self.mesh is None else jax.tree.map(lambda a: a.sharding, params)
             self._decoders[spec] = engine.Decoder(spec, self.mesh, params_sh)
         return self._decoders[spec]
+
+
+def _refused(message: str) -> Generation:
+    return Generation(text="", tokens=[], stats={"tokens": 0, "backbone_passes": 0,
+                                                 "error": message}, error=message)
 
 
 def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | None = None,

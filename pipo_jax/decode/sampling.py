@@ -44,8 +44,9 @@ def sample(logits_BxV: Array, keys_B: Array, seen_BxV: Array | None, sp: Samplin
     """Samples one token per row (greedy when ``temperature == 0``); ``forbid`` is never drawn.
 
     ``seen_BxV`` (the tokens emitted so far) is read only with a presence penalty. Row ``b``
-    draws with ``fold_in(fold_in(keys_B[b], step), slot)``, so a request's samples depend only on
-    its own key and position in the output.
+    draws with ``fold_in(fold_in(keys_B[b], step[b]), slot)`` (``step``: a scalar or one per
+    row, the row's own decode step), so a request's samples depend only on its own key and
+    position in the output, not on its batch-mates or when it joined the batch.
     """
     logits = logits_BxV.astype(jnp.float32)
     if sp.presence_penalty:
@@ -69,7 +70,9 @@ def sample(logits_BxV: Array, keys_B: Array, seen_BxV: Array | None, sp: Samplin
         n_keep = jnp.maximum(jnp.sum(mass_before < sp.top_p, axis=-1, keepdims=True), 1)
         cutoff = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, step), slot))(keys_B)
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), keys_B.shape)
+    keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.fold_in(k, s), slot))(keys_B,
+                                                                                   steps)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 

@@ -95,23 +95,30 @@ def question_record(q: Question, gens: Sequence[Generation],
 def evaluate_questions(runner: PipoRunner, questions: Sequence[Question], model: str,
                        samples: int, decode: DecodeConfig, store: ResultFile,
                        progress: bool = True, desc: str = "") -> None:
-    """Decodes the questions not yet in ``store`` and appends their records, one chunk of
-    ``max(1, batch_size // samples)`` questions at a time."""
+    """Decodes the questions not yet in ``store`` and appends each one's record as soon as its
+    last sample finishes: one ``generate`` call for all of them (continuous batching keeps the
+    slots busy, a question's samples share one prefill), resumable at any point."""
     pending = [q for q in questions if q.id not in store.done]
-    per_chunk = max(1, decode.batch_size // samples)
     options = {f.name: getattr(decode, f.name) for f in dataclasses.fields(DecodeConfig)
                if f.name != "seed"}  # seeds are given per request
+    prompts = [to_messages(q) for q in pending for _ in range(samples)]
+    seeds = [sample_seed(decode.seed, q.id, s) for q in pending for s in range(samples)]
+    got: dict[int, dict[int, Generation]] = {}
     with tqdm(total=len(questions), initial=len(questions) - len(pending), desc=desc,
               unit="question", disable=not progress) as bar:
-        for start in range(0, len(pending), per_chunk):
-            chunk = pending[start:start + per_chunk]
-            prompts = [to_messages(q) for q in chunk for _ in range(samples)]
-            seeds = [sample_seed(decode.seed, q.id, s) for q in chunk for s in range(samples)]
-            gens = runner.generate(prompts, model=model, seeds=seeds, **options)
-            store.append([question_record(q, gens[i * samples:(i + 1) * samples],
-                                          seeds[i * samples:(i + 1) * samples])
-                          for i, q in enumerate(chunk)])
-            bar.update(len(chunk))
+
+        def on_done(i: int, gen: Generation) -> None:
+            q = i // samples
+            got.setdefault(q, {})[i % samples] = gen
+            if len(got[q]) == samples:
+                done = got.pop(q)
+                gens = [done[s] for s in range(samples)]
+                store.append([question_record(pending[q], gens,
+                                              seeds[q * samples:(q + 1) * samples])])
+                bar.update(1)
+
+        if prompts:
+            runner.generate(prompts, model=model, seeds=seeds, on_done=on_done, **options)
 
 
 def summarise(records: Sequence[dict[str, Any]], samples: int) -> dict[str, Any]:

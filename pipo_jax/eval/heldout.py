@@ -30,12 +30,8 @@ def _accuracy(runner: PipoRunner, examples: Sequence[dict], model: str, samples:
     prompts = [to_messages(ex) for ex in requests]
     seeds = [options.get("seed", 0) + 1000 * i + s for i in range(len(examples))
              for s in range(samples)]
-    bs = options.get("batch_size") or runner.config.decode.batch_size
-    outs = []
-    chunks = range(0, len(prompts), bs)
-    for start in tqdm(chunks, desc=f"{model} accuracy", disable=not progress, unit="batch"):
-        outs.extend(runner.generate(prompts[start:start + bs], model=model,
-                                    seeds=seeds[start:start + bs], **options))
+    # One call: continuous batching keeps every slot busy across the whole split.
+    outs = runner.generate(prompts, model=model, seeds=seeds, progress=progress, **options)
     correct = [verify(o.text, ex["answer"]) for o, ex in zip(outs, requests, strict=True)]
     per_q = [sum(correct[i * samples:(i + 1) * samples]) for i in range(len(examples))]
     metrics = aggregate(per_q, samples, [o.stats for o in outs])

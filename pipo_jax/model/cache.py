@@ -5,12 +5,17 @@
 * ``DeltaNetCache``: the Gated DeltaNet's causal-conv window and recurrent state, replaced
   every step (their size does not grow with the context);
 * ``DecodeCache``: the backbone's caches (one per layer-pattern slot, stacked over its
-  ``n_blocks`` repeats), the PIPO MTP layer's own ``AttentionCache``, and which slots hold a
-  position a query may attend to.
+  ``n_blocks`` repeats), the PIPO MTP layer's own ``AttentionCache``, and, per row, which slots
+  are filled: ``start ≤ slot < length``.
 
-A layer's ``decode`` reads its cache and returns what it made (a B×1 key/value row, or the new
-DeltaNet states) in the same type; ``DecodeCache.write`` puts it in place. The caches live in
-the decode loop's carry, so nothing here allocates per step.
+Each row's filled slots are one contiguous run: a left-padded prompt starts at ``start``, and
+every backbone pass appends one slot at ``length``. So "what a query may attend to" is two
+integers per row rather than a B×S mask, every row can be at its own length (continuous
+batching), and decode attention can stop at the filled part (``pipo_jax.model.attention``).
+
+A layer's ``extend`` reads its cache and returns what it made (C key/value rows, or the new
+DeltaNet states) in the same type; ``DecodeCache.write`` puts it in place at each row's
+``length``. The caches live in the decode loop's carry, so nothing here allocates per step.
 """
 
 from __future__ import annotations
@@ -52,20 +57,28 @@ class DecodeCache:
     """Everything a decode step reads and writes besides the parameters.
 
     ``layers[j]`` is pattern slot ``j`` of the backbone (``ModelConfig.layer_pattern``), stacked
-    over blocks. ``valid`` B × S marks the slots a query may attend to; ``index`` is the next
-    slot to write. ``mtp`` is the PIPO MTP layer's cache (None for AR, or PIPO decoding without
-    drafts).
+    over blocks. Row ``b`` holds positions in slots ``start[b] ≤ slot < length[b]`` (B int32
+    each); the next pass writes at ``length[b]``. ``mtp`` is the PIPO MTP layer's cache (None
+    for AR, or PIPO decoding without drafts).
     """
 
     layers: tuple[LayerCache, ...]
-    valid: Array
-    index: Array
+    start: Array
+    length: Array
     mtp: AttentionCache | None = None
+
+    @property
+    def slots(self) -> int:
+        """``S``, the slots allocated per row."""
+        for layer in (*self.layers, self.mtp):
+            if isinstance(layer, AttentionCache):
+                return layer.k.shape[-3]
+        return 0
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int, mtp: bool,
               dtype: Any) -> DecodeCache:
-        """Zero keys/values, conv and recurrent states; no slot valid, ``index`` 0."""
+        """Zero keys/values, conv and recurrent states; nothing filled (``start = length = 0``)."""
         nb = cfg.n_blocks
         layers: list[LayerCache] = []
         for layer_type in cfg.layer_pattern:
@@ -82,41 +95,44 @@ class DecodeCache:
         if mtp:
             zeros = jnp.zeros((batch, slots, cfg.n_kv_heads, cfg.head_dim), dtype)
             mtp_kv = AttentionCache(zeros, zeros)
-        return cls(layers=tuple(layers), valid=jnp.zeros((batch, slots), bool),
-                   index=jnp.int32(0), mtp=mtp_kv)
+        zeros_b = jnp.zeros((batch,), jnp.int32)
+        return cls(layers=tuple(layers), start=zeros_b, length=zeros_b, mtp=mtp_kv)
 
-    def write(self, made: tuple[LayerCache, ...], index: Array | int) -> DecodeCache:
-        """What the backbone's layers made, put in place: key/value rows (any number, e.g. a
-        whole prompt) at slot ``index``; DeltaNet states replace the old ones."""
+    def write(self, made: tuple[LayerCache, ...], index_B: Array | None = None) -> DecodeCache:
+        """What the backbone's layers made, put in place: C key/value rows per row (C = 1 for a
+        decode step, a chunk of a prompt) at slot ``index_B`` (default ``length``); DeltaNet
+        states replace the old ones."""
+        index_B = self.length if index_B is None else index_B
         out: list[LayerCache] = []
         for old, new in zip(self.layers, made, strict=True):
             if isinstance(old, AttentionCache):
-                out.append(AttentionCache(_put(old.k, new.k, index, 2),
-                                          _put(old.v, new.v, index, 2)))
+                out.append(AttentionCache(put_rows(old.k, new.k, index_B, stacked=True),
+                                          put_rows(old.v, new.v, index_B, stacked=True)))
             else:
                 out.append(DeltaNetCache(new.conv.astype(old.conv.dtype),
                                          new.state.astype(old.state.dtype)))
         return self.replace(layers=tuple(out))
 
-    def write_mtp(self, made: AttentionCache, index: Array | int) -> DecodeCache:
-        """The MTP layer's key/value rows, put in place at slot ``index``."""
+    def write_mtp(self, made: AttentionCache, index_B: Array | None = None) -> DecodeCache:
+        """The MTP layer's key/value rows, put in place at slot ``index_B`` (default
+        ``length``)."""
         assert self.mtp is not None
-        return self.replace(mtp=AttentionCache(_put(self.mtp.k, made.k, index, 1),
-                                               _put(self.mtp.v, made.v, index, 1)))
+        index_B = self.length if index_B is None else index_B
+        return self.replace(mtp=AttentionCache(put_rows(self.mtp.k, made.k, index_B),
+                                               put_rows(self.mtp.v, made.v, index_B)))
 
-    def mark_valid(self, valid_BxL: Array) -> DecodeCache:
-        """Marks prefilled slots ``0 … L-1`` (where ``valid``) attendable; next slot ``L``."""
-        return self.replace(valid=jax.lax.dynamic_update_slice(self.valid, valid_BxL, (0, 0)),
-                            index=jnp.int32(valid_BxL.shape[1]))
-
-    def next_slot(self, active_B: Array) -> DecodeCache:
-        """Marks the slot just written attendable (for the rows still running) and moves on."""
-        col = active_B[:, None]
-        return self.replace(valid=jax.lax.dynamic_update_slice(self.valid, col, (0, self.index)),
-                            index=self.index + 1)
+    def next_slot(self, active_B: Array, n: int = 1) -> DecodeCache:
+        """The ``n`` slots just written become filled for the rows still running."""
+        return self.replace(length=self.length + n * active_B.astype(jnp.int32))
 
 
-def _put(cache: Array, rows: Array, index: Array | int, slot_axis: int) -> Array:
-    start = [0] * cache.ndim
-    start[slot_axis] = index
-    return jax.lax.dynamic_update_slice(cache, rows.astype(cache.dtype), tuple(start))
+def put_rows(cache: Array, rows: Array, index_B: Array, stacked: bool = False) -> Array:
+    """Writes ``rows`` (``[nb ×] B × C × …``) into ``cache`` (``[nb ×] B × S × …``) at slot
+    ``index_B[b]`` of each row ``b``: one in-place dynamic-update-slice per row."""
+
+    axis = 1 if stacked else 0  # the batch axis; the slot axis is the next one
+
+    def one(c: Array, r: Array, i: Array) -> Array:
+        return jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), i, axis=axis)
+
+    return jax.vmap(one, in_axes=(axis, axis, 0), out_axes=axis)(cache, rows, index_B)

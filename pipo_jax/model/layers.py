@@ -8,10 +8,11 @@ Every mixer has two modes with the same parameters:
 * ``DecoderLayer.__call__``: a whole sequence (training, prefill); returns what a cache needs
   (``pipo_jax.model.cache``): an ``AttentionCache`` of keys/values B×L×K×D or a
   ``DeltaNetCache`` (conv state B×(k-1)×C, recurrent state B×N×dk×dv).
-* ``DecoderLayer.decode``: one new position against a cache it only reads; returns the new
-  key/value row (``DecodeCache.write`` puts it in place) or the new DeltaNet states.
+* ``DecoderLayer.extend``: ``C`` new positions (a decode step, or a prompt chunk) against a
+  cache it only reads; returns the new key/value rows (``DecodeCache.write`` puts them in
+  place) or the new DeltaNet states.
 
-``Backbone`` runs either mode over the whole stack: with ``cache=`` it is one decode step.
+``Backbone`` runs either mode over the whole stack: with ``cache=`` it extends the cache.
 
 Norm conventions (QWEN3_5.md §2.1): ``family: qwen3`` norms are ``w·x̂`` with ``w`` initialised
 to ones; ``qwen3_5`` norms are ``(1 + w)·x̂`` with ``w`` stored as the offset and initialised to
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from pipo_jax.config import LoraConfig, ModelConfig
-from pipo_jax.model import deltanet, sharding
+from pipo_jax.model import attention, deltanet, sharding
+from pipo_jax.model.attention import CacheAttention
 from pipo_jax.model.cache import AttentionCache, DeltaNetCache, LayerCache
 from pipo_jax.model.lora import LoraDenseGeneral
 
@@ -109,6 +111,7 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     lora: LoraConfig | None = None
+    cache_attention: CacheAttention = CacheAttention()
 
     def setup(self) -> None:
         c = self.cfg
@@ -164,25 +167,18 @@ class Attention(nn.Module):
         out = jnp.matmul(probs, v_t).transpose(0, 2, 1, 3)  # B x L x N x D
         return self._out(out, gate), AttentionCache(k, v)
 
-    def decode(self, x_Bx1xH: Array, positions_B: Array, cache: AttentionCache,
-               cache_valid_BxS: Array) -> tuple[Array, AttentionCache]:
-        """One new position against a read-only cache (``k``, ``v`` B×S×K×D) → (out B×1×H,
-        the new row (k, v) B×1×K×D).
-
-        ``cache_valid`` marks the cache slots this position may attend to (the new position
-        itself is attended to directly, so it need not be in the cache yet).
-        """
-        q, k, v, gate = self._qkv(x_Bx1xH, positions_B[:, None])
-        qg = self._grouped(q)[:, 0] * (self.cfg.head_dim ** -0.5)  # B x K x G x D
-        s_cache = jnp.einsum("bkgd,bskd->bkgs", qg, cache.k,
-                             preferred_element_type=jnp.float32)
-        s_cache = jnp.where(cache_valid_BxS[:, None, None, :], s_cache, _NEG_INF)
-        s_self = jnp.einsum("bkgd,bkd->bkg", qg, k[:, 0], preferred_element_type=jnp.float32)
-        scores = jnp.concatenate([s_cache, s_self[..., None]], axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = (jnp.einsum("bkgs,bskd->bkgd", probs[..., :-1], cache.v)
-               + probs[..., -1:] * v[:, 0, :, None, :])
-        out = out.reshape(x_Bx1xH.shape[0], 1, self.cfg.n_heads, self.cfg.head_dim)
+    def extend(self, x_BxCxH: Array, positions_BxC: Array, cache: AttentionCache,
+               start_B: Array, length_B: Array) -> tuple[Array, AttentionCache]:
+        """``C`` new positions (one decode step, or a prompt chunk) at slots ``length …
+        length + C - 1`` against a read-only cache (``k``, ``v`` B×S×K×D) filled in ``start ≤
+        slot < length`` → (out B×C×H, the new rows (k, v) B×C×K×D). The new positions attend to
+        the filled slots and causally to each other, so they need not be in the cache yet."""
+        q, k, v, gate = self._qkv(x_BxCxH, positions_BxC)
+        qg = self._grouped(q) * (self.cfg.head_dim ** -0.5)  # B x C x K x G x D
+        out = attention.attend(qg, k, v, cache.k, cache.v, start_B, length_B,
+                               self.cache_attention)
+        b, c = x_BxCxH.shape[:2]
+        out = out.reshape(b, c, self.cfg.n_heads, self.cfg.head_dim).astype(v.dtype)
         return self._out(out, gate), AttentionCache(k, v)
 
 
@@ -291,15 +287,26 @@ class GatedDeltaNet(nn.Module):
         conv_state = window[:, t:]  # the last kernel-1 projected inputs
         return self._output(o, x_BxLxH), DeltaNetCache(conv_state, state)
 
-    def decode(self, x_Bx1xH: Array, cache: DeltaNetCache) -> tuple[Array, DeltaNetCache]:
-        """One token → (out B×1×H, the new conv and recurrent states)."""
-        window = jnp.concatenate([cache.conv, self.in_proj_qkv(x_Bx1xH).astype(
+    def extend(self, x_BxCxH: Array, cache: DeltaNetCache,
+               real_BxC: Array | None = None) -> tuple[Array, DeltaNetCache]:
+        """``C`` new tokens (one decode step, or a prompt chunk) from the cached conv window and
+        recurrent state → (out B×C×H, the new conv and recurrent states). ``real`` marks the
+        tokens that are not left padding (zeroed, as in ``__call__``)."""
+        c = self.cfg
+        t = x_BxCxH.shape[1]
+        if real_BxC is not None:
+            x_BxCxH = x_BxCxH * real_BxC[..., None].astype(x_BxCxH.dtype)
+        window = jnp.concatenate([cache.conv, self.in_proj_qkv(x_BxCxH).astype(
             cache.conv.dtype)], axis=1)
-        q, k, v = self._split(self._conv_out(window, 1))
-        g, beta = self._gates(x_Bx1xH)
-        o, state = deltanet.recurrent_step(q[:, 0], k[:, 0], v[:, 0].astype(jnp.float32),
-                                           g[:, 0], beta[:, 0], cache.state)
-        return self._output(o[:, None], x_Bx1xH), DeltaNetCache(window[:, 1:], state)
+        q, k, v = self._split(self._conv_out(window, t))
+        g, beta = self._gates(x_BxCxH)
+        if t == 1:
+            o, state = deltanet.recurrent_step(q[:, 0], k[:, 0], v[:, 0].astype(jnp.float32),
+                                               g[:, 0], beta[:, 0], cache.state)
+            o = o[:, None]
+        else:
+            o, state = deltanet.chunked(q, k, v, g, beta, cache.state, chunk=c.linear_chunk)
+        return self._output(o, x_BxCxH), DeltaNetCache(window[:, t:], state)
 
 
 class SwiGLU(nn.Module):
@@ -325,11 +332,12 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     layer_type: str = "full_attention"
     lora: LoraConfig | None = None
+    cache_attention: CacheAttention = CacheAttention()
 
     def setup(self) -> None:
         self.input_norm = norm(self.cfg)
         if self.layer_type == "full_attention":
-            self.attn = Attention(self.cfg, self.lora)
+            self.attn = Attention(self.cfg, self.lora, self.cache_attention)
         else:
             # Gated DeltaNet projections are never adapted (PAPER §2.6).
             self.linear_attn = GatedDeltaNet(self.cfg)
@@ -347,16 +355,18 @@ class DecoderLayer(nn.Module):
         x = x + self.mlp(self.post_attn_norm(x))
         return sharding.constrain(x, RESIDUAL_AXES), cache
 
-    def decode(self, x_Bx1xH: Array, positions_B: Array, cache: LayerCache,
-               cache_valid_BxS: Array) -> tuple[Array, LayerCache]:
-        """One position against this layer's cache (one block's: no ``n_blocks`` axis) → (x,
-        the new k/v row B×1×K×D, or the new DeltaNet states)."""
-        h = self.input_norm(x_Bx1xH)
+    def extend(self, x_BxCxH: Array, positions_BxC: Array, cache: LayerCache,
+               start_B: Array, length_B: Array) -> tuple[Array, LayerCache]:
+        """``C`` new positions against this layer's cache (one block's: no ``n_blocks`` axis),
+        filled in ``start ≤ slot < length`` → (x, the new k/v rows B×C×K×D, or the new
+        DeltaNet states)."""
+        h = self.input_norm(x_BxCxH)
         if self.layer_type == "full_attention":
-            a, new = self.attn.decode(h, positions_B, cache, cache_valid_BxS)
+            a, new = self.attn.extend(h, positions_BxC, cache, start_B, length_B)
         else:
-            a, new = self.linear_attn.decode(h, cache)
-        x = x_Bx1xH + a
+            slot = length_B[:, None] + jnp.arange(x_BxCxH.shape[1])[None]
+            a, new = self.linear_attn.extend(h, cache, slot >= start_B[:, None])
+        x = x_BxCxH + a
         return x + self.mlp(self.post_attn_norm(x)), new
 
 
@@ -382,22 +392,26 @@ def layer_slot(cfg: ModelConfig, i: int) -> tuple[str, int]:
 
 class _ScanBody(nn.Module):
     """One repeat of the layer pattern, in ``nn.scan``'s ``(carry, x) → (carry, y)`` form: a
-    whole sequence, or (``cache`` given: this block's caches) one decode step."""
+    whole sequence, or (``cache`` given: this block's caches) new positions against them."""
 
     cfg: ModelConfig
     lora: LoraConfig | None = None
+    cache_attention: CacheAttention = CacheAttention()
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, key_valid: Array | None,
                  cache: tuple[LayerCache, ...] | None = None,
-                 cache_valid: Array | None = None) -> tuple[Array, tuple[LayerCache, ...]]:
+                 span: tuple[Array, Array] | None = None
+                 ) -> tuple[Array, tuple[LayerCache, ...]]:
         made = []
         for j, layer_type in enumerate(self.cfg.layer_pattern):
-            layer = DecoderLayer(self.cfg, layer_type, self.lora, name=slot_name(j))
+            layer = DecoderLayer(self.cfg, layer_type, self.lora, self.cache_attention,
+                                 name=slot_name(j))
             if cache is None:
                 x, new = layer(x, positions, key_valid)
             else:
-                x, new = layer.decode(x, positions, cache[j], cache_valid)
+                assert span is not None
+                x, new = layer.extend(x, positions, cache[j], *span)
             made.append(new)
         return x, tuple(made)
 
@@ -412,18 +426,21 @@ class Backbone(nn.Module):
 
     cfg: ModelConfig
     lora: LoraConfig | None = None
+    cache_attention: CacheAttention = CacheAttention()
 
     @nn.compact
     def __call__(self, x_BxLxH: Array, positions_BxL: Array,
                  key_valid_BxL: Array | None = None,
                  cache: tuple[LayerCache, ...] | None = None,
-                 cache_valid_BxS: Array | None = None) -> tuple[Array, tuple[LayerCache, ...]]:
+                 span: tuple[Array, Array] | None = None) -> tuple[Array, tuple[LayerCache, ...]]:
         """Returns the final-normed hidden states B×L×H and, per pattern slot, its caches
         stacked over blocks (``n_blocks × …``).
 
-        With ``cache`` (``DecodeCache.layers``, read only) it is one decode step: ``x`` B×1×H
-        at ``positions`` B, attending to the slots ``cache_valid_BxS`` marks and to itself; it
-        returns the new key/value rows and DeltaNet states, stacked over blocks.
+        With ``cache`` (``DecodeCache.layers``, read only) and ``span = (start_B, length_B)``
+        (the filled slots ``start ≤ slot < length``) the ``L`` positions are new ones at slots
+        ``length …`` (a decode step, L = 1, or a prompt chunk), attending to the filled slots
+        and causally to each other; it returns their key/value rows and the new DeltaNet
+        states, stacked over blocks.
         """
         body: type[nn.Module] = _ScanBody
         if self.cfg.remat_policy != "none":
@@ -435,7 +452,6 @@ class Backbone(nn.Module):
                           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                           length=self.cfg.n_blocks,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        x, made = scanned(self.cfg, self.lora, name="layers")(x_BxLxH, positions_BxL,
-                                                                key_valid_BxL, cache,
-                                                                cache_valid_BxS)
+        x, made = scanned(self.cfg, self.lora, self.cache_attention, name="layers")(
+            x_BxLxH, positions_BxL, key_valid_BxL, cache, span)
         return norm(self.cfg, name="final_norm")(x), made

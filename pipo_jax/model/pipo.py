@@ -20,6 +20,7 @@ from flax import linen as nn
 
 from pipo_jax.config import LoraConfig, ModelConfig
 from pipo_jax.model import sharding
+from pipo_jax.model.attention import CacheAttention
 from pipo_jax.model.cache import AttentionCache, DecodeCache
 from pipo_jax.model.layers import (
     RESIDUAL_AXES,
@@ -118,6 +119,7 @@ class MTPHead(nn.Module):
 
     cfg: ModelConfig
     lora: LoraConfig | None = None
+    cache_attention: CacheAttention = CacheAttention()
 
     def setup(self) -> None:
         c = self.cfg
@@ -126,7 +128,7 @@ class MTPHead(nn.Module):
         self.fc = nn.Dense(c.d_model, use_bias=False, dtype=dtype_of(c.dtype),
                            param_dtype=dtype_of(c.param_dtype),
                            kernel_init=dense_init(c, ("mlp", "embed")))
-        self.layer = DecoderLayer(c, "full_attention", self.lora)
+        self.layer = DecoderLayer(c, "full_attention", self.lora, self.cache_attention)
         self.final_norm = norm(c)
 
     def _input(self, h: Array, e_tok1: Array) -> Array:
@@ -138,11 +140,13 @@ class MTPHead(nn.Module):
         x, kv = self.layer(self._input(h_BxLxH, e_tok1_BxLxH), positions_BxL, key_valid_BxL)
         return self.final_norm(x), kv
 
-    def decode(self, h_Bx1xH: Array, e_tok1_Bx1xH: Array, positions_B: Array,
-               cache: AttentionCache, cache_valid_BxS: Array) -> tuple[Array, AttentionCache]:
-        """One position against the MTP layer's own cache → (m B×1×H, the new row B×1×K×D)."""
-        x, kv = self.layer.decode(self._input(h_Bx1xH, e_tok1_Bx1xH), positions_B, cache,
-                                  cache_valid_BxS)
+    def extend(self, h_BxCxH: Array, e_tok1_BxCxH: Array, positions_BxC: Array,
+               cache: AttentionCache, start_B: Array, index_B: Array
+               ) -> tuple[Array, AttentionCache]:
+        """``C`` new positions at slots ``index …`` against the MTP layer's own cache, filled
+        in ``start ≤ slot < index`` → (m B×C×H, the new rows B×C×K×D)."""
+        x, kv = self.layer.extend(self._input(h_BxCxH, e_tok1_BxCxH), positions_BxC, cache,
+                                  start_B, index_B)
         return self.final_norm(x), kv
 
 
@@ -176,13 +180,15 @@ class PipoLM(nn.Module):
     pipo: bool = True
     # Adapters on the backbone's and the MTP layer's projections (``pipo_jax.model.lora``).
     lora: LoraConfig | None = None
+    # How decode steps and prompt chunks attend to the cache (no parameters).
+    cache_attention: CacheAttention = CacheAttention()
 
     def setup(self) -> None:
         self.embedder = Embedder(self.cfg)
-        self.backbone = Backbone(self.cfg, self.lora)
+        self.backbone = Backbone(self.cfg, self.lora, self.cache_attention)
         if self.pipo:
             self.compressor = Compressor(self.cfg)
-            self.mtp_head = MTPHead(self.cfg, self.lora)
+            self.mtp_head = MTPHead(self.cfg, self.lora, self.cache_attention)
             self.confidence_head = ConfidenceHead(self.cfg)
 
     def compress(self, tokens_BxT: Array) -> Array:
@@ -227,51 +233,80 @@ class PipoLM(nn.Module):
 
     def prefill(self, prompt_BxP: Array, valid_BxP: Array, slots: int,
                 draft: bool) -> tuple[Array, Array, DecodeCache, Array]:
-        """The whole (left-padded) prompt through the backbone, into a fresh cache of ``slots``.
+        """The whole (left-padded) prompt through the backbone at once, into a fresh cache of
+        ``slots``: the one-shot form ``extend`` is tested against.
 
         PIPO reads ``P/2`` latents (``valid`` of each pair's first token marks the real ones),
         AR reads ``P`` tokens. Returns the last position's logits B×V (token1 of the first
         pair, or the first token), every position's hidden state B×L×H (``prefill_mtp``'s
-        input), the cache (``index = L``; with an MTP cache when ``draft``) and each row's next
-        position B.
+        input), the cache (filled ``start … L-1``; with an MTP cache when ``draft``) and each
+        row's next position B.
         """
         valid = valid_BxP[:, 0::2] if self.pipo else valid_BxP
         positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
         h, made = self.backbone(self._inputs(prompt_BxP), positions, valid)
-        cache = DecodeCache.empty(self.cfg, h.shape[0], slots, draft, h.dtype)
-        cache = cache.write(made, 0).mark_valid(valid)
+        b, length = valid.shape
+        cache = DecodeCache.empty(self.cfg, b, slots, draft, h.dtype).write(made)
+        n_real = jnp.sum(valid, axis=1, dtype=jnp.int32)
+        cache = cache.replace(start=length - n_real, length=jnp.full((b,), length, jnp.int32))
         return self.logits(h[:, -1]), h, cache, positions[:, -1] + 1
+
+    def extend(self, tokens_BxT: Array, cache: DecodeCache,
+               tok1_BxC: Array | None = None) -> tuple[Array, DecodeCache]:
+        """A chunk of a prompt into the cache: ``C`` new positions (PIPO: ``T/2`` latents; AR:
+        ``T`` tokens) at slots ``length …`` of every row, attending to what is filled and
+        causally to each other; slots before a row's ``start`` are its left padding. With
+        ``tok1`` (PIPO with an MTP cache: the first token of the next pair at each position)
+        the MTP layer consumes the chunk too. Returns the hidden states B×C×H and the cache,
+        ``length`` advanced by ``C``. Chunk by chunk, equal to ``prefill`` (+ ``prefill_mtp``).
+        """
+        x = self._inputs(tokens_BxT)
+        b, c = x.shape[:2]
+        slot = cache.length[:, None] + jnp.arange(c)[None]
+        positions = jnp.maximum(slot - cache.start[:, None], 0)
+        h, made = self.backbone(x, positions, None, cache.layers, (cache.start, cache.length))
+        out = cache.write(made)
+        if tok1_BxC is not None:
+            assert cache.mtp is not None
+            m, kv = self.mtp_head.extend(h, self.embedder(tok1_BxC), positions, cache.mtp,
+                                         cache.start, cache.length)
+            out = out.write_mtp(kv)
+        return h, out.next_slot(jnp.ones((b,), bool), c)
 
     def step(self, last_Bx2: Array, positions_B: Array,
              cache: DecodeCache) -> tuple[Array, Array, DecodeCache]:
         """One backbone pass on the last emitted pair (PIPO; AR: the last token, B×1) at
         ``positions`` → (logits B×V of the next token1, hidden B×H, cache with this pass's rows
-        written at ``cache.index``; ``next_slot`` marks them attendable)."""
-        h, made = self.backbone(self._inputs(last_Bx2), positions_B, None, cache.layers,
-                                cache.valid)
-        return self.logits(h[:, 0]), h[:, 0], cache.write(made, cache.index)
+        written at each row's ``length``; ``next_slot`` makes them filled)."""
+        h, made = self.backbone(self._inputs(last_Bx2), positions_B[:, None], None, cache.layers,
+                                (cache.start, cache.length))
+        return self.logits(h[:, 0]), h[:, 0], cache.write(made)
 
     def prefill_mtp(self, h_BxLxH: Array, tok1_BxL: Array, valid_BxP: Array,
                     cache: DecodeCache) -> tuple[Array, Array, DecodeCache]:
-        """The MTP layer over the prompt's latents, teacher-forced with ``tok1`` (the first
-        token of the next pair at each position: the known prompt token, and the sampled
+        """The MTP layer over the prompt's latents at once, teacher-forced with ``tok1`` (the
+        first token of the next pair at each position: the known prompt token, and the sampled
         token1 at the last) → (the last position's draft logits B×V, its confidence logit B,
         the cache with the MTP layer's rows)."""
         valid = valid_BxP[:, 0::2]
         positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
         m, kv = self.mtp_head(h_BxLxH, self.embedder(tok1_BxL), positions, valid)
         conf = self.confidence_head(h_BxLxH[:, -1], m[:, -1])
-        return self.logits(m[:, -1]), conf, cache.write_mtp(kv, 0)
+        return self.logits(m[:, -1]), conf, cache.write_mtp(kv, jnp.zeros_like(cache.length))
 
     def step_mtp(self, h_BxH: Array, token1_B: Array, positions_B: Array,
-                 cache: DecodeCache) -> tuple[Array, Array, DecodeCache]:
-        """The MTP and confidence heads at this pass's slot → (draft logits B×V, confidence
-        logit B, cache with the MTP row written at ``cache.index``)."""
+                 cache: DecodeCache, index_B: Array | None = None
+                 ) -> tuple[Array, Array, DecodeCache]:
+        """The MTP and confidence heads at slot ``index`` (default: this pass's, ``length``),
+        attending to the MTP rows before it → (draft logits B×V, confidence logit B, cache with
+        the MTP row written there). After ``extend`` the prompt's last position is redone with
+        ``index = length - 1`` and the sampled token1."""
         assert cache.mtp is not None
-        m, kv = self.mtp_head.decode(h_BxH[:, None], self.embedder(token1_B[:, None]),
-                                     positions_B, cache.mtp, cache.valid)
+        index_B = cache.length if index_B is None else index_B
+        m, kv = self.mtp_head.extend(h_BxH[:, None], self.embedder(token1_B[:, None]),
+                                     positions_B[:, None], cache.mtp, cache.start, index_B)
         conf = self.confidence_head(h_BxH, m[:, 0])
-        return self.logits(m[:, 0]), conf, cache.write_mtp(kv, cache.index)
+        return self.logits(m[:, 0]), conf, cache.write_mtp(kv, index_B)
 
 
 def lm_head(params: dict) -> Array:

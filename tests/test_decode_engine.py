@@ -46,19 +46,22 @@ def params():
 
 @pytest.mark.parametrize("c", [1, 5])
 @pytest.mark.parametrize("block", [4, 8])
-def test_blocked_attention_equals_masked(c, block):
+@pytest.mark.parametrize("stacked", [False, True])
+def test_blocked_attention_equals_masked(c, block, stacked):
     """Random per-row fills (left padding: ``start > 0``; rows at different lengths; a chunk
-    starting inside a row's left pad), GQA: the online-softmax block loop equals the masked
-    softmax over every slot wherever a query has something to attend to."""
+    starting inside a row's left pad), GQA, a stacked (per-layer) cache or a plain one: the
+    online-softmax block loop equals the masked softmax over every slot wherever a query has
+    something to attend to."""
     rng = np.random.default_rng(c * 10 + block)
     b, s, k, g, d = 4, 24, 2, 3, 8
     q = jnp.asarray(rng.normal(size=(b, c, k, g, d)), jnp.float32)
-    kn, vn = (jnp.asarray(rng.normal(size=(b, c, k, d)), jnp.float32) for _ in range(2))
-    ck, cv = (jnp.asarray(rng.normal(size=(b, s, k, d)), jnp.float32) for _ in range(2))
+    shape = (3, b, s, k, d) if stacked else (b, s, k, d)
+    ck, cv = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2))
+    layer = jnp.int32(1) if stacked else None
     start = jnp.asarray([0, 3, 9, 14], jnp.int32)
     length = jnp.asarray([5, 17, 12, 12], jnp.int32)  # row 3: the chunk begins in its pad
-    got = attention.attend(q, kn, vn, ck, cv, start, length, CacheAttention("blocked", block))
-    want = attention.attend(q, kn, vn, ck, cv, start, length, CacheAttention("masked"))
+    got = attention.attend(q, ck, cv, layer, start, length, CacheAttention("blocked", block))
+    want = attention.attend(q, ck, cv, layer, start, length, CacheAttention("masked"))
     slot = np.asarray(length)[:, None] + np.arange(c)[None]
     real = slot >= np.asarray(start)[:, None]
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5,
@@ -68,18 +71,17 @@ def test_blocked_attention_equals_masked(c, block):
 
 
 def test_blocked_attention_ignores_slots_past_the_fill():
-    """Whatever lies in slots past a row's length (stale rows of a finished request, other
-    rows' longer fills) changes nothing, bit for bit: the cost and the result follow the fill."""
+    """Whatever lies in slots past a row's new positions (stale rows of a finished request,
+    other rows' longer fills) changes nothing, bit for bit: cost and result follow the fill."""
     rng = np.random.default_rng(0)
     b, s, k, g, d = 2, 32, 2, 2, 8
     q = jnp.asarray(rng.normal(size=(b, 1, k, g, d)), jnp.float32)
-    kn, vn = (jnp.asarray(rng.normal(size=(b, 1, k, d)), jnp.float32) for _ in range(2))
     ck, cv = (rng.normal(size=(b, s, k, d)).astype(np.float32) for _ in range(2))
-    start, length = jnp.asarray([0, 0]), jnp.asarray([6, 30])
+    start, length = jnp.asarray([0, 0]), jnp.asarray([6, 29])
     spec = CacheAttention("blocked", 4)
-    a = attention.attend(q, kn, vn, jnp.asarray(ck), jnp.asarray(cv), start, length, spec)
-    ck[0, 6:], cv[0, 6:] = 1e3, -1e3
-    b_ = attention.attend(q, kn, vn, jnp.asarray(ck), jnp.asarray(cv), start, length, spec)
+    a = attention.attend(q, jnp.asarray(ck), jnp.asarray(cv), None, start, length, spec)
+    ck[0, 7:], cv[0, 7:] = 1e3, -1e3
+    b_ = attention.attend(q, jnp.asarray(ck), jnp.asarray(cv), None, start, length, spec)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
 
 
@@ -87,8 +89,8 @@ def test_blocked_attention_needs_whole_blocks():
     z = jnp.zeros((1, 1, 1, 1, 4))
     cache = jnp.zeros((1, 10, 1, 4))
     with pytest.raises(ValueError, match="multiple of the attention block"):
-        attention.attend(z, z[:, :, :, 0], z[:, :, :, 0], cache, cache, jnp.zeros(1, int),
-                         jnp.ones(1, int), CacheAttention("blocked", 4))
+        attention.attend(z, cache, cache, None, jnp.zeros(1, int), jnp.ones(1, int),
+                         CacheAttention("blocked", 4))
 
 
 # ------------------------------------------------------------------------ chunked prefill

@@ -126,6 +126,20 @@ class DecodeCache:
         return self.replace(length=self.length + n * active_B.astype(jnp.int32))
 
 
+def put_block_rows(cache: Array, rows_BxCxKxD: Array, block: Array | None,
+                   index_B: Array) -> Array:
+    """``rows`` written into layer ``block`` of a stacked cache (``nb × B × S × K × D``; an
+    unstacked ``B × S × K × D`` one when ``block`` is None) at slot ``index_B[b]`` of each row."""
+    if block is None:
+        return put_rows(cache, rows_BxCxKxD, index_B)
+
+    def one(c: Array, r: Array, i: Array) -> Array:  # c: nb × S × K × D, r: C × K × D
+        zero = jnp.zeros((), jnp.int32)
+        return jax.lax.dynamic_update_slice(c, r[None].astype(c.dtype), (block, i, zero, zero))
+
+    return jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(cache, rows_BxCxKxD, index_B)
+
+
 def put_rows(cache: Array, rows: Array, index_B: Array, stacked: bool = False) -> Array:
     """Writes ``rows`` (``[nb ×] B × C × …``) into ``cache`` (``[nb ×] B × S × …``) at slot
     ``index_B[b]`` of each row ``b``: one in-place dynamic-update-slice per row."""

@@ -28,7 +28,7 @@ from flax import linen as nn
 from pipo_jax.config import LoraConfig, ModelConfig
 from pipo_jax.model import attention, deltanet, sharding
 from pipo_jax.model.attention import CacheAttention
-from pipo_jax.model.cache import AttentionCache, DeltaNetCache, LayerCache
+from pipo_jax.model.cache import AttentionCache, DeltaNetCache, LayerCache, put_block_rows
 from pipo_jax.model.lora import LoraDenseGeneral
 
 # Logical axes of the residual stream (and of latents and MTP states), B×L×H.
@@ -168,18 +168,22 @@ class Attention(nn.Module):
         return self._out(out, gate), AttentionCache(k, v)
 
     def extend(self, x_BxCxH: Array, positions_BxC: Array, cache: AttentionCache,
-               start_B: Array, length_B: Array) -> tuple[Array, AttentionCache]:
+               layer: Array | None, start_B: Array,
+               length_B: Array) -> tuple[Array, AttentionCache]:
         """``C`` new positions (one decode step, or a prompt chunk) at slots ``length …
-        length + C - 1`` against a read-only cache (``k``, ``v`` B×S×K×D) filled in ``start ≤
-        slot < length`` → (out B×C×H, the new rows (k, v) B×C×K×D). The new positions attend to
-        the filled slots and causally to each other, so they need not be in the cache yet."""
+        length + C - 1``: their keys and values are written into the cache (``[nb ×] B × S × K
+        × D``, ``layer`` picking this layer's block of a stacked one), then they attend to the
+        filled slots ``start ≤ slot < length`` and causally to each other → (out B×C×H, the
+        updated cache)."""
         q, k, v, gate = self._qkv(x_BxCxH, positions_BxC)
+        cache = AttentionCache(put_block_rows(cache.k, k, layer, length_B),
+                               put_block_rows(cache.v, v, layer, length_B))
         qg = self._grouped(q) * (self.cfg.head_dim ** -0.5)  # B x C x K x G x D
-        out = attention.attend(qg, k, v, cache.k, cache.v, start_B, length_B,
+        out = attention.attend(qg, cache.k, cache.v, layer, start_B, length_B,
                                self.cache_attention)
         b, c = x_BxCxH.shape[:2]
         out = out.reshape(b, c, self.cfg.n_heads, self.cfg.head_dim).astype(v.dtype)
-        return self._out(out, gate), AttentionCache(k, v)
+        return self._out(out, gate), cache
 
 
 class GatedDeltaNet(nn.Module):
@@ -356,16 +360,23 @@ class DecoderLayer(nn.Module):
         return sharding.constrain(x, RESIDUAL_AXES), cache
 
     def extend(self, x_BxCxH: Array, positions_BxC: Array, cache: LayerCache,
-               start_B: Array, length_B: Array) -> tuple[Array, LayerCache]:
-        """``C`` new positions against this layer's cache (one block's: no ``n_blocks`` axis),
-        filled in ``start ≤ slot < length`` → (x, the new k/v rows B×C×K×D, or the new
-        DeltaNet states)."""
+               layer: Array | None, start_B: Array,
+               length_B: Array) -> tuple[Array, LayerCache]:
+        """``C`` new positions against this layer's cache (``layer`` picks its block of a
+        stacked ``n_blocks × …`` cache; None: unstacked), filled in ``start ≤ slot < length`` →
+        (x, the cache with this layer's new key/value rows or DeltaNet states in place)."""
         h = self.input_norm(x_BxCxH)
         if self.layer_type == "full_attention":
-            a, new = self.attn.extend(h, positions_BxC, cache, start_B, length_B)
+            assert isinstance(cache, AttentionCache)
+            a, new = self.attn.extend(h, positions_BxC, cache, layer, start_B, length_B)
         else:
             slot = length_B[:, None] + jnp.arange(x_BxCxH.shape[1])[None]
-            a, new = self.linear_attn.extend(h, cache, slot >= start_B[:, None])
+            mine = cache if layer is None else jax.tree.map(
+                lambda s: jax.lax.dynamic_index_in_dim(s, layer, 0, keepdims=False), cache)
+            a, made = self.linear_attn.extend(h, mine, slot >= start_B[:, None])
+            new = made if layer is None else jax.tree.map(
+                lambda s, n: jax.lax.dynamic_update_index_in_dim(s, n.astype(s.dtype), layer, 0),
+                cache, made)
         x = x_BxCxH + a
         return x + self.mlp(self.post_attn_norm(x)), new
 
@@ -391,29 +402,44 @@ def layer_slot(cfg: ModelConfig, i: int) -> tuple[str, int]:
 
 
 class _ScanBody(nn.Module):
-    """One repeat of the layer pattern, in ``nn.scan``'s ``(carry, x) → (carry, y)`` form: a
-    whole sequence, or (``cache`` given: this block's caches) new positions against them."""
+    """One repeat of the layer pattern over a whole sequence, in ``nn.scan``'s ``(carry, x) →
+    (carry, y)`` form: returns what each layer's cache needs."""
+
+    cfg: ModelConfig
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array,
+                 key_valid: Array | None) -> tuple[Array, tuple[LayerCache, ...]]:
+        made = []
+        for j, layer_type in enumerate(self.cfg.layer_pattern):
+            x, new = DecoderLayer(self.cfg, layer_type, self.lora, name=slot_name(j))(
+                x, positions, key_valid)
+            made.append(new)
+        return x, tuple(made)
+
+
+class _ExtendBody(nn.Module):
+    """One repeat of the layer pattern extending the caches: the whole stacked caches ride in
+    the carry and each layer updates its own block (``block``) in place, so a step never
+    copies a layer's cache out of the stack."""
 
     cfg: ModelConfig
     lora: LoraConfig | None = None
     cache_attention: CacheAttention = CacheAttention()
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, key_valid: Array | None,
-                 cache: tuple[LayerCache, ...] | None = None,
-                 span: tuple[Array, Array] | None = None
-                 ) -> tuple[Array, tuple[LayerCache, ...]]:
-        made = []
+    def __call__(self, carry: tuple[Array, tuple[LayerCache, ...]], block: Array,
+                 positions: Array, span: tuple[Array, Array]
+                 ) -> tuple[tuple[Array, tuple[LayerCache, ...]], None]:
+        x, caches = carry
+        out = []
         for j, layer_type in enumerate(self.cfg.layer_pattern):
             layer = DecoderLayer(self.cfg, layer_type, self.lora, self.cache_attention,
                                  name=slot_name(j))
-            if cache is None:
-                x, new = layer(x, positions, key_valid)
-            else:
-                assert span is not None
-                x, new = layer.extend(x, positions, cache[j], *span)
-            made.append(new)
-        return x, tuple(made)
+            x, new = layer.extend(x, positions, caches[j], block, *span)
+            out.append(new)
+        return (x, tuple(out)), None
 
 
 class Backbone(nn.Module):
@@ -436,12 +462,23 @@ class Backbone(nn.Module):
         """Returns the final-normed hidden states B×L×H and, per pattern slot, its caches
         stacked over blocks (``n_blocks × …``).
 
-        With ``cache`` (``DecodeCache.layers``, read only) and ``span = (start_B, length_B)``
-        (the filled slots ``start ≤ slot < length``) the ``L`` positions are new ones at slots
-        ``length …`` (a decode step, L = 1, or a prompt chunk), attending to the filled slots
-        and causally to each other; it returns their key/value rows and the new DeltaNet
-        states, stacked over blocks.
+        With ``cache`` (``DecodeCache.layers``) and ``span = (start_B, length_B)`` (the filled
+        slots ``start ≤ slot < length``) the ``L`` positions are new ones at slots ``length …``
+        (a decode step, L = 1, or a prompt chunk), attending to the filled slots and causally
+        to each other; it returns the caches with their key/value rows written and the new
+        DeltaNet states in place (``length`` is the caller's to advance).
         """
+        if cache is not None:
+            assert span is not None
+            scanned_ext = nn.scan(_ExtendBody, variable_axes={"params": 0},
+                                  split_rngs={"params": True, "dropout": True},
+                                  in_axes=(0, nn.broadcast, nn.broadcast),
+                                  length=self.cfg.n_blocks,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})
+            (x, caches), _ = scanned_ext(self.cfg, self.lora, self.cache_attention,
+                                         name="layers")(
+                (x_BxLxH, tuple(cache)), jnp.arange(self.cfg.n_blocks), positions_BxL, span)
+            return norm(self.cfg, name="final_norm")(x), caches
         body: type[nn.Module] = _ScanBody
         if self.cfg.remat_policy != "none":
             body = nn.remat(body, policy=REMAT_POLICIES[self.cfg.remat_policy],
@@ -449,9 +486,9 @@ class Backbone(nn.Module):
         # Each block draws its own LoRA dropout mask.
         scanned = nn.scan(body, variable_axes={"params": 0},
                           split_rngs={"params": True, "dropout": True},
-                          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                          in_axes=(nn.broadcast, nn.broadcast),
                           length=self.cfg.n_blocks,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        x, made = scanned(self.cfg, self.lora, self.cache_attention, name="layers")(
-            x_BxLxH, positions_BxL, key_valid_BxL, cache, span)
+        x, made = scanned(self.cfg, self.lora, name="layers")(x_BxLxH, positions_BxL,
+                                                                key_valid_BxL)
         return norm(self.cfg, name="final_norm")(x), made

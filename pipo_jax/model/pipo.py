@@ -144,9 +144,9 @@ class MTPHead(nn.Module):
                cache: AttentionCache, start_B: Array, index_B: Array
                ) -> tuple[Array, AttentionCache]:
         """``C`` new positions at slots ``index …`` against the MTP layer's own cache, filled
-        in ``start ≤ slot < index`` → (m B×C×H, the new rows B×C×K×D)."""
+        in ``start ≤ slot < index`` → (m B×C×H, the cache with their rows written)."""
         x, kv = self.layer.extend(self._input(h_BxCxH, e_tok1_BxCxH), positions_BxC, cache,
-                                  start_B, index_B)
+                                  None, start_B, index_B)
         return self.final_norm(x), kv
 
 
@@ -264,13 +264,14 @@ class PipoLM(nn.Module):
         b, c = x.shape[:2]
         slot = cache.length[:, None] + jnp.arange(c)[None]
         positions = jnp.maximum(slot - cache.start[:, None], 0)
-        h, made = self.backbone(x, positions, None, cache.layers, (cache.start, cache.length))
-        out = cache.write(made)
+        h, layers = self.backbone(x, positions, None, cache.layers,
+                                  (cache.start, cache.length))
+        out = cache.replace(layers=layers)
         if tok1_BxC is not None:
             assert cache.mtp is not None
-            m, kv = self.mtp_head.extend(h, self.embedder(tok1_BxC), positions, cache.mtp,
-                                         cache.start, cache.length)
-            out = out.write_mtp(kv)
+            _, mtp = self.mtp_head.extend(h, self.embedder(tok1_BxC), positions, cache.mtp,
+                                          cache.start, cache.length)
+            out = out.replace(mtp=mtp)
         return h, out.next_slot(jnp.ones((b,), bool), c)
 
     def step(self, last_Bx2: Array, positions_B: Array,
@@ -278,9 +279,9 @@ class PipoLM(nn.Module):
         """One backbone pass on the last emitted pair (PIPO; AR: the last token, B×1) at
         ``positions`` → (logits B×V of the next token1, hidden B×H, cache with this pass's rows
         written at each row's ``length``; ``next_slot`` makes them filled)."""
-        h, made = self.backbone(self._inputs(last_Bx2), positions_B[:, None], None, cache.layers,
-                                (cache.start, cache.length))
-        return self.logits(h[:, 0]), h[:, 0], cache.write(made)
+        h, layers = self.backbone(self._inputs(last_Bx2), positions_B[:, None], None,
+                                  cache.layers, (cache.start, cache.length))
+        return self.logits(h[:, 0]), h[:, 0], cache.replace(layers=layers)
 
     def prefill_mtp(self, h_BxLxH: Array, tok1_BxL: Array, valid_BxP: Array,
                     cache: DecodeCache) -> tuple[Array, Array, DecodeCache]:
@@ -303,10 +304,10 @@ class PipoLM(nn.Module):
         ``index = length - 1`` and the sampled token1."""
         assert cache.mtp is not None
         index_B = cache.length if index_B is None else index_B
-        m, kv = self.mtp_head.extend(h_BxH[:, None], self.embedder(token1_B[:, None]),
-                                     positions_B[:, None], cache.mtp, cache.start, index_B)
+        m, mtp = self.mtp_head.extend(h_BxH[:, None], self.embedder(token1_B[:, None]),
+                                      positions_B[:, None], cache.mtp, cache.start, index_B)
         conf = self.confidence_head(h_BxH, m[:, 0])
-        return self.logits(m[:, 0]), conf, cache.write_mtp(kv, index_B)
+        return self.logits(m[:, 0]), conf, cache.replace(mtp=mtp)
 
 
 def lm_head(params: dict) -> Array:

@@ -175,7 +175,7 @@ def _mixer(p, x, key_valid=None, use_scan=False):
 @jax.jit
 def _mixer_decode(p, x, conv, state):
     out, cache = MIXER.apply({"params": p}, x, DeltaNetCache(conv, state),
-                             method=GatedDeltaNet.decode)
+                             method=GatedDeltaNet.extend)
     return out, (cache.conv, cache.state)
 
 

@@ -54,17 +54,12 @@ class RowResult:
     error: str | None = None
 
 
-def _is_stacked(path: tuple[Any, ...]) -> bool:
-    # The backbone's stacked caches carry the batch on axis 1 (after ``n_blocks``).
-    return any(getattr(k, "name", None) == "layers" for k in path)
-
-
 def insert_row(state: engine.DecodeState, row: engine.DecodeState,
                slot: Array) -> engine.DecodeState:
     """``row`` (a one-row ``DecodeState``) written into slot ``slot`` of ``state``."""
 
     def put(path: tuple[Any, ...], big: Array, small: Array) -> Array:
-        if _is_stacked(path):
+        if engine.is_stacked(path):
             return big.at[:, slot].set(small[:, 0])
         return big.at[slot].set(small[0])
 
@@ -106,7 +101,7 @@ def empty_state(row: Any, slots: int) -> engine.DecodeState:
     """A ``DecodeState`` of ``slots`` free rows shaped like ``row`` (an abstract one-row state)."""
 
     def zeros(path: tuple[Any, ...], leaf: Any) -> Array:
-        axis = 1 if _is_stacked(path) else 0
+        axis = 1 if engine.is_stacked(path) else 0
         shape = (*leaf.shape[:axis], slots, *leaf.shape[axis + 1:])
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             return jax.random.split(jax.random.key(0), slots)

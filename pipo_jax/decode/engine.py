@@ -376,6 +376,12 @@ def generate(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array,
 # ------------------------------------------------------------------------------------ compile
 
 
+def is_stacked(path: tuple[Any, ...]) -> bool:
+    """Whether the ``DecodeState`` leaf at ``path`` is a backbone cache stacked over blocks,
+    whose batch axis is the second (after ``n_blocks``), not the first."""
+    return any(getattr(k, "name", None) == "layers" for k in path)
+
+
 def decode_state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:
     """Shardings of a (possibly abstract) ``DecodeState`` on ``mesh``: every batch-major leaf
     split over the batch axes (the cache's stacked layers on their second axis, after
@@ -385,8 +391,7 @@ def decode_state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:
     def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
         if not leaf.shape:
             return replicated(mesh)
-        stacked = any(getattr(k, "name", None) == "layers" for k in path)
-        return NamedSharding(mesh, PartitionSpec(None, batch_axes) if stacked
+        return NamedSharding(mesh, PartitionSpec(None, batch_axes) if is_stacked(path)
                              else PartitionSpec(batch_axes))
 
     return jax.tree_util.tree_map_with_path(one, state)

@@ -13,9 +13,11 @@ every backbone pass appends one slot at ``length``. So "what a query may attend 
 integers per row rather than a B×S mask, every row can be at its own length (continuous
 batching), and decode attention can stop at the filled part (``pipo_jax.model.attention``).
 
-A layer's ``extend`` reads its cache and returns what it made (C key/value rows, or the new
-DeltaNet states) in the same type; ``DecodeCache.write`` puts it in place at each row's
-``length``. The caches live in the decode loop's carry, so nothing here allocates per step.
+A layer's ``extend`` writes its C new key/value rows at each row's ``length`` (its block of the
+stacked cache, ``put_block_rows``) before reading the cache, or replaces its DeltaNet states,
+and returns the updated cache; the caller advances ``length`` (``next_slot``). The one-shot
+prefill of a whole prompt puts its rows in place with ``DecodeCache.write``. The caches live
+in the decode loop's carry, so nothing here allocates per step.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ Every mixer has two modes with the same parameters:
   (``pipo_jax.model.cache``): an ``AttentionCache`` of keys/values B×L×K×D or a
   ``DeltaNetCache`` (conv state B×(k-1)×C, recurrent state B×N×dk×dv).
 * ``DecoderLayer.extend``: ``C`` new positions (a decode step, or a prompt chunk) against a
-  cache it only reads; returns the new key/value rows (``DecodeCache.write`` puts them in
-  place) or the new DeltaNet states.
+  cache: writes their key/value rows into it first (or replaces the DeltaNet states) and
+  returns the updated cache.
 
 ``Backbone`` runs either mode over the whole stack: with ``cache=`` it extends the cache.
 

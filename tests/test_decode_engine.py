@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax.config import ModelConfig
+from pipo_jax.config import DecodeConfig, ModelConfig
 from pipo_jax.decode import batching, engine
 from pipo_jax.decode.sampling import SamplingParams, request_keys
+from pipo_jax.errors import ConfigError
 from pipo_jax.model import attention
 from pipo_jax.model.attention import CacheAttention
 from pipo_jax.model.cache import AttentionCache
@@ -68,6 +69,34 @@ def test_blocked_attention_equals_masked(c, block, stacked):
                                atol=1e-6)
     # A query with nothing to attend to gets zeros, not NaN.
     assert np.all(np.asarray(got)[~real] == 0)
+
+
+@pytest.mark.parametrize("c", [1, 5])
+def test_library_attention_equals_masked(c):
+    """The library form (``jax.nn.dot_product_attention``, here its ``xla`` implementation;
+    ``cudnn`` is the same call on a GPU) over a stacked cache with left pads, GQA and a chunk
+    that begins inside a pad equals the masked reference, zeros where nothing is attended."""
+    rng = np.random.default_rng(c)
+    b, s, k, g, d = 4, 24, 2, 3, 8
+    q = jnp.asarray(rng.normal(size=(b, c, k, g, d)), jnp.float32)
+    ck, cv = (jnp.asarray(rng.normal(size=(3, b, s, k, d)), jnp.float32) for _ in range(2))
+    start = jnp.asarray([0, 3, 9, 14], jnp.int32)
+    length = jnp.asarray([5, 17, 12, 12], jnp.int32)
+    got = attention.attend(q, ck, cv, jnp.int32(2), start, length, CacheAttention("xla"))
+    want = attention.attend(q, ck, cv, jnp.int32(2), start, length, CacheAttention("masked"))
+    real = (np.asarray(length)[:, None] + np.arange(c)[None]) >= np.asarray(start)[:, None]
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5,
+                               atol=1e-6)
+    assert np.all(np.asarray(got)[~real] == 0)
+
+
+def test_cudnn_attention_is_refused_off_gpu():
+    """``decode.attention=cudnn`` on a CPU (or TPU) backend is a one-line config error before
+    any compile, naming the portable choice."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU backend runs cudnn")
+    with pytest.raises(ConfigError, match="needs a GPU backend.*use 'blocked'"):
+        engine.DecodeSpec.of(ATTN, True, DecodeConfig(attention="cudnn"), None)
 
 
 def test_blocked_attention_ignores_slots_past_the_fill():
@@ -161,14 +190,18 @@ def test_engine_blocked_chunked_equals_masked_one_shot(params, name, pipo):
     tokens, valid = _prompt_batch(pipo, (17, 6, 12))
     keys, thr = request_keys([0, 1, 2]), jnp.float32(0.5)
     outs = []
-    for spec in (_spec(cfg, pipo, 6, "blocked", 4), _spec(cfg, pipo, 2048, "masked")):
+    specs = [_spec(cfg, pipo, 6, "blocked", 4), _spec(cfg, pipo, 2048, "masked")]
+    if name == "attention" and pipo:  # the library kernel, through the same whole decode
+        specs.append(_spec(cfg, pipo, 6, "xla", 4))
+    for spec in specs:
         state = jax.jit(lambda p, *a, s=spec: engine.generate(p, *a, spec=s))(
             p, tokens, valid, keys, thr)
         outs.append(jax.device_get(state))
-    a, b = outs
-    np.testing.assert_array_equal(a.out, b.out)
-    for f in batching.STAT_FIELDS:
-        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    a = outs[0]
+    for b in outs[1:]:
+        np.testing.assert_array_equal(a.out, b.out)
+        for f in batching.STAT_FIELDS:
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
     if pipo:
         assert 0 < int(a.n_commits.sum()) < int(a.n_drafts.sum())  # both gate branches ran
 

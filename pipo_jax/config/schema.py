@@ -145,6 +145,8 @@ class ModelConfig:
 
 
 LAYER_TYPES = ("full_attention", "linear_attention")
+# How decode attends to its cache (pipo_jax/model/attention.py).
+ATTENTION_IMPLS = ("blocked", "masked", "xla", "cudnn")
 
 
 # ``DataConfig.task``'s values, and the operations of the mixed task (``data.ops``).
@@ -456,7 +458,9 @@ class DecodeConfig:
     # Decode steps the device runs between host checks for finished rows (continuous batching).
     sync_steps: int = 32
     # How a step attends to the cache: "blocked" (only the filled key/value blocks, online
-    # softmax; cost follows the filled context) or "masked" (every allocated slot: the reference).
+    # softmax; cost follows the filled context), "masked" (every allocated slot: the reference),
+    # or a library kernel, jax.nn.dot_product_attention with implementation "cudnn" (GPU, bf16)
+    # or "xla" (any backend), over the allocation with the fill as key_value_seq_lengths.
     attention: str = "blocked"
     kv_block: int = 256  # key/value slots per block of "blocked" attention
     # Prompts are consumed this many tokens at a time (even): memory follows the chunk.
@@ -479,9 +483,9 @@ class DecodeConfig:
                               f"{self.batching!r}")
         if self.sync_steps <= 0:
             raise ConfigError(f"decode.sync_steps must be positive, got {self.sync_steps}")
-        if self.attention not in ("blocked", "masked"):
-            raise ConfigError(f"decode.attention must be 'blocked' or 'masked', got "
-                              f"{self.attention!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"decode.attention must be one of {', '.join(ATTENTION_IMPLS)}, "
+                              f"got {self.attention!r}")
         if self.kv_block <= 0:
             raise ConfigError(f"decode.kv_block must be positive, got {self.kv_block}")
         if self.prefill_chunk <= 0 or self.prefill_chunk % 2:

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipo_jax.config import DecodeConfig, ModelConfig
 from pipo_jax.decode.sampling import SamplingParams, mark_seen, sample, vocab_limit
-from pipo_jax.errors import PromptError
+from pipo_jax.errors import ConfigError, PromptError
 from pipo_jax.io.tokenizer import Tokenizer
 from pipo_jax.model.attention import CacheAttention
 from pipo_jax.model.cache import DecodeCache, put_rows
@@ -75,6 +75,9 @@ class DecodeSpec:
     def of(cls, cfg: ModelConfig, pipo: bool, opts: DecodeConfig,
            tokenizer: Tokenizer) -> DecodeSpec:
         """The spec of ``opts`` (a ``DecodeConfig``) for ``tokenizer``'s ids on ``cfg``."""
+        if opts.attention == "cudnn" and jax.default_backend() != "gpu":
+            raise ConfigError(f"decode.attention 'cudnn' needs a GPU backend, this one is "
+                              f"{jax.default_backend()!r}: use 'blocked' (or 'xla') here")
         sp = SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.presence_penalty,
                             vocab_limit(tokenizer, cfg.vocab_size))
         return cls(cfg, pipo, sp, opts.max_new_tokens, tokenizer.pad_id, tokenizer.eos_id,

@@ -10,11 +10,18 @@ filled slots and, causally, to each other. Two forms with one result
 * ``blocked``: a loop over fixed-size key/value blocks from the first filled block to the last,
   with an online softmax (running max, running sum), then the new positions themselves. Its
   cost follows the filled part: at a 32K budget, step 1 reads one block, not 32K slots.
+* ``xla`` / ``cudnn``: the library kernel, ``jax.nn.dot_product_attention`` with that
+  ``implementation``, over the layer's whole allocation with ``key_value_seq_lengths`` (the
+  fill plus the new positions) and a mask for the left pad and the causal order inside a
+  chunk. ``cudnn`` is the GPU switch (bf16/fp16 only); ``xla`` is the same call on any backend,
+  which is how CPU tests hold the library form to the portable one.
 
-Written here rather than taken from a library because the portable kernel has to run inside
-the decode loop on CPU (tests) and on every backend with per-row lengths; the library kernels
-(cuDNN through ``jax.nn.dot_product_attention``, Pallas ragged paged attention on TPU) want
-their own cache layouts and cannot be validated without the device. Shapes: ``B`` batch,
+The portable ``blocked`` form is written here because it has to run inside the decode loop on
+CPU (tests) and on every backend with per-row lengths, and because its cost provably follows
+the fill; the library form's does only as far as the kernel skips tiles past
+``key_value_seq_lengths`` (cuDNN's padding mask), which cannot be measured without a device
+(``docs/decode_engine.md``). Pallas ragged paged attention (TPU) wants a paged, k/v-interleaved
+cache layout and is not wired. Shapes: ``B`` batch,
 ``C`` new positions, ``S`` slots, ``K`` key/value heads, ``G`` query heads per key head,
 ``D`` head dim. All scores and sums in float32.
 """
@@ -26,16 +33,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pipo_jax.config.schema import ATTENTION_IMPLS
+
 Array = jax.Array
 _NEG_INF = -1e30
-IMPLEMENTATIONS = ("blocked", "masked")
+IMPLEMENTATIONS = ATTENTION_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheAttention:
-    """How decode and chunked prefill attend to the cache: ``impl`` (``blocked`` or
-    ``masked``) and, for ``blocked``, the key/value block size in slots (the allocation is a
-    multiple of it)."""
+    """How decode and chunked prefill attend to the cache: ``impl`` (one of
+    ``IMPLEMENTATIONS``) and the key/value block size in slots (the allocation is a multiple of
+    it; the block loop of ``blocked`` steps by it)."""
 
     impl: str = "blocked"
     block: int = 256
@@ -75,6 +84,8 @@ def attend(q_BxCxKxGxD: Array, cache_k: Array, cache_v: Array, layer: Array | No
     every step, which is a cost that grows with the allocation, not the fill.
     """
     c = q_BxCxKxGxD.shape[1]
+    if spec.impl in ("xla", "cudnn"):
+        return _library(q_BxCxKxGxD, cache_k, cache_v, layer, start_B, length_B, spec.impl)
     if spec.impl == "masked":
         ck = cache_k if layer is None else cache_k[layer]
         cv = cache_v if layer is None else cache_v[layer]
@@ -118,3 +129,21 @@ def _blocked(q: Array, ck: Array, cv: Array, layer: Array | None, start: Array, 
     # A query with nothing to attend to (inside a left pad) gets 0, not 0/0.
     out = acc / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
     return out.transpose(0, 3, 1, 2, 4)
+
+
+def _library(q: Array, ck: Array, cv: Array, layer: Array | None, start: Array, length: Array,
+             implementation: str) -> Array:
+    """``jax.nn.dot_product_attention`` over the layer's allocation: ``key_value_seq_lengths``
+    bounds the fill (what cuDNN's padding mask can skip), the boolean mask adds the left pad and
+    the causal order of the chunk. Queries are already scaled (``scale=1``)."""
+    b, c, nk, g, d = q.shape
+    ck = ck if layer is None else ck[layer]
+    cv = cv if layer is None else cv[layer]
+    mask = _allowed(jnp.arange(ck.shape[1]), start, length, c)[:, 0]  # B × 1 × C × S
+    out = jax.nn.dot_product_attention(
+        q.reshape(b, c, nk * g, d).astype(ck.dtype), ck, cv, mask=mask, scale=1.0,
+        key_value_seq_lengths=(length + c).astype(jnp.int32), implementation=implementation)
+    out = out.reshape(b, c, nk, g, d).astype(jnp.float32)
+    # A query inside a left pad has nothing to attend to: 0, as the other forms give.
+    real = (length[:, None] + jnp.arange(c)[None]) >= start[:, None]
+    return jnp.where(real[:, :, None, None, None], out, 0.0)

@@ -13,14 +13,15 @@ from pipo_jax.model.pipo import init_params
 
 def random_params(cfg: ModelConfig, pipo: bool, seed: int, std: float = 0.2,
                   bias_std: float = 0.1, scale_std: float = 0.1,
-                  lora: LoraConfig | None = None) -> dict:
+                  lora: LoraConfig | None = None, drafter: bool = False) -> dict:
     """Random parameters of ``init_params``' shapes, built in numpy (no XLA compile for init).
 
     Kernels and embeddings ``N(0, std²)``, norm scales ``1 + scale_std·N``, biases
     ``bias_std·N``: every module, compressor and norms included, is far from the identity.
     With ``lora``, the adapters are random too (``B`` non-zero), so they change the model.
+    ``drafter``: the AR model with its MTP drafter (``PipoLM(pipo=False, drafter=True)``).
     """
-    shapes = jax.eval_shape(lambda k: nn.unbox(init_params(cfg, pipo, k, lora)),
+    shapes = jax.eval_shape(lambda k: nn.unbox(init_params(cfg, pipo, k, lora, drafter)),
                             jax.random.key(0))
     rng = np.random.default_rng(seed)
 

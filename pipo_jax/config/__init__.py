@@ -15,6 +15,7 @@ from pipo_jax.config.loading import (
 )
 from pipo_jax.config.schema import (
     DEFAULT_MIXED_OPS,
+    DRAFTER_STAGES,
     LAYER_TYPES,
     LORA_TARGETS,
     MIXED_OPS,
@@ -27,6 +28,7 @@ from pipo_jax.config.schema import (
     LoraConfig,
     MeshConfig,
     ModelConfig,
+    MtpConfig,
     OpdConfig,
     SftConfig,
     TrainConfig,
@@ -35,9 +37,9 @@ from pipo_jax.config.schema import (
 from pipo_jax.errors import ConfigError
 
 __all__ = [
-    "DEFAULT_MIXED_OPS", "LAYER_TYPES", "LORA_TARGETS", "MIXED_OPS", "PIPO_STAGES", "STAGES",
-    "ArConfig", "Config", "ConfigError", "DataConfig", "DecodeConfig", "LoraConfig", "MeshConfig",
-    "ModelConfig", "OpdConfig", "SftConfig", "TrainConfig", "apply_overrides", "config_from_json",
-    "from_dict", "load_config", "save_config", "saved_from_dict", "to_dict",
-    "validate_threshold",
+    "DEFAULT_MIXED_OPS", "DRAFTER_STAGES", "LAYER_TYPES", "LORA_TARGETS", "MIXED_OPS",
+    "PIPO_STAGES", "STAGES", "ArConfig", "Config", "ConfigError", "DataConfig", "DecodeConfig",
+    "LoraConfig", "MeshConfig", "ModelConfig", "MtpConfig", "OpdConfig", "SftConfig",
+    "TrainConfig", "apply_overrides", "config_from_json", "from_dict", "load_config",
+    "save_config", "saved_from_dict", "to_dict", "validate_threshold",
 ]

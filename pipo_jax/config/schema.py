@@ -282,7 +282,8 @@ class TrainConfig:
     # "full": every parameter trains. "lora": adapters on ``lora.targets`` plus the PIPO modules
     # of SPEC §4 (compressor, confidence head, MTP fc, its pre-norms and final norm); the rest
     # (embeddings, LM head, backbone, the MTP layer's own weights and norms) is frozen.
-    tuner: Literal["full", "lora"] = "full"
+    # "mtp" (the ``mtp`` stage's only tuner): the MTP drafter trains on a frozen AR model.
+    tuner: Literal["full", "lora", "mtp"] = "full"
     lora: LoraConfig = LoraConfig()
     steps: int = 1000
     batch_size: int = 32
@@ -330,6 +331,22 @@ class TrainConfig:
 class ArConfig(TrainConfig):
     """An autoregressive stage: ``teacher`` (the larger OPD teacher) or ``ar`` (the student's
     AR base). Next-token cross-entropy; nothing beyond ``TrainConfig``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MtpConfig(TrainConfig):
+    """The ``mtp`` stage: an MTP drafter (``PipoLM(pipo=False, drafter=True)``, initialised
+    like PIPO's MTP head from the AR model) fitted to predict token t+2 from the frozen AR
+    model's state at t and token t+1; the baseline of MTP-speculative decoding."""
+
+    tuner: Literal["full", "lora", "mtp"] = "mtp"
+    steps: int = 200
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tuner != "mtp":
+            raise ConfigError(f"mtp.tuner must be 'mtp' (the AR model stays frozen), got "
+                              f"{self.tuner!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,6 +482,8 @@ class DecodeConfig:
     kv_block: int = 256  # key/value slots per block of "blocked" attention
     # Prompts are consumed this many tokens at a time (even): memory follows the chunk.
     prefill_chunk: int = 2048
+    # Drafts per round of MTP-speculative decoding (the AR model with its MTP drafter, 1..4).
+    speculative_k: int = 3
 
     def __post_init__(self) -> None:
         validate_threshold(self.threshold, "decode.threshold")
@@ -488,6 +507,9 @@ class DecodeConfig:
                               f"got {self.attention!r}")
         if self.kv_block <= 0:
             raise ConfigError(f"decode.kv_block must be positive, got {self.kv_block}")
+        if not 1 <= self.speculative_k <= 8:
+            raise ConfigError(f"decode.speculative_k must be in 1..8 drafts per round, got "
+                              f"{self.speculative_k}")
         if self.prefill_chunk <= 0 or self.prefill_chunk % 2:
             raise ConfigError(f"decode.prefill_chunk must be a positive even number of tokens, "
                               f"got {self.prefill_chunk}")
@@ -513,7 +535,8 @@ class MeshConfig:
 class Config:
     run_dir: str = "runs/default"
     # In order: "teacher" (the larger AR teacher, ``teacher_model``), "ar" (the student's AR
-    # base), "sft" (PIPO from the AR base, SPEC §4), "opd" (on-policy distillation, SPEC §5).
+    # base), "mtp" (an MTP drafter on the frozen AR base, for speculative decoding), "sft"
+    # (PIPO from the AR base, SPEC §4), "opd" (on-policy distillation, SPEC §5).
     stages: tuple[str, ...] = ("ar", "sft")
     # "byte" (the embedded ByteTokenizer) or a directory holding a Hugging Face tokenizer.json;
     # a relative path is looked up in the run directory first (where hf-to-pipo copies it).
@@ -525,6 +548,7 @@ class Config:
     teacher_model: ModelConfig = ModelConfig()
     teacher: ArConfig = ArConfig()
     ar: ArConfig = ArConfig()
+    mtp: MtpConfig = MtpConfig()
     sft: SftConfig = SftConfig()
     opd: OpdConfig = OpdConfig()
     decode: DecodeConfig = DecodeConfig()
@@ -548,6 +572,8 @@ class Config:
         return self.teacher_model if stage == "teacher" else self.model
 
 
-STAGES = ("teacher", "ar", "sft", "opd")
+STAGES = ("teacher", "ar", "mtp", "sft", "opd")
 # Stages whose model is PIPO (compressor, MTP and confidence heads); the others are AR.
 PIPO_STAGES = ("sft", "opd")
+# Stages whose model is the AR model with its MTP drafter.
+DRAFTER_STAGES = ("mtp",)

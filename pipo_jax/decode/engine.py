@@ -52,6 +52,8 @@ class DecodeSpec:
     no draft: one token per pass, no MTP work and no MTP cache). ``budget``: real tokens per
     request. ``attention``: how steps attend to the cache (``blocked``: the filled blocks only).
     ``prefill_chunk``: prompts are consumed this many tokens at a time (even).
+    ``speculative``: ``k`` drafts per round of the AR model's MTP drafter (0: plain AR; with
+    ``k`` the spec is ``pipo_jax.decode.speculative``'s, and ``draft`` keeps the MTP cache).
     """
 
     cfg: ModelConfig
@@ -63,31 +65,42 @@ class DecodeSpec:
     draft: bool = False
     attention: CacheAttention = CacheAttention()
     prefill_chunk: int = 2048
+    speculative: int = 0
 
     def __post_init__(self) -> None:
-        if self.draft and not self.pipo:
-            raise ValueError("an AR DecodeSpec cannot draft (draft=True needs pipo=True)")
+        if self.speculative and (self.pipo or not self.draft):
+            raise ValueError("speculative decoding is the AR model's (pipo=False, draft=True)")
+        if self.draft and not self.pipo and not self.speculative:
+            raise ValueError("an AR DecodeSpec drafts only speculatively (draft=True needs "
+                             "pipo=True or speculative=k)")
         if self.prefill_chunk <= 0 or self.prefill_chunk % 2:
             raise ValueError(f"prefill_chunk must be a positive even number of tokens, got "
                              f"{self.prefill_chunk}")
 
     @classmethod
-    def of(cls, cfg: ModelConfig, pipo: bool, opts: DecodeConfig,
-           tokenizer: Tokenizer) -> DecodeSpec:
-        """The spec of ``opts`` (a ``DecodeConfig``) for ``tokenizer``'s ids on ``cfg``."""
+    def of(cls, cfg: ModelConfig, pipo: bool, opts: DecodeConfig, tokenizer: Tokenizer,
+           speculative: bool = False) -> DecodeSpec:
+        """The spec of ``opts`` (a ``DecodeConfig``) for ``tokenizer``'s ids on ``cfg``; with
+        ``speculative`` (AR only) the MTP-speculative decoder's, ``opts.speculative_k``
+        drafts per round."""
         if opts.attention == "cudnn" and jax.default_backend() != "gpu":
             raise ConfigError(f"decode.attention 'cudnn' needs a GPU backend, this one is "
                               f"{jax.default_backend()!r}: use 'blocked' (or 'xla') here")
         sp = SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.presence_penalty,
                             vocab_limit(tokenizer, cfg.vocab_size))
+        if speculative and (pipo or opts.presence_penalty):
+            raise ConfigError("speculative decoding is the AR model's, without a presence "
+                              "penalty (set decode.presence_penalty=0)")
         return cls(cfg, pipo, sp, opts.max_new_tokens, tokenizer.pad_id, tokenizer.eos_id,
-                   draft=pipo and opts.threshold < 1.0,
+                   draft=speculative or (pipo and opts.threshold < 1.0),
                    attention=CacheAttention(opts.attention, opts.kv_block),
-                   prefill_chunk=opts.prefill_chunk)
+                   prefill_chunk=opts.prefill_chunk,
+                   speculative=opts.speculative_k if speculative else 0)
 
     @property
     def model(self) -> PipoLM:
-        return PipoLM(self.cfg, self.pipo, cache_attention=self.attention)
+        return PipoLM(self.cfg, self.pipo, cache_attention=self.attention,
+                      drafter=bool(self.speculative))
 
     @property
     def chunk(self) -> int:
@@ -96,13 +109,15 @@ class DecodeSpec:
 
     @property
     def out_width(self) -> int:
-        """Output slots per row: a pair per pass (PIPO) or a token per pass (AR)."""
-        return 2 * self.budget if self.pipo else self.budget
+        """Output slots per row: a pair per pass (PIPO) or a token per pass (AR; a speculative
+        round may write up to ``k`` past the budget, masked)."""
+        return 2 * self.budget if self.pipo else self.budget + self.speculative
 
     def slots(self, prompt_positions: int) -> int:
         """Cache slots for a prompt of ``prompt_positions`` latents (AR: tokens) and the budget
-        (a pass per real token in the worst case), in whole attention blocks."""
-        need = prompt_positions + self.budget
+        (a pass per real token in the worst case; a speculative verify writes ``k`` past it),
+        in whole attention blocks."""
+        need = prompt_positions + self.budget + self.speculative
         block = self.attention.block
         return need if need <= block else -(-need // block) * block
 
@@ -266,9 +281,10 @@ def fill(params: Params, prompt_BxP: Array, valid_BxP: Array, *, spec: DecodeSpe
     dtype = jnp.dtype(spec.cfg.dtype)
     cache = DecodeCache.empty(spec.cfg, b, slots, spec.draft, dtype)
     cache = cache.replace(start=width - jnp.sum(real, axis=1, dtype=jnp.int32))
-    # The first token of the next pair at each latent; the last one's is not known yet.
-    tok1 = (jnp.pad(prompt[:, 2::2], ((0, 0), (0, 1)), constant_values=spec.pad_id)
-            if spec.draft else None)
+    # The MTP layer's token at each position: the first token of the next pair (PIPO) or the
+    # next token (the AR drafter); the last one's is not known yet.
+    tok1 = (jnp.pad(prompt[:, 2::2] if spec.pipo else prompt[:, 1:], ((0, 0), (0, 1)),
+                    constant_values=spec.pad_id) if spec.draft else None)
     tokens_per_chunk = 2 * chunk if spec.pipo else chunk
 
     def one(i: Array | int, cache: DecodeCache) -> tuple[Array, DecodeCache]:
@@ -299,6 +315,7 @@ def first_emit(params: Params, pre: Prefilled, keys_B: Array, threshold: Array, 
     prompt's last position with the sampled token1. ``threshold`` (a scalar or one per row) is
     read only by PIPO with drafts.
     """
+    assert not spec.speculative, "a speculative spec decodes with pipo_jax.decode.speculative"
     model, sp, variables = spec.model, spec.sampling, {"params": params}
     b = pre.logits.shape[0]
     seen = jnp.zeros((b, spec.cfg.vocab_size), bool) if sp.presence_penalty else None

@@ -39,15 +39,11 @@ def request_keys(seeds: Sequence[int]) -> Array:
     return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
 
 
-def sample(logits_BxV: Array, keys_B: Array, seen_BxV: Array | None, sp: SamplingParams,
-           forbid: int | None, step: Array | int = 0, slot: int = 0) -> Array:
-    """Samples one token per row (greedy when ``temperature == 0``); ``forbid`` is never drawn.
-
-    ``seen_BxV`` (the tokens emitted so far) is read only with a presence penalty. Row ``b``
-    draws with ``fold_in(fold_in(keys_B[b], step[b]), slot)`` (``step``: a scalar or one per
-    row, the row's own decode step), so a request's samples depend only on its own key and
-    position in the output, not on its batch-mates or when it joined the batch.
-    """
+def adjusted_logits(logits_BxV: Array, seen_BxV: Array | None, sp: SamplingParams,
+                    forbid: int | None) -> Array:
+    """The logits ``sample`` draws from (float32): presence penalty, ``forbid`` and the vocab
+    limit applied; then, when sampling, temperature, top-k and top-p (cut tokens at -inf).
+    Greedy takes their argmax; speculative sampling compares their softmaxes."""
     logits = logits_BxV.astype(jnp.float32)
     if sp.presence_penalty:
         assert seen_BxV is not None
@@ -57,7 +53,7 @@ def sample(logits_BxV: Array, keys_B: Array, seen_BxV: Array | None, sp: Samplin
     if sp.vocab_limit:
         logits = logits.at[:, sp.vocab_limit:].set(-jnp.inf)
     if sp.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return logits
     logits = logits / sp.temperature
     if sp.top_k:
         kth = jax.lax.top_k(logits, sp.top_k)[0][:, -1:]
@@ -70,6 +66,21 @@ def sample(logits_BxV: Array, keys_B: Array, seen_BxV: Array | None, sp: Samplin
         n_keep = jnp.maximum(jnp.sum(mass_before < sp.top_p, axis=-1, keepdims=True), 1)
         cutoff = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def sample(logits_BxV: Array, keys_B: Array, seen_BxV: Array | None, sp: SamplingParams,
+           forbid: int | None, step: Array | int = 0, slot: int = 0) -> Array:
+    """Samples one token per row (greedy when ``temperature == 0``); ``forbid`` is never drawn.
+
+    ``seen_BxV`` (the tokens emitted so far) is read only with a presence penalty. Row ``b``
+    draws with ``fold_in(fold_in(keys_B[b], step[b]), slot)`` (``step``: a scalar or one per
+    row, the row's own decode step), so a request's samples depend only on its own key and
+    position in the output, not on its batch-mates or when it joined the batch.
+    """
+    logits = adjusted_logits(logits_BxV, seen_BxV, sp, forbid)
+    if sp.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), keys_B.shape)
     keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.fold_in(k, s), slot))(keys_B,
                                                                                    steps)

@@ -16,6 +16,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from pipo_jax.config import (
+    DRAFTER_STAGES,
     PIPO_STAGES,
     STAGES,
     Config,
@@ -64,9 +65,10 @@ def stage_of(stage_dir: str | Path, pipo: bool, step: int | None = None) -> str:
 
 
 def abstract_params(mcfg: ModelConfig, pipo: bool, mesh: Mesh,
-                    lora: LoraConfig | None = None) -> Any:
-    """Abstract (unboxed) parameters that carry their mesh shardings: a restore target."""
-    boxed = jax.eval_shape(lambda: init_params(mcfg, pipo, jax.random.key(0), lora))
+                    lora: LoraConfig | None = None, drafter: bool = False) -> Any:
+    """Abstract (unboxed) parameters that carry their mesh shardings: a restore target
+    (``drafter``: the AR model with its MTP drafter, an ``mtp`` stage's)."""
+    boxed = jax.eval_shape(lambda: init_params(mcfg, pipo, jax.random.key(0), lora, drafter))
     abstract, shardings = nn.unbox(boxed), sharding.logical_shardings(boxed, mesh)
     sharding.check_divisible(abstract, shardings)
     return ckpt.abstract_target(abstract, shardings)
@@ -90,8 +92,10 @@ def restore_stage_params(stage_dir: str | Path, pipo: bool, mesh: Mesh,
     ``mesh``, and the config saved with them. The adapter settings are the checkpoint's own; the
     architecture is the saved config's ``model_of(stage)`` (``teacher_model`` for a teacher)."""
     lora, saved = checkpoint_adapters(stage_dir, pipo, step)
-    mcfg = saved.model_of(stage_of(stage_dir, pipo, step))
-    params, saved = ckpt.restore_params(stage_dir, abstract_params(mcfg, pipo, mesh, lora), step)
+    stage = stage_of(stage_dir, pipo, step)
+    mcfg = saved.model_of(stage)
+    params, saved = ckpt.restore_params(
+        stage_dir, abstract_params(mcfg, pipo, mesh, lora, stage in DRAFTER_STAGES), step)
     if lora is not None:
         plain = abstract_params(mcfg, pipo, mesh)
         params = jax.jit(functools.partial(lora_lib.merge, lora=lora),

@@ -52,6 +52,9 @@ class DeltaNetCache:
 
 
 LayerCache = AttentionCache | DeltaNetCache
+# The Flax collection a verify pass sows each Gated DeltaNet layer's per-position states into
+# (``DeltaNetCache(window B×(kernel-1+C)×conv, states B×C×N×dk×dv)``, stacked over blocks).
+KEPT = "kept"
 
 
 @struct.dataclass
@@ -122,6 +125,33 @@ class DecodeCache:
         index_B = self.length if index_B is None else index_B
         return self.replace(mtp=AttentionCache(put_rows(self.mtp.k, made.k, index_B),
                                                put_rows(self.mtp.v, made.v, index_B)))
+
+    def keep_position(self, kept: tuple[DeltaNetCache | None, ...],
+                      index_B: Array) -> DecodeCache:
+        """Rolls the Gated DeltaNet layers back to the state after new position ``index[b]``
+        of a verify pass, from what it kept per position (``kept[j]`` for pattern slot ``j``,
+        None for attention slots; see ``KEPT``). Key/value rows need nothing: those past the
+        accepted position lie past ``length``."""
+        out: list[LayerCache] = []
+        for old, k in zip(self.layers, kept, strict=True):
+            if k is None:
+                out.append(old)
+                continue
+            assert isinstance(old, DeltaNetCache)
+            width = old.conv.shape[-2]
+
+            def conv(w: Array, i: Array, width: int = width) -> Array:  # w: nb × W × C
+                return jax.lax.dynamic_slice_in_dim(w, i + 1, width, axis=1)
+
+            def state(s: Array, i: Array) -> Array:  # s: nb × T × N × dk × dv
+                return jax.lax.dynamic_index_in_dim(s, i, axis=1, keepdims=False)
+
+            out.append(DeltaNetCache(
+                jax.vmap(conv, in_axes=(1, 0), out_axes=1)(k.conv, index_B).astype(
+                    old.conv.dtype),
+                jax.vmap(state, in_axes=(1, 0), out_axes=1)(k.state, index_B).astype(
+                    old.state.dtype)))
+        return self.replace(layers=tuple(out))
 
     def next_slot(self, active_B: Array, n: int = 1) -> DecodeCache:
         """The ``n`` slots just written become filled for the rows still running."""

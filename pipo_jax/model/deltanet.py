@@ -52,6 +52,21 @@ def scan(q_BxTxNxK: Array, k_BxTxNxK: Array, v_BxTxNxV: Array, g_BxTxN: Array,
     return jnp.moveaxis(o, 0, 1), s
 
 
+def scan_states(q_BxTxNxK: Array, k_BxTxNxK: Array, v_BxTxNxV: Array, g_BxTxN: Array,
+                beta_BxTxN: Array, s0_BxNxKxV: Array) -> tuple[Array, Array]:
+    """``scan`` that also keeps the state after every token → (o B×T×N×V, states
+    B×T×N×K×V): what a speculative verify pass needs to roll back to any accepted position."""
+
+    def step(s: Array, xs: tuple[Array, ...]) -> tuple[Array, tuple[Array, Array]]:
+        o, s = recurrent_step(*xs, s)
+        return s, (o, s)
+
+    xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0)
+               for x in (q_BxTxNxK, k_BxTxNxK, v_BxTxNxV, g_BxTxN, beta_BxTxN))
+    _, (o, states) = jax.lax.scan(step, s0_BxNxKxV.astype(jnp.float32), xs)
+    return jnp.moveaxis(o, 0, 1), jnp.moveaxis(states, 0, 1)
+
+
 def _unit_lower_inverse(a_XxBxB: Array) -> Array:
     """Inverse of small unit-lower-triangular blocks by forward substitution, one row per step
     (``B - 1`` unrolled steps of batched vector-matrix products)."""

@@ -28,7 +28,13 @@ from flax import linen as nn
 from pipo_jax.config import LoraConfig, ModelConfig
 from pipo_jax.model import attention, deltanet, sharding
 from pipo_jax.model.attention import CacheAttention
-from pipo_jax.model.cache import AttentionCache, DeltaNetCache, LayerCache, put_block_rows
+from pipo_jax.model.cache import (
+    KEPT,
+    AttentionCache,
+    DeltaNetCache,
+    LayerCache,
+    put_block_rows,
+)
 from pipo_jax.model.lora import LoraDenseGeneral
 
 # Logical axes of the residual stream (and of latents and MTP states), B×L×H.
@@ -304,6 +310,12 @@ class GatedDeltaNet(nn.Module):
             cache.conv.dtype)], axis=1)
         q, k, v = self._split(self._conv_out(window, t))
         g, beta = self._gates(x_BxCxH)
+        if self.is_mutable_collection(KEPT):
+            # A verify pass: the state after every position, and the whole conv window (the
+            # window after position j is ``window[:, j+1 : j+kernel]``), to roll back to.
+            o, states = deltanet.scan_states(q, k, v.astype(jnp.float32), g, beta, cache.state)
+            self.sow(KEPT, "states", DeltaNetCache(window, states))
+            return self._output(o, x_BxCxH), DeltaNetCache(window[:, t:], states[:, -1])
         if t == 1:
             o, state = deltanet.recurrent_step(q[:, 0], k[:, 0], v[:, 0].astype(jnp.float32),
                                                g[:, 0], beta[:, 0], cache.state)
@@ -470,7 +482,7 @@ class Backbone(nn.Module):
         """
         if cache is not None:
             assert span is not None
-            scanned_ext = nn.scan(_ExtendBody, variable_axes={"params": 0},
+            scanned_ext = nn.scan(_ExtendBody, variable_axes={"params": 0, KEPT: 0},
                                   split_rngs={"params": True, "dropout": True},
                                   in_axes=(0, nn.broadcast, nn.broadcast),
                                   length=self.cfg.n_blocks,

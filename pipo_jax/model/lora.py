@@ -111,9 +111,12 @@ def has_adapters(params: Params) -> bool:
 
 
 def trainable(path: Sequence[str], tuner: str) -> bool:
-    """Whether the parameter at ``path`` (a tuple of names) trains under ``tuner``."""
+    """Whether the parameter at ``path`` (a tuple of names) trains under ``tuner``: everything
+    (``full``), the adapters and the PIPO modules (``lora``), the MTP drafter (``mtp``)."""
     if tuner == "full":
         return True
+    if tuner == "mtp":  # the MTP drafter on a frozen AR model
+        return path[0] == "mtp_head"
     if path[-1] in LORA_LEAVES:
         return True
     return any(tuple(path[:len(p)]) == p for p in FULLY_TRAINED)

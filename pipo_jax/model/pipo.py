@@ -14,6 +14,8 @@ The AR baseline is the same ``Embedder`` + ``Backbone`` on tokens at token posit
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -30,6 +32,7 @@ from pipo_jax.model.layers import (
     dtype_of,
     layer_slot,
     norm,
+    slot_name,
 )
 
 Array = jax.Array
@@ -182,13 +185,20 @@ class PipoLM(nn.Module):
     lora: LoraConfig | None = None
     # How decode steps and prompt chunks attend to the cache (no parameters).
     cache_attention: CacheAttention = CacheAttention()
+    # The AR model with an MTP drafter (``pipo=False``): the same ``mtp_head`` module predicts
+    # token t+2 from the backbone state at t and the embedding of token t+1, for speculative
+    # decoding (``pipo_jax.decode.speculative``).
+    drafter: bool = False
 
     def setup(self) -> None:
+        if self.pipo and self.drafter:
+            raise ValueError("drafter=True is the AR model's MTP drafter (pipo=False)")
         self.embedder = Embedder(self.cfg)
         self.backbone = Backbone(self.cfg, self.lora, self.cache_attention)
+        if self.pipo or self.drafter:
+            self.mtp_head = MTPHead(self.cfg, self.lora, self.cache_attention)
         if self.pipo:
             self.compressor = Compressor(self.cfg)
-            self.mtp_head = MTPHead(self.cfg, self.lora, self.cache_attention)
             self.confidence_head = ConfidenceHead(self.cfg)
 
     def compress(self, tokens_BxT: Array) -> Array:
@@ -202,13 +212,19 @@ class PipoLM(nn.Module):
 
         PIPO returns ``h`` B×(L-1)×H (predicting ``t_{2i+2}``), ``m`` B×(L-1)×H (predicting
         ``t_{2i+3}``) and ``conf_logits`` B×(L-1). The AR model returns ``h`` B×(T-1)×H
-        (predicting ``t_{j+1}``). The last latent/token has no target and is dropped.
+        (predicting ``t_{j+1}``); with the drafter also ``m`` B×(T-2)×H, the MTP module on
+        ``(h_j, e(t_{j+1}))`` predicting ``t_{j+2}``. The last latent/token has no target and is
+        dropped.
         """
         b, t = tokens_BxT.shape
         if not self.pipo:
             positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-            h, _ = self.backbone(self.embedder(tokens_BxT), positions)
-            return {"h": h[:, :-1]}
+            e = self.embedder(tokens_BxT)
+            h, _ = self.backbone(e, positions)
+            if not self.drafter:
+                return {"h": h[:, :-1]}
+            m, _ = self.mtp_head(h[:, :-2], e[:, 1:-1], positions[:, :-2])
+            return {"h": h[:, :-1], "m": sharding.constrain(m, RESIDUAL_AXES)}
         if t % 2:
             raise ValueError(f"PIPO sequences must have even length, got {t}")
         n_latents = t // 2
@@ -283,6 +299,29 @@ class PipoLM(nn.Module):
                                   cache.layers, (cache.start, cache.length))
         return self.logits(h[:, 0]), h[:, 0], cache.replace(layers=layers)
 
+    def verify(self, tokens_BxC: Array,
+               cache: DecodeCache) -> tuple[Array, Array, DecodeCache]:
+        """The AR model on ``C`` new tokens at slots ``length …`` (a speculative verify pass:
+        the last token and the drafts) → (logits B×C×V, hidden B×C×H, the cache with their
+        rows written; ``length`` is the caller's to advance). Applied with the ``KEPT``
+        collection mutable, Gated DeltaNet layers also keep their state at every position."""
+        x = self.embedder(tokens_BxC)
+        c = x.shape[1]
+        slot = cache.length[:, None] + jnp.arange(c)[None]
+        positions = jnp.maximum(slot - cache.start[:, None], 0)
+        h, layers = self.backbone(x, positions, None, cache.layers,
+                                  (cache.start, cache.length))
+        return self.logits(h), h, cache.replace(layers=layers)
+
+    def mtp_extend(self, h_BxCxH: Array, tok_BxC: Array, positions_BxC: Array,
+                   cache: DecodeCache, index_B: Array) -> tuple[Array, DecodeCache]:
+        """The MTP module on ``C`` positions at slots ``index …`` of its own cache, attending
+        to its rows before them → (its output states B×C×H, the cache with their rows)."""
+        assert cache.mtp is not None
+        m, mtp = self.mtp_head.extend(h_BxCxH, self.embedder(tok_BxC), positions_BxC,
+                                      cache.mtp, cache.start, index_B)
+        return m, cache.replace(mtp=mtp)
+
     def prefill_mtp(self, h_BxLxH: Array, tok1_BxL: Array, valid_BxP: Array,
                     cache: DecodeCache) -> tuple[Array, Array, DecodeCache]:
         """The MTP layer over the prompt's latents at once, teacher-forced with ``tok1`` (the
@@ -318,9 +357,9 @@ def lm_head(params: dict) -> Array:
 
 
 def init_params(cfg: ModelConfig, pipo: bool, rng: Array,
-                lora: LoraConfig | None = None) -> dict:
+                lora: LoraConfig | None = None, drafter: bool = False) -> dict:
     """Boxed (logically partitioned) parameters; ``nn.unbox`` them for use."""
-    model = PipoLM(cfg, pipo, lora)
+    model = PipoLM(cfg, pipo, lora, drafter=drafter)
     tokens = jnp.zeros((1, 4), jnp.int32)
     return model.init(rng, tokens)["params"]
 
@@ -359,3 +398,20 @@ def pipo_from_ar(cfg: ModelConfig, ar_params: dict, rng: Array,
         mtp["fc"] = {"kernel": _identity_sum_kernel(cfg.d_model)(rng, kernel.shape, kernel.dtype)}
         params["mtp_head"] = mtp
     return params
+
+
+def drafter_from_ar(cfg: ModelConfig, ar_params: dict, rng: Array,
+                    native_mtp: dict | None = None) -> dict:
+    """The AR model's parameters plus an MTP drafter (``PipoLM(pipo=False, drafter=True)``),
+    the drafter initialised as PIPO's MTP head is (``cfg.mtp_init``, see ``pipo_from_ar``)."""
+    return {**ar_params, "mtp_head": pipo_from_ar(cfg, ar_params, rng, native_mtp)["mtp_head"]}
+
+
+def kept_states(cfg: ModelConfig, kept: dict) -> tuple[Any, ...]:
+    """Per pattern slot, what a verify pass kept (``KEPT`` collection of
+    ``PipoLM.verify``): the ``DeltaNetCache`` of per-position states for Gated DeltaNet slots,
+    None for attention ones; the form ``DecodeCache.keep_position`` reads."""
+    layers = kept.get("backbone", {}).get("layers", {})
+    return tuple(layers[slot_name(j)]["linear_attn"]["states"][0]
+                 if t == "linear_attention" else None
+                 for j, t in enumerate(cfg.layer_pattern))

@@ -71,6 +71,15 @@ def ar_loss(outputs: dict[str, Array], embedding_VxH: Array, tokens_BxT: Array,
                   "target_tokens": jnp.sum(loss_mask_BxT[:, 1:])}
 
 
+def mtp_loss(outputs: dict[str, Array], embedding_VxH: Array, tokens_BxT: Array,
+             loss_mask_BxT: Array, tc: TrainConfig) -> tuple[Array, dict[str, Array]]:
+    """The MTP drafter's CE: ``m_j`` (from ``h_j`` and ``t_{j+1}``) predicts ``t_{j+2}``."""
+    loss, _, acc = cross_entropy(outputs["m"], embedding_VxH, tokens_BxT[:, 2:],
+                                 loss_mask_BxT[:, 2:], tc.loss_chunk)
+    return loss, {"loss": loss, "loss_mtp": loss, "accuracy_mtp": acc,
+                  "target_tokens": jnp.sum(loss_mask_BxT[:, 2:])}
+
+
 def sft_loss(outputs: dict[str, Array], embedding_VxH: Array, tokens_BxT: Array,
              loss_mask_BxT: Array, tc: TrainConfig) -> tuple[Array, dict[str, Array]]:
     """``CE_backbone + w_mtp · CE_mtp + w_conf · BCE_conf`` (SPEC §4).

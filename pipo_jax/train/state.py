@@ -15,14 +15,21 @@ from flax import linen as nn
 from flax import struct
 from jax.sharding import Mesh
 
-from pipo_jax.config import PIPO_STAGES, Config, LoraConfig, ModelConfig, TrainConfig
+from pipo_jax.config import (
+    DRAFTER_STAGES,
+    PIPO_STAGES,
+    Config,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from pipo_jax.errors import CheckpointError, TrainingError
 from pipo_jax.io import checkpoint as ckpt
 from pipo_jax.io.run_dir import model_diff, restore_stage_params
 from pipo_jax.io.tokenizer import Tokenizer, run_tokenizer
 from pipo_jax.model import lora as lora_lib
 from pipo_jax.model import sharding
-from pipo_jax.model.pipo import init_params, pipo_from_ar
+from pipo_jax.model.pipo import drafter_from_ar, init_params, pipo_from_ar
 
 
 @struct.dataclass
@@ -55,12 +62,12 @@ _DROPOUT_SALT = 0xD120
 
 def state_shardings(mcfg: ModelConfig, pipo: bool, tx: optax.GradientTransformation,
                     mesh: Mesh, tuner: str = "full",
-                    lora: LoraConfig | None = None) -> tuple[Any, Any]:
+                    lora: LoraConfig | None = None, drafter: bool = False) -> tuple[Any, Any]:
     """(abstract unboxed state, its shardings) derived from the logical axis names.
 
     The optimizer state covers only the parameters ``tuner`` trains (``lora.partition``).
     """
-    boxed = jax.eval_shape(lambda: init_params(mcfg, pipo, jax.random.key(0), lora))
+    boxed = jax.eval_shape(lambda: init_params(mcfg, pipo, jax.random.key(0), lora, drafter))
     boxed_opt = jax.eval_shape(tx.init, lora_lib.partition(boxed, tuner)[0])
     boxed_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed,
                              opt_state=boxed_opt)
@@ -160,6 +167,12 @@ def init_state(cfg: Config, stage: str, tx: optax.GradientTransformation, shardi
     attach = functools.partial(attach_adapters, mcfg, pipo, lora)
     if base is not None:
         params = jax.jit(attach, out_shardings=shardings.params)(base, adapter_rng)
+    elif stage in DRAFTER_STAGES:
+        ar_params, _ = restore_prerequisite(
+            Path(cfg.run_dir) / "ar", False, mesh, "the mtp stage drafts for the AR model",
+            "train the ar stage first (stages=[ar, mtp])")
+        params = jax.jit(lambda a, r: drafter_from_ar(mcfg, a, r),
+                         out_shardings=shardings.params)(ar_params, rng)
     elif not pipo:
         params = jax.jit(lambda r: nn.unbox(init_params(mcfg, False, r, lora)),
                          out_shardings=shardings.params)(rng)
@@ -194,7 +207,7 @@ def setup_state(cfg: Config, stage: str, mesh: Mesh, tx: optax.GradientTransform
     pipo = stage in PIPO_STAGES
     stage_dir = Path(cfg.run_dir) / stage
     abstract, shardings = state_shardings(cfg.model_of(stage), pipo, tx, mesh, tc.tuner,
-                                          tc.adapters)
+                                          tc.adapters, stage in DRAFTER_STAGES)
     start = ckpt.latest_step(stage_dir)
     if start is not None and "opt_state" not in ckpt.saved_keys(stage_dir, start):
         # A params-only checkpoint (an imported or merged model): train from its weights with

@@ -1,5 +1,6 @@
-"""The teacher-forced stages: ``teacher`` and ``ar`` (the AR objective) and ``sft`` (PIPO,
-SPEC §4): the jitted step and the stage's run."""
+"""The teacher-forced stages: ``teacher`` and ``ar`` (the AR objective), ``mtp`` (the MTP
+drafter on the frozen AR model) and ``sft`` (PIPO, SPEC §4): the jitted step and the stage's
+run."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pipo_jax.io.tokenizer import Tokenizer
 from pipo_jax.model import sharding
 from pipo_jax.model.pipo import PipoLM, lm_head
 from pipo_jax.train.loop import StageResult, run_steps
-from pipo_jax.train.losses import ar_loss, sft_loss
+from pipo_jax.train.losses import ar_loss, mtp_loss, sft_loss
 from pipo_jax.train.state import (
     TrainState,
     apply_update,
@@ -32,10 +33,12 @@ from pipo_jax.train.state import (
 def stage_loss(params: Any, rngs: dict[str, jax.Array], *, batch: dict[str, jax.Array],
                mcfg: ModelConfig, tc: TrainConfig,
                pipo: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The ``ar``/``teacher`` (``pipo=False``) or ``sft`` objective of one batch:
-    ``(params, rngs) → (loss, metrics)``; ``batch`` as in ``train_step``."""
-    model = PipoLM(mcfg, pipo, tc.adapters)
-    objective = sft_loss if pipo else ar_loss
+    """The ``ar``/``teacher`` (``pipo=False``), ``mtp`` (``tc.tuner == "mtp"``: the drafter)
+    or ``sft`` objective of one batch: ``(params, rngs) → (loss, metrics)``; ``batch`` as in
+    ``train_step``."""
+    drafter = tc.tuner == "mtp"
+    model = PipoLM(mcfg, pipo, tc.adapters, drafter=drafter)
+    objective = sft_loss if pipo else (mtp_loss if drafter else ar_loss)
     kwargs = {"detach_confidence_inputs": tc.detach_confidence_inputs} if pipo else {}
     out = model.apply({"params": params}, batch["tokens"], rngs=rngs, **kwargs)
     return objective(out, lm_head(params), batch["tokens"], batch["loss_mask"], tc)
@@ -57,8 +60,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelCon
 def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
                 mesh: Mesh | None = None, progress: bool = True) -> StageResult:
     """Trains one stage to ``cfg.<stage>.steps``, resuming from its latest checkpoint."""
-    if stage not in ("teacher", "ar", "sft"):
-        raise ValueError(f"{stage} is not a teacher-forced stage (train_stage: teacher, ar, sft)")
+    if stage not in ("teacher", "ar", "mtp", "sft"):
+        raise ValueError(f"{stage} is not a teacher-forced stage (train_stage: teacher, ar, "
+                         f"mtp, sft)")
     tc: TrainConfig = getattr(cfg, stage)
     tokenizer = check_tokenizer(cfg, tokenizer)
     mesh = mesh or sharding.build_mesh(cfg.mesh)

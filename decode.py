@@ -1,8 +1,10 @@
 """Evaluate a trained run: ``python decode.py --run runs/default``.
 
-Decodes the test split with PIPO and with the AR baseline on the same prompts and prints a table
-(also written as JSON): pass@1 and pass@k, committed-token rate, tokens per backbone pass, time to
-first token and time per output token, and the PIPO/AR ratios. ``--prompt TEXT`` instead answers
+Decodes the test split with PIPO, with the AR baseline and, when the run has an ``mtp`` stage,
+with the AR model decoding speculatively with its MTP drafter (``spec``), on the same prompts,
+and prints a table (also written as JSON): pass@1 and pass@k, committed-token (SPEC: accepted
+draft) rate, tokens per backbone pass, time to first token, time per output token, and each
+model's ratios against AR. ``--prompt TEXT`` instead answers
 one question with both models and prints the text and per-request stats. ``--mesh fsdp=8``
 (axes ``data``, ``fsdp``, ``tensor``) shards the model over a device mesh and decodes there.
 
@@ -49,11 +51,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--presence-penalty", type=float)
     p.add_argument("--max-new-tokens", type=int, help="budget of real (non-PAD) tokens")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--speculative-k", type=int,
+                   help="spec: drafts per round of the MTP drafter (default decode.speculative_k)")
     p.add_argument("--seed", type=int)
     p.add_argument("--timing-problems", type=int,
                    help="problems timed one at a time (batch 1) for TTFT/TPOT; 0 disables "
                    "(default 8; not with --bench)")
-    p.add_argument("--models", default="pipo,ar", help="comma-separated subset of pipo,ar")
+    p.add_argument("--models", default="pipo,ar,spec",
+                   help="comma-separated subset of pipo,ar,spec (spec: the AR model with its "
+                        "MTP drafter, speculatively; dropped when the run has no mtp stage)")
     p.add_argument("--stage", choices=("opd", "sft"),
                    help="PIPO checkpoint to evaluate (default: opd when the run has it, else sft)")
     p.add_argument("--ar-stage", choices=("ar", "teacher"), default="ar",
@@ -89,10 +95,10 @@ def main(argv: list[str]) -> int:
         "samples": args.samples, "threshold": args.threshold,
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "presence_penalty": args.presence_penalty, "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size, "seed": args.seed})
+        "batch_size": args.batch_size, "seed": args.seed, "speculative_k": args.speculative_k})
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models or set(models) - {"pipo", "ar"}:
-        raise ConfigError(f"--models must be a subset of pipo,ar, got {args.models!r}")
+    if not models or set(models) - {"pipo", "ar", "spec"}:
+        raise ConfigError(f"--models must be a subset of pipo,ar,spec, got {args.models!r}")
     benches = load_benchmarks(args.bench) if args.bench else None  # fail before loading a run
     mesh = None
     if args.mesh:
@@ -105,8 +111,15 @@ def main(argv: list[str]) -> int:
                   ar_stage=args.ar_stage, mesh=mesh)
     if runner.ar_params is None and "ar" in models:
         models.remove("ar")
-        print(f"note: this run has no {args.ar_stage} model; evaluating PIPO only",
+        print(f"note: this run has no {args.ar_stage} model; not evaluating AR",
               file=sys.stderr)
+    by_default = args.models == "pipo,ar,spec"
+    if "spec" in models and (runner.drafter_params is None or options.get("presence_penalty")):
+        why = ("this run has no mtp stage (MTP drafter)" if runner.drafter_params is None
+               else "speculative decoding takes no presence penalty")
+        if not by_default:
+            raise ConfigError(f"--models spec: {why}; leave spec out of --models")
+        models.remove("spec")
     if benches is not None:
         out_dir = Path(args.out_dir) if args.out_dir else Path(args.run) / "eval" / "bench"
         summary = evaluate_benchmarks(

@@ -51,6 +51,9 @@ BUDGET = 32768
 # small MLP and vocabulary.
 ATTN = ModelConfig(vocab_size=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2,
                    head_dim=64, mlp_dim=512, max_context=70000)
+# ATTN three times as deep: the MTP layer (PIPO's one extra attention layer per pass) is 1/12
+# of the backbone instead of 1/4, closer to a real model's share (Qwen3.5-0.8B: 1/24).
+DEEP = dataclasses.replace(ATTN, n_layers=12)
 # The Qwen3.5 pattern (3 Gated DeltaNet : 1 gated attention), scaled the same way.
 HYBRID = dataclasses.replace(
     ATTN, family="qwen3_5", n_layers=8, layer_types=("linear_attention",) * 3
@@ -105,12 +108,19 @@ def _tpot(cfg: ModelConfig, pipo: bool, impl: str, filled_tokens: int, budget: i
             "tokens_per_pass": tokens / (2 * steps), "tpot_ms": 1e3 * seconds / tokens}
 
 
-def tpot_part(filled: list[int], steps: int, repeats: int) -> dict[str, Any]:
+CONFIGS = {"attention": ATTN, "deep": DEEP, "hybrid": HYBRID}
+
+
+def tpot_part(filled: list[int], steps: int, repeats: int, configs: list[str],
+              impls: list[str]) -> dict[str, Any]:
+    if "blocked" not in impls:
+        raise SystemExit("--impls must include blocked (the budget-cost row measures it)")
     out: dict[str, Any] = {}
-    for name, cfg in (("attention", ATTN), ("hybrid", HYBRID)):
+    for name in configs:
+        cfg = CONFIGS[name]
         rows = []
         for f in filled:
-            for impl in ("blocked", "masked"):
+            for impl in impls:
                 for pipo in (False, True):
                     rows.append(_tpot(cfg, pipo, impl, f, BUDGET, steps, repeats))
                     print(f"  {name} {impl:8s} {'pipo' if pipo else 'ar  '} filled {f:6d}: "
@@ -121,24 +131,23 @@ def tpot_part(filled: list[int], steps: int, repeats: int) -> dict[str, Any]:
         summary = []
         for f in filled:
             r = {(x["pipo"], x["impl"]): x for x in rows if x["filled_tokens"] == f}
-            summary.append({
-                "filled": f,
-                "ar_blocked_ms": r[False, "blocked"]["tpot_ms"],
-                "pipo_blocked_ms": r[True, "blocked"]["tpot_ms"],
-                "ar_masked_ms": r[False, "masked"]["tpot_ms"],
-                "pipo_masked_ms": r[True, "masked"]["tpot_ms"],
-                "pipo/ar blocked": r[False, "blocked"]["tpot_ms"] / r[True, "blocked"]["tpot_ms"],
-                "pipo/ar masked": r[False, "masked"]["tpot_ms"] / r[True, "masked"]["tpot_ms"],
-                "pipo tok/pass": r[True, "blocked"]["tokens_per_pass"]})
+            s: dict[str, Any] = {"filled": f,
+                                 "pipo tok/pass": r[True, impls[0]]["tokens_per_pass"]}
+            for impl in impls:
+                s[f"ar_{impl}_ms"] = r[False, impl]["tpot_ms"]
+                s[f"pipo_{impl}_ms"] = r[True, impl]["tpot_ms"]
+                s[f"pipo/ar {impl}"] = r[False, impl]["tpot_ms"] / r[True, impl]["tpot_ms"]
+            summary.append(s)
         budget_cost = {("pipo" if pipo else "ar"): next(
             x["tpot_ms"] for x in rows if x["pipo"] == pipo and x["impl"] == "blocked"
             and x["filled_tokens"] == short) / small[pipo]["tpot_ms"] for pipo in (False, True)}
         print(f"\nTPOT ({name}), budget {BUDGET} tokens; speed-ups are AR/PIPO time per real "
               "token")
-        print(table(summary, [("filled", "d"), ("ar_blocked_ms", ".2f"),
-                              ("pipo_blocked_ms", ".2f"), ("ar_masked_ms", ".2f"),
-                              ("pipo_masked_ms", ".2f"), ("pipo/ar blocked", ".2f"),
-                              ("pipo/ar masked", ".2f"), ("pipo tok/pass", ".2f")]))
+        cols = [("filled", "d")]
+        for impl in impls:
+            cols += [(f"ar_{impl}_ms", ".2f"), (f"pipo_{impl}_ms", ".2f"),
+                     (f"pipo/ar {impl}", ".2f")]
+        print(table(summary, [*cols, ("pipo tok/pass", ".2f")]))
         print(f"{short}-token fill at a {BUDGET} budget vs a {short} budget (blocked): "
               + ", ".join(f"{k} {v:.2f}x" for k, v in budget_cost.items()))
         out[name] = {"rows": rows, "summary": summary, "budget_cost_ratio": budget_cost,
@@ -276,6 +285,9 @@ def main() -> None:
     p.add_argument("--parts", default="tpot,ttft,throughput")
     p.add_argument("--filled", default="1024,4096,16384,32768")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--configs", default="attention,hybrid",
+                   help=f"tpot: model shapes, of {','.join(CONFIGS)}")
+    p.add_argument("--impls", default="blocked,masked", help="tpot: decode.attention forms")
     p.add_argument("--ttft-lengths", default="2048,8192")
     p.add_argument("--memory-tokens", type=int, default=32768,
                    help="prompt length of the prefill memory comparison (compiled only)")
@@ -289,7 +301,8 @@ def main() -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)}
     if "tpot" in parts:
         result["tpot"] = tpot_part([int(x) for x in args.filled.split(",")], args.steps,
-                                   args.repeats)
+                                   args.repeats, args.configs.split(","),
+                                   args.impls.split(","))
     if "ttft" in parts:
         result["ttft"] = ttft_part([int(x) for x in args.ttft_lengths.split(",")], args.chunk,
                                    args.repeats, args.memory_tokens)

@@ -5,7 +5,9 @@
     outs[0].text, outs[0].stats        # stats: tokens, backbone passes, commit rate, …
 
 ``generate(..., model="ar")`` runs the autoregressive baseline of the same run (same backbone,
-one token per pass), so every speed claim is a ratio measured on the same machine.
+one token per pass), so every speed claim is a ratio measured on the same machine;
+``model="spec"`` runs that AR model with its MTP drafter (the ``mtp`` stage), speculatively
+(``pipo_jax.decode.speculative``): AR's output, fewer backbone passes.
 
 ``load(run_dir, mesh=build_mesh(MeshConfig(...)))`` spreads the parameters over a device mesh
 (the logical rules of ``pipo_jax.model.sharding``) and decodes with programs compiled for it
@@ -33,7 +35,7 @@ from pipo_jax.config import (
     validate_threshold,
 )
 from pipo_jax.data.arith import SYSTEM_PROMPT
-from pipo_jax.decode import batching, engine
+from pipo_jax.decode import batching, engine, speculative
 from pipo_jax.decode.sampling import request_keys
 from pipo_jax.errors import CheckpointError, PromptError
 from pipo_jax.io import checkpoint as ckpt
@@ -43,6 +45,8 @@ from pipo_jax.model.pairs import assert_pad_at_odd
 from pipo_jax.model.sharding import batch_parallel, batch_sharding
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
+# What ``generate(model=)`` decodes with: PIPO, the AR baseline, the AR model speculatively.
+MODELS = ("pipo", "ar", "spec")
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this many tokens (fewer compiles)
 
 
@@ -68,24 +72,29 @@ class Timing:
 
 
 class PipoRunner:
-    """A trained run: config, PIPO parameters, the AR baseline's parameters and the tokenizer."""
+    """A trained run: config, PIPO parameters, the AR baseline's parameters (and, when the run
+    has an ``mtp`` stage, the AR model with its MTP drafter) and the tokenizer."""
 
     def __init__(self, config: Config, params: Any, ar_params: Any | None,
                  tokenizer: Tokenizer | None = None, system_prompt: str = SYSTEM_PROMPT,
                  ar_model: ModelConfig | None = None, stage: str = "sft",
-                 ar_stage: str = "ar", mesh: Mesh | None = None) -> None:
+                 ar_stage: str = "ar", mesh: Mesh | None = None,
+                 drafter_params: Any | None = None) -> None:
         """``mesh``: decode with programs compiled for this mesh (the parameters must already
-        be placed on it, e.g. by ``load(..., mesh=)``); None: wherever the parameters are."""
+        be placed on it, e.g. by ``load(..., mesh=)``); None: wherever the parameters are.
+        ``drafter_params``: the ``mtp`` stage's (the AR model plus ``mtp_head``), for
+        ``generate(model="spec")``."""
         self.config = config
         self.params = params
         self.ar_params = ar_params
+        self.drafter_params = drafter_params
         # The AR model's architecture: ``config.model`` (the same backbone), or the teacher's.
         self.ar_model = ar_model or config.model
         self.stage, self.ar_stage = stage, ar_stage
         self.tokenizer = tokenizer or ByteTokenizer()
         self.system_prompt = system_prompt
         self.mesh = mesh
-        self._decoders: dict[engine.DecodeSpec, engine.Decoder] = {}
+        self._decoders: dict[engine.DecodeSpec, engine.Decoder | speculative.Decoder] = {}
         self._continuous: dict[tuple[engine.DecodeSpec, int, int],
                                batching.ContinuousDecoder] = {}
 
@@ -134,13 +143,15 @@ class PipoRunner:
 
         With ``decode.batching: continuous`` (the default, on one device) the prompts share
         ``batch_size`` decode slots, each refilled as soon as its row finishes, and the samples
-        of a repeated prompt share one prefill; ``static`` (and any mesh) decodes
+        of a repeated prompt share one prefill; ``static`` (and any mesh, and ``spec``) decodes
         ``batch_size`` prompts at a time. A prompt that is empty or too long for the context
         is refused alone: its ``Generation.error`` says why, the others are decoded.
 
         Args:
           prompts: one prompt or a list (see ``encode_prompt``).
-          model: ``"pipo"`` or ``"ar"`` (the autoregressive baseline).
+          model: ``"pipo"``, ``"ar"`` (the autoregressive baseline) or ``"spec"`` (the AR
+            model decoding speculatively with its MTP drafter, ``decode.speculative_k`` drafts
+            per round; one device, static batches, no presence penalty).
           seeds: one sampling seed per prompt (default ``decode.seed + i``): a request's
             samples depend only on its own seed.
           return_timing: also return ``Timing``s (one per request with continuous batching,
@@ -151,15 +162,21 @@ class PipoRunner:
             top_p, presence_penalty, batch_size, batching, …), overriding the run's ``decode``
             config.
         """
-        if model not in ("pipo", "ar"):
-            raise ValueError(f"model must be 'pipo' or 'ar', got {model!r}")
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], dict)):
             prompts = [prompts]  # type: ignore[list-item]
         opts = self.decode_options(options)
         validate_threshold(opts.threshold)
-        pipo = model == "pipo"
-        if not pipo and self.ar_params is None:
+        if model == "ar" and self.ar_params is None:
             raise ValueError(f"this run has no AR model (no <run_dir>/{self.ar_stage} checkpoint)")
+        if model == "spec":
+            if self.drafter_params is None:
+                raise ValueError("this run has no MTP drafter (no <run_dir>/mtp checkpoint): "
+                                 "train it with `python train.py --stage mtp`")
+            if self.mesh is not None:
+                raise ValueError("speculative decoding runs on one device: load the run "
+                                 "without a mesh for model='spec'")
         seeds = list(seeds) if seeds is not None else [opts.seed + i
                                                        for i in range(len(prompts))]
         if len(seeds) != len(prompts):
@@ -172,23 +189,32 @@ class PipoRunner:
             except PromptError as e:
                 ids.append([])  # refused by the decoder too; this message is kept
                 errors[i] = f"request {i}: {e}"
-        if opts.batching == "continuous" and self.mesh is None:
-            outs, timings = self._generate_continuous(ids, seeds, opts, pipo, progress, on_done)
+        if opts.batching == "continuous" and self.mesh is None and model != "spec":
+            outs, timings = self._generate_continuous(ids, seeds, opts, model, progress, on_done)
         else:
-            outs, timings = self._generate_static(ids, seeds, opts, pipo, progress, on_done)
+            outs, timings = self._generate_static(ids, seeds, opts, model, progress, on_done)
         for i, msg in errors.items():
             outs[i] = _refused(msg)
         return (outs, timings) if return_timing else outs
 
-    def _model_of(self, pipo: bool) -> tuple[ModelConfig, Any]:
-        return (self.config.model, self.params) if pipo else (self.ar_model, self.ar_params)
+    def _model_of(self, model: str) -> tuple[ModelConfig, Any]:
+        if model == "pipo":
+            return self.config.model, self.params
+        if model == "spec":
+            return self.config.model, self.drafter_params
+        return self.ar_model, self.ar_params
+
+    def _spec(self, model: str, opts: DecodeConfig) -> engine.DecodeSpec:
+        return engine.DecodeSpec.of(self._model_of(model)[0], model == "pipo", opts,
+                                    self.tokenizer, speculative=model == "spec")
 
     def _generate_continuous(self, ids: list[list[int]], seeds: list[int], opts: DecodeConfig,
-                             pipo: bool, progress: bool,
+                             model: str, progress: bool,
                              on_done: Callable[[int, Generation], None] | None
                              ) -> tuple[list[Generation], list[Timing]]:
-        mcfg, params = self._model_of(pipo)
-        spec = engine.DecodeSpec.of(mcfg, pipo, opts, self.tokenizer)
+        pipo = model == "pipo"
+        mcfg, params = self._model_of(model)
+        spec = self._spec(model, opts)
         key = (spec, opts.batch_size, opts.sync_steps)
         if key not in self._continuous:
             self._continuous[key] = batching.ContinuousDecoder(spec, opts.batch_size,
@@ -224,17 +250,19 @@ class PipoRunner:
                    "prompt_tokens": prompt_tokens})
 
     def _generate_static(self, ids: list[list[int]], seeds: list[int], opts: DecodeConfig,
-                         pipo: bool, progress: bool,
+                         model: str, progress: bool,
                          on_done: Callable[[int, Generation], None] | None
                          ) -> tuple[list[Generation], list[Timing]]:
-        mcfg = self._model_of(pipo)[0]
+        pipo = model == "pipo"
+        mcfg = self._model_of(model)[0]
+        spec = self._spec(model, opts)  # a bad option fails before any prompt is encoded
         outs: list[Generation] = [_refused("") for _ in ids]
         timings: list[Timing] = []
         ok = []
         for i, r in enumerate(ids):
             try:
                 engine.prepare_prompts([r], pipo, self.tokenizer.pad_id, PROMPT_BUCKET,
-                                       opts.max_new_tokens, mcfg.max_context)
+                                       opts.max_new_tokens + spec.speculative, mcfg.max_context)
                 ok.append(i)
             except PromptError as e:
                 outs[i] = _refused(f"request {i}: {e}")
@@ -242,7 +270,8 @@ class PipoRunner:
             for start in range(0, len(ok), opts.batch_size):
                 batch = ok[start:start + opts.batch_size]
                 gens, timing = self._generate_batch([ids[i] for i in batch],
-                                                    [seeds[i] for i in batch], opts, pipo)
+                                                    [seeds[i] for i in batch], opts, model,
+                                                    spec)
                 for i, g in zip(batch, gens, strict=True):
                     outs[i] = g
                     if on_done is not None:
@@ -252,12 +281,16 @@ class PipoRunner:
         return outs, timings
 
     def _generate_batch(self, ids: list[list[int]], seeds: list[int], opts: DecodeConfig,
-                        pipo: bool) -> tuple[list[Generation], Timing]:
+                        model: str, spec: engine.DecodeSpec
+                        ) -> tuple[list[Generation], Timing]:
         tok = self.tokenizer
-        mcfg, params = self._model_of(pipo)
+        pipo = model == "pipo"
+        mcfg, params = self._model_of(model)
+        # A speculative verify writes k rows past the budget: the context must hold them too.
         tokens, valid = engine.prepare_prompts(ids, pipo, tok.pad_id, PROMPT_BUCKET,
-                                               opts.max_new_tokens, mcfg.max_context)
-        decoder = self._decoder(engine.DecodeSpec.of(mcfg, pipo, opts, tok), params)
+                                               opts.max_new_tokens + spec.speculative,
+                                               mcfg.max_context)
+        decoder = self._decoder(spec, params)
         keys = request_keys(seeds)
         if self.mesh is not None:
             # Rows split evenly over the batch axes: repeat the last request, drop its copies.
@@ -283,10 +316,15 @@ class PipoRunner:
                 for i in range(len(ids))]
         return gens, Timing(prefill=t1 - t0, decode=t2 - t1)
 
-    def _decoder(self, spec: engine.DecodeSpec, params: Any) -> engine.Decoder:
+    def _decoder(self, spec: engine.DecodeSpec,
+                 params: Any) -> engine.Decoder | speculative.Decoder:
         if spec not in self._decoders:
-            params_sh = None if self.mesh is None else jax.tree.map(lambda a: a.sharding, params)
-            self._decoders[spec] = engine.Decoder(spec, self.mesh, params_sh)
+            if spec.speculative:
+                self._decoders[spec] = speculative.Decoder(spec)
+            else:
+                params_sh = None if self.mesh is None else jax.tree.map(lambda a: a.sharding,
+                                                                        params)
+                self._decoders[spec] = engine.Decoder(spec, self.mesh, params_sh)
         return self._decoders[spec]
 
 
@@ -328,9 +366,12 @@ def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | No
     if ckpt.latest_step(run_dir / ar_stage) is not None:
         ar_params, ar_cfg = load_params(run_dir / ar_stage, False, mesh=mesh)
         ar_model = ar_cfg.model_of(ar_stage)
+    drafter = None
+    if mesh is None and ckpt.latest_step(run_dir / "mtp") is not None:
+        drafter, _ = load_params(run_dir / "mtp", False)
     if tokenizer is None:
         tokenizer = run_tokenizer(cfg.tokenizer, run_dir, cfg.model.vocab_size)
     if system_prompt is None:
         system_prompt = SYSTEM_PROMPT if cfg.data.source == "arith" else ""
     return PipoRunner(cfg, params, ar_params, tokenizer, system_prompt, ar_model, stage, ar_stage,
-                      mesh)
+                      mesh, drafter)

@@ -249,3 +249,23 @@ def generate(params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array,
     """``prefill`` then ``decode_loop``: a whole request batch in one traced function."""
     return decode_loop(params, prefill(params, prompt_BxP, valid_BxP, keys_B, spec=spec),
                        spec=spec)
+
+
+class Decoder:
+    """``prefill`` and ``decode_loop`` of one speculative ``DecodeSpec``, compiled once, with
+    ``engine.Decoder``'s interface (the threshold argument is PIPO's and is not read). One
+    device: the speculative decoder has no mesh programs yet."""
+
+    def __init__(self, spec: DecodeSpec) -> None:
+        _check(spec)
+        self.spec = spec
+        self._prefill = jax.jit(functools.partial(prefill, spec=spec))
+        self._loop = jax.jit(functools.partial(decode_loop, spec=spec), donate_argnums=(1,))
+
+    def prefill(self, params: Params, prompt_BxP: Array, valid_BxP: Array, keys_B: Array,
+                threshold: Array | None = None) -> SpecState:
+        return self._prefill(params, prompt_BxP, valid_BxP, keys_B)
+
+    def loop(self, params: Params, state: SpecState,
+             threshold: Array | None = None) -> SpecState:
+        return self._loop(params, state)

@@ -134,7 +134,7 @@ def summarise(records: Sequence[dict[str, Any]], samples: int) -> dict[str, Any]
 
 
 def _model_stage(runner: PipoRunner, model: str) -> str:
-    return runner.stage if model == "pipo" else runner.ar_stage
+    return {"pipo": runner.stage, "spec": "mtp"}.get(model, runner.ar_stage)
 
 
 def _latest_step(run_dir: str | Path | None, stage: str) -> int | None:

@@ -21,7 +21,7 @@ from pipo_jax.decode.runner import PipoRunner
 from pipo_jax.eval.aggregate import aggregate
 from pipo_jax.eval.scoring import verify
 
-MODELS = ("pipo", "ar")
+MODELS = ("pipo", "ar", "spec")  # table order; ratios are against "ar"
 
 
 def _accuracy(runner: PipoRunner, examples: Sequence[dict], model: str, samples: int,
@@ -84,36 +84,42 @@ def evaluate(runner: PipoRunner, examples: Sequence[dict], *, samples: int = 1,
             res.update(time_requests(runner, examples[:timing_problems], model, options, progress,
                                timing_repeats))
         result[model] = res
-    if "pipo" in result and "ar" in result and timing_problems > 0:
-        p, a = result["pipo"], result["ar"]
-        result["ratios"] = {"tpot_speedup": a["tpot_ms"] / p["tpot_ms"],
-                            "ttft_speedup": a["ttft_ms"] / p["ttft_ms"],
-                            "pass@1_diff_points": 100 * (p["pass@1"] - a["pass@1"])}
+    for model, key in (("pipo", "ratios"), ("spec", "spec_ratios")):
+        if model in result and "ar" in result and timing_problems > 0:
+            p, a = result[model], result["ar"]
+            result[key] = {"tpot_speedup": a["tpot_ms"] / p["tpot_ms"],
+                           "ttft_speedup": a["ttft_ms"] / p["ttft_ms"],
+                           "pass@1_diff_points": 100 * (p["pass@1"] - a["pass@1"])}
     return result
 
 
 ROWS = (("pass@1", "{:.3f}"), ("pass@k", "{:.3f}"), ("commit_rate", "{:.3f}"),
         ("tokens_per_pass", "{:.2f}"), ("mean_tokens", "{:.1f}"), ("ttft_ms", "{:.2f}"),
         ("tpot_ms", "{:.3f}"))
+# Rows whose ratio column is AR's value over the model's (times), not the model's over AR's.
+_TIMES = ("ttft_ms", "tpot_ms")
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table of ``evaluate``'s result (PIPO, AR and PIPO/AR)."""
+    """A plain-text table of ``evaluate``'s result: a column per model (PIPO, AR, SPEC) and,
+    with AR, a speed-up column per other model (``X/AR``: AR's time over X's, X's tokens per
+    pass over AR's). ``commit_rate`` is SPEC's draft acceptance rate. Throughput at several
+    batch sizes is ``benchmarks/speculative.py``'s (it needs warmed-up programs)."""
     k = result["samples"]
     models = [m for m in MODELS if m in result]
+    others = [m for m in models if m != "ar"] if "ar" in models else []
     lines = [f"{'metric':<18}" + "".join(f"{m.upper():>12}" for m in models)
-             + (f"{'PIPO/AR':>12}" if len(models) == 2 else "")]
+             + "".join(f"{m.upper() + '/AR':>12}" for m in others)]
     for name, fmt in ROWS:
         key = f"pass@{k}" if name == "pass@k" else name
         if (name == "pass@k" and k == 1) or not all(key in result[m] for m in models):
             continue
-        vals = [result[m][key] for m in models]
-        row = f"{key:<18}" + "".join(f"{fmt.format(v):>12}" for v in vals)
-        if len(models) == 2:
-            if name in ("ttft_ms", "tpot_ms"):
-                row += f"{vals[1] / vals[0]:>11.2f}x"  # speed-up: AR time / PIPO time
-            elif name == "tokens_per_pass":
-                row += f"{vals[0] / vals[1]:>11.2f}x"
+        vals = {m: result[m][key] for m in models}
+        row = f"{key:<18}" + "".join(f"{fmt.format(v):>12}" for v in vals.values())
+        if name in _TIMES:
+            row += "".join(f"{vals['ar'] / vals[m]:>11.2f}x" for m in others)
+        elif name == "tokens_per_pass":
+            row += "".join(f"{vals[m] / vals['ar']:>11.2f}x" for m in others)
         lines.append(row)
     return "\n".join(lines)
 

@@ -525,7 +525,8 @@ def merge_lora(run: str | Path, out: str | Path, step: int | None = None, force:
     base = config_from_json(run / "config.json")
     config = dataclasses.replace(
         base, run_dir=str(out),
-        **{s: dataclasses.replace(getattr(base, s), tuner="full") for s in STAGES})
+        **{s: dataclasses.replace(getattr(base, s), tuner="full") for s in STAGES
+           if getattr(base, s).tuner == "lora"})
     extra = [n for n in (HF_CONFIG, HF_DTYPES) if (run / n).is_file()]
     tok = tokenizer_path(base.tokenizer, run)
     _prepare_out(out, force, (*STAGES, TOKENIZER_DIR, "config.json", *extra))

@@ -245,11 +245,12 @@ def _throughput(runner: PipoRunner, prompts: list[list[int]], model: str, slots:
             "lengths": sorted(g.stats["tokens"] for g in gens)}
 
 
-def throughput_part(requests: int) -> dict[str, Any]:
+def throughput_part(requests: int, slot_counts: list[int]) -> dict[str, Any]:
     runner = _runner(THROUGHPUT_MODEL)
     rng = np.random.default_rng(0)
     rows = []
-    for slots, n in ((1, max(4, requests // 16)), (8, requests), (64, 2 * requests)):
+    plan = {1: max(4, requests // 16), 8: requests, 64: 2 * requests}
+    for slots, n in ((s, plan.get(s, requests)) for s in slot_counts):
         prompts = [list(rng.integers(3, 256, size=int(rng.integers(16, 200))))
                    for _ in range(n)]
         for model in ("ar", "pipo"):
@@ -259,7 +260,7 @@ def throughput_part(requests: int) -> dict[str, Any]:
                 print(f"  {model:4s} {slots:2d} slots {mode:10s}: {r['tokens_per_s']:.0f} tok/s",
                       flush=True)
     summary = []
-    for slots in (1, 8, 64):
+    for slots in slot_counts:
         s: dict[str, Any] = {"slots": slots}
         for model in ("ar", "pipo"):
             got = {r["batching"]: r for r in rows if r["slots"] == slots and r["model"] == model}
@@ -292,7 +293,10 @@ def main() -> None:
     p.add_argument("--memory-tokens", type=int, default=32768,
                    help="prompt length of the prefill memory comparison (compiled only)")
     p.add_argument("--chunk", type=int, default=2048)
-    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--requests", type=int, default=64,
+                   help="throughput: requests at 8 slots (64 slots get twice as many, 1 slot "
+                        "a sixteenth)")
+    p.add_argument("--slots", default="1,8,64", help="throughput: slot counts")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out")
     args = p.parse_args()
@@ -307,7 +311,8 @@ def main() -> None:
         result["ttft"] = ttft_part([int(x) for x in args.ttft_lengths.split(",")], args.chunk,
                                    args.repeats, args.memory_tokens)
     if "throughput" in parts:
-        result["throughput"] = throughput_part(args.requests)
+        result["throughput"] = throughput_part(args.requests,
+                                               [int(s) for s in args.slots.split(",")])
     print(f"wrote {write('decode_engine', result, args.out)}")
 
 

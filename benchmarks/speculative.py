@@ -3,14 +3,18 @@ on one trained run (the same backbone), measured in one process (issue #16).
 
     python train.py                                   # the default run has the mtp stage
     python -m benchmarks.speculative --run runs/default
+    # a competent AR base (the default's 200-step one is not), PIPO from the default run:
+    python train.py run_dir=runs/ar800 stages=[ar,mtp] ar.steps=800
+    python -m benchmarks.speculative --run runs/default --ar-run runs/ar800 --parts speed
 
 * ``exact``: greedy speculative decoding with ``k`` = 1…4 drafts per round on the whole test
   split (``--problems``) against AR greedy: the outputs must be identical (its correctness),
   with the acceptance length (tokens per backbone pass) and the accepted fraction of drafts;
 * ``speed``: AR, SPEC (each ``k``) and PIPO (threshold ``--threshold``) at batch 1 (TTFT, TPOT:
   best of ``--repeats`` per problem, median over problems) and throughput (real tokens/s of
-  one ``generate`` call over ``--throughput-problems`` problems) at 1, 8 and 64 requests per
-  static batch, ratios against AR, with accuracy on the same problems.
+  one ``generate`` call over ``16 × batch`` problems, at most ``--throughput-problems``) at 1,
+  8 and 64 requests per static batch, ratios against AR, with accuracy and tokens per pass on
+  the largest batch's problems.
 
 Static batches for all three, so that the rows differ by decoder only (speculative decoding
 has no continuous batching). Timings on a shared 2-core machine are noisy: compare the ratios
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import table, write
@@ -30,6 +35,7 @@ from pipo_jax.data.loader import test_examples
 from pipo_jax.decode.runner import PipoRunner, load
 from pipo_jax.eval.heldout import time_requests
 from pipo_jax.eval.scoring import verify
+from pipo_jax.io.run_dir import load_params
 
 
 def _run(runner: PipoRunner, examples: list[dict], model: str,
@@ -74,11 +80,13 @@ def speed_part(runner: PipoRunner, examples: list[dict], ks: list[int], threshol
         r: dict[str, Any] = {"decoder": name}
         r.update(time_requests(runner, examples[:timing_problems], model, base, False, repeats))
         for b in batches:
-            gens, seconds = _run(runner, examples, model, dict(base, batch_size=b))
+            # 16 requests per slot, at most the whole set: batch 1 times 16 problems.
+            subset = examples[:16 * b]
+            gens, seconds = _run(runner, subset, model, dict(base, batch_size=b))
             r[f"tok/s@{b}"] = sum(g.stats["tokens"] for g in gens) / seconds
-            if b == batches[0]:
+            if b == batches[-1]:
                 r["pass@1"] = statistics.fmean(
-                    verify(g.text, ex["answer"]) for g, ex in zip(gens, examples, strict=True))
+                    verify(g.text, ex["answer"]) for g, ex in zip(gens, subset, strict=True))
                 r["tokens_per_pass"] = sum(g.stats["tokens"] for g in gens) / sum(
                     g.stats["backbone_passes"] for g in gens)
         rows.append(r)
@@ -102,8 +110,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/default")
+    p.add_argument("--ar-run", help="take the AR model and its MTP drafter from this run "
+                   "instead (same architecture: e.g. an AR base trained longer, so that the "
+                   "accuracy column means something)")
     p.add_argument("--parts", default="exact,speed")
-    p.add_argument("--ks", default="1,2,3,4")
+    p.add_argument("--ks", default="1,2,3,4", help="exact: drafts per round")
+    p.add_argument("--speed-ks", default="1,2,3,4", help="speed: drafts per round")
     p.add_argument("--problems", type=int, default=500, help="exact: test problems")
     p.add_argument("--throughput-problems", type=int, default=128)
     p.add_argument("--timing-problems", type=int, default=8)
@@ -113,6 +125,13 @@ def main() -> None:
     p.add_argument("--out")
     args = p.parse_args()
     runner = load(args.run)
+    if args.ar_run:
+        ar_params, ar_cfg = load_params(Path(args.ar_run) / "ar", False)
+        drafter, _ = load_params(Path(args.ar_run) / "mtp", False)
+        if ar_cfg.model != runner.config.model:
+            raise SystemExit(f"{args.ar_run} has another model than {args.run}: the three "
+                             "decoders must share the backbone's architecture")
+        runner.ar_params, runner.drafter_params = ar_params, drafter
     if runner.drafter_params is None or runner.ar_params is None:
         raise SystemExit(f"{args.run} needs its ar and mtp stages: python train.py "
                          f"run_dir={args.run} --stage ar --stage mtp")
@@ -124,7 +143,8 @@ def main() -> None:
                                      64)
     if "speed" in args.parts:
         result["speed"] = speed_part(
-            runner, test_examples(runner.config, args.throughput_problems), ks, args.threshold,
+            runner, test_examples(runner.config, args.throughput_problems),
+            [int(k) for k in args.speed_ks.split(",")], args.threshold,
             args.timing_problems, args.repeats, [int(b) for b in args.batches.split(",")])
     print(f"wrote {write('speculative', result, args.out)}")
 

@@ -32,3 +32,17 @@ def random_params(cfg: ModelConfig, pipo: bool, seed: int, std: float = 0.2,
         return jnp.asarray(x, jnp.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+# The two small shapes the decode-engine and speculative tests run on: all full attention (GQA),
+# and the Qwen3.5 hybrid (Gated DeltaNet and gated attention, alternating; partial RoPE).
+DECODE_ATTN = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                          head_dim=8, mlp_dim=64, max_context=96, compressor_init="random",
+                          init_std=0.2)
+DECODE_HYBRID = ModelConfig(vocab_size=40, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2,
+                            head_dim=8, mlp_dim=64, max_context=96, compressor_init="random",
+                            init_std=0.2, family="qwen3_5",
+                            layer_types=("linear_attention", "full_attention") * 2,
+                            partial_rotary_factor=0.5, tie_embeddings=False,
+                            linear_n_key_heads=2, linear_n_value_heads=4,
+                            linear_key_head_dim=8, linear_value_head_dim=4, linear_chunk=4)

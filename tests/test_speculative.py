@@ -24,15 +24,7 @@ from pipo_jax.model.pipo import PipoLM
 PAD = 0
 NO_EOS = -1  # no id: rows run to the budget (the EOS test picks its own)
 BUDGET = 16
-ATTN = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                   mlp_dim=64, max_context=96, compressor_init="random", init_std=0.2)
-HYBRID = ModelConfig(vocab_size=40, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2,
-                     head_dim=8, mlp_dim=64, max_context=96, compressor_init="random",
-                     init_std=0.2, family="qwen3_5",
-                     layer_types=("linear_attention", "full_attention") * 2,
-                     partial_rotary_factor=0.5, tie_embeddings=False, linear_n_key_heads=2,
-                     linear_n_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=4,
-                     linear_chunk=4)
+ATTN, HYBRID = helpers.DECODE_ATTN, helpers.DECODE_HYBRID
 CONFIGS = {"attention": ATTN, "hybrid": HYBRID}
 
 

@@ -185,14 +185,16 @@ def round_step(params: Params, state: SpecState, *, spec: DecodeSpec) -> SpecSta
     # 3. Accept.
     a, bonus = _accept(spec, logits, drafts_BxK, q_logits, state.keys, n)
     j = jnp.arange(k + 1)[None]
-    emitted = jnp.where(j < a[:, None], jnp.pad(drafts_BxK, ((0, 0), (0, 1))),
-                        jnp.where(j == a[:, None], bonus[:, None], spec.pad_id))
+    # The verified continuation: the accepted drafts, then the AR model's token (past it:
+    # unused). Position j is also the MTP layer's next token at verified position j (5.).
+    verified = jnp.where(j < a[:, None], jnp.pad(drafts_BxK, ((0, 0), (0, 1))),
+                         bonus[:, None])
     # Stop at the first EOS and at the budget.
-    is_eos = (emitted == spec.eos_id) & (j <= a[:, None])
+    is_eos = (verified == spec.eos_id) & (j <= a[:, None])
     first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), k + 1)
     count = jnp.minimum(jnp.minimum(a + 1, first_eos + 1), spec.budget - state.n_tokens)
     count = jnp.where(active, count, 0)
-    emitted = jnp.where(j < count[:, None], emitted, spec.pad_id)
+    emitted = jnp.where(j < count[:, None], verified, spec.pad_id)
     current = jax.vmap(lambda o, i: jax.lax.dynamic_slice_in_dim(o, i, k + 1))(
         state.out, state.n_tokens)
     out = put_rows(state.out, jnp.where(j < count[:, None], emitted, current), state.n_tokens)
@@ -209,9 +211,8 @@ def round_step(params: Params, state: SpecState, *, spec: DecodeSpec) -> SpecSta
         if isinstance(old, DeltaNetCache) else new
         for new, old in zip(cache.layers, state.cache.layers, strict=True)))
     # 5. The MTP layer over the verified positions, teacher-forced: (h_t, token t+1).
-    nxt = jnp.where(j < a[:, None], jnp.pad(drafts_BxK, ((0, 0), (0, 1))), bonus[:, None])
     positions_BxC = state.positions[:, None] + j
-    m_all, cache = model.apply(variables, h, nxt, positions_BxC, cache, cache.length,
+    m_all, cache = model.apply(variables, h, verified, positions_BxC, cache, cache.length,
                                method=PipoLM.mtp_extend)
     m_a = jnp.take_along_axis(m_all, last_i[:, None, None], axis=1)[:, 0]
     draft, q = _draft_from(model, params, m_a, state.keys, n + 1, 0, spec)

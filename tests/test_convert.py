@@ -100,10 +100,13 @@ class HFModel:
     folder: Path
     model: object  # the torch model, fp32, eval mode
     tensors: dict[str, np.ndarray]  # every tensor of the folder (text + mtp + visual)
+    mtp: object = None  # HF's MtpModel whose weights are the folder's mtp.* (mtp="hf")
 
 
-def _build(root: Path, kind: str, tie: bool, dtype: str = "float32", mtp: bool = True,
+def _build(root: Path, kind: str, tie: bool, dtype: str = "float32", mtp: str | None = "random",
            shard: str | None = None, seed: int = 0) -> HFModel:
+    """``mtp``: ``"random"`` tensors, ``"hf"`` (the weights of a randomised ``MtpModel``, a
+    reference forward for the native drafter), or None."""
     t = transformers
     torch.manual_seed(seed)
     if kind == "qwen3_5":
@@ -128,24 +131,29 @@ def _build(root: Path, kind: str, tie: bool, dtype: str = "float32", mtp: bool =
     saved = model.to(getattr(torch, dtype))
     saved.save_pretrained(str(folder), **({"max_shard_size": shard} if shard else {}))
     model = model.float()
-    if mtp:
+    reference = None
+    if mtp == "hf":
+        assert dtype == "float32", "the MtpModel reference is float32"
+        reference = hf_reference.build_mtp(model, seed + 1)
+        _add_mtp(folder, hf_reference.mtp_checkpoint(reference))
+    elif mtp == "random":
         np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
         _add_mtp(folder, _mtp_tensors(TEXT35["hidden_size"], seed + 1, np_dtype))
     _tokenizer(folder)
     tensors = {}
     for file in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(str(file)))
-    return HFModel(folder, model, tensors)
+    return HFModel(folder, model, tensors, reference)
 
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HFModel]:
     root = tmp_path_factory.mktemp("hf")
     return {
-        "q35_untied_sharded": _build(root, "qwen3_5", tie=False, shard="40KB"),
+        "q35_untied_sharded": _build(root, "qwen3_5", tie=False, mtp="hf", shard="40KB"),
         "q35_tied_bf16": _build(root, "qwen3_5", tie=True, dtype="bfloat16", seed=1),
         "vlm": _build(root, "vlm", tie=False, seed=2, shard="200KB"),
-        "qwen3": _build(root, "qwen3", tie=True, mtp=False, seed=3),
+        "qwen3": _build(root, "qwen3", tie=True, mtp=None, seed=3),
     }
 
 
@@ -225,6 +233,46 @@ def test_mtp_head(name: str, hf_models: dict[str, HFModel], runs: dict[str, Path
     assert sorted(ours) == sorted(source)
     for key, value in source.items():
         np.testing.assert_array_equal(ours[key], value.astype(np.float32), err_msg=key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _draft_logits(cfg: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
+    """The drafter's logits for token t+2 from the backbone state at t and token t+1."""
+    def run(m: PipoLM, tokens: jax.Array) -> jax.Array:
+        h = m(tokens)["h"]  # the states of tokens[:, :-1] (the teacher-forced AR forward)
+        positions = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
+        out, _ = m.mtp_head(h, m.embedder(tokens[:, 1:]), positions)
+        return m.logits(out)
+    return PipoLM(cfg, False, drafter=True).apply({"params": params}, tokens, method=run)
+
+
+def test_native_drafter_matches_transformers_mtp(hf_models: dict[str, HFModel],
+                                                  runs: dict[str, Path]):
+    """An imported native ``mtp.*`` becomes the run's ``mtp`` stage: the AR model with that
+    module as its speculative drafter. End to end (our backbone, our drafter) its logits equal
+    ``transformers``' main model followed by its ``MtpModel``, and speculative decoding with it
+    answers exactly as AR greedy does. A checkpoint without ``mtp.*`` gets no ``mtp`` stage."""
+    hf, run = hf_models["q35_untied_sharded"], runs["q35_untied_sharded"]
+    assert ckpt.all_steps(run / "mtp") == [0]
+    assert ckpt.latest_step(runs["qwen3"] / "mtp") is None
+    params, config = load_params(run / "mtp", False)
+    tokens = np.random.default_rng(1).integers(0, VOCAB, size=(2, 17))
+    ids = torch.tensor(tokens)
+    with torch.no_grad():
+        h = hf.model.model(ids).last_hidden_state[:, :-1]  # after the final norm
+        positions = torch.arange(h.shape[1])[None].expand(2, -1)
+        want = hf.mtp.shared_head(
+            hf.mtp.forward_layer(0, h, positions, None, input_ids=ids[:, 1:])).numpy()
+    got = np.asarray(_draft_logits(config.model, params, jnp.asarray(tokens)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert np.abs(want).max() > 0.5
+
+    runner = load(run)
+    assert runner.drafter_params is not None
+    prompt = "What is 12 + 30?"
+    spec = runner.generate(prompt, model="spec", max_new_tokens=12)[0]
+    ar = runner.generate(prompt, model="ar", max_new_tokens=12)[0]
+    assert spec.text == ar.text and spec.stats["tokens"] == ar.stats["tokens"] > 0
 
 
 # ------------------------------------------------------------------------------- round trips
@@ -464,8 +512,11 @@ def test_lora_sft_on_chat_jsonl_from_imported_run_exports_to_transformers(
         {"id": "a", "question": "what is 12 + 30?", "answer": "42", "kind": "boxed"},
         {"id": "b", "question": "which is larger?", "choices": ["1", "2"], "answer": "B",
          "kind": "choice"})) + "\n")
+    # The import wrote the native drafter too (mtp/), which decode.py would also run by
+    # default; speculative decoding of an import is test_native_drafter_matches_transformers_mtp's.
     assert decode.main(["--run", str(run), "--bench", str(bench), "--max-new-tokens", "4",
-                        "--samples", "2", "--temperature", "1.0", "--no-progress"]) == 0
+                        "--samples", "2", "--temperature", "1.0", "--models", "pipo,ar",
+                        "--no-progress"]) == 0
     summary = json.loads((run / "eval" / "bench" / "summary.json").read_text())
     assert summary["benchmarks"]["mini"]["models"]["pipo"]["num_questions"] == 2
     assert set(summary["benchmarks"]["mini"]["models"]) == {"pipo", "ar"}

@@ -1,7 +1,7 @@
 """Hugging Face Qwen3 / Qwen3.5 checkpoints ↔ pipo-jax run directories.
 
     python -m pipo_jax.io.hf.convert hf-to-pipo --hf-dir DIR --out RUN_DIR [--param-dtype float32]
-        [--compressor-type mlp|linear] [--max-context N] [--seed S] [--force]
+        [--compressor-type mlp|linear] [--max-context N] [--seed S] [--no-drafter] [--force]
     python -m pipo_jax.io.hf.convert pipo-to-hf --run RUN_DIR --out DIR [--dtype float32|bfloat16]
         [--step N] [--max-shard-size 2GB] [--force]
     python -m pipo_jax.io.hf.convert merge-lora --run RUN_DIR --out RUN_DIR [--step N] [--force]
@@ -16,6 +16,8 @@ and writes a run directory that ``pipo_jax.load`` and ``train.py`` start from::
     <out>/tokenizer/            tokenizer.json (+ tokenizer_config.json ...)
     <out>/ar/checkpoints/0      params-only checkpoint of the AR model (embedder + backbone)
     <out>/sft/checkpoints/0     params-only checkpoint of the PIPO model
+    <out>/mtp/checkpoints/0     only with a native ``mtp.*``: the AR model with that module as
+                                its speculative drafter (``decode.py --models spec``)
 
 Tensors are read one at a time into a preallocated numpy tree of the model's final shapes
 (``hf_mapping.load_into``): reading never holds more than that one copy of the parameters plus
@@ -362,8 +364,12 @@ def fresh_modules(cfg: ModelConfig, params: dict, modules: Iterable[str], seed: 
 
 def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32",
                compressor_type: str | None = None, max_context: int | None = None,
-               seed: int = 0, force: bool = False, log: Any = print) -> dict[str, Any]:
-    """Converts a local Hugging Face folder into a run directory; returns a summary dict."""
+               seed: int = 0, force: bool = False, log: Any = print,
+               drafter: bool = True) -> dict[str, Any]:
+    """Converts a local Hugging Face folder into a run directory; returns a summary dict.
+
+    ``drafter``: with a native ``mtp.*``, also write the ``mtp`` stage (the AR model with that
+    module as its speculative drafter; one more copy of the backbone on disk)."""
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
         raise ConvertError(f"--hf-dir {hf_dir} is not a directory")
@@ -400,7 +406,8 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
                                       params[module])
 
     config = Config(run_dir=str(out), stages=("sft",), tokenizer=TOKENIZER_DIR, model=cfg)
-    _prepare_out(out, force, ("ar", "sft", TOKENIZER_DIR, "config.json", HF_CONFIG, HF_DTYPES))
+    _prepare_out(out, force, ("ar", "mtp", "sft", TOKENIZER_DIR, "config.json", HF_CONFIG,
+                              HF_DTYPES))
     _copy_tokenizer(hf_dir, out / TOKENIZER_DIR)
     shutil.copyfile(hf_dir / "config.json", out / HF_CONFIG)
     main_dtype = _source_dtype(hf_config)
@@ -409,7 +416,10 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
         _write_json(out / HF_DTYPES, odd)
     save_config(config, out / "config.json")
     ar_params = {"embedder": params["embedder"], "backbone": params["backbone"]}
-    for stage, tree in (("ar", ar_params), ("sft", params)):
+    trees = [("ar", ar_params), ("sft", params)]
+    if drafter and "mtp" in groups:  # its own drafter: the speculative baseline (issue #16)
+        trees.insert(1, ("mtp", {**ar_params, "mtp_head": params["mtp_head"]}))
+    for stage, tree in trees:
         ckpt.save_params(out / stage, 0, tree, config, stage,
                          getattr(config, stage).keep_checkpoints)
         _release_freed_memory()
@@ -419,6 +429,7 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
         "family": cfg.family, "n_layers": cfg.n_layers, "layer_pattern": list(cfg.layer_pattern),
         "params": n_params, "param_dtype": cfg.param_dtype,
         "from_checkpoint": sorted(groups), "initialised": missing, "mtp_init": cfg.mtp_init,
+        "stages": [stage for stage, _ in trees],
         "compressor_type": cfg.compressor_type, "tensors_read": len(seen),
         "peak_rss_mb": round(peak_rss_mb(), 1), "run_dir": str(out)}
     pattern = "/".join("full" if t == "full_attention" else "linear" for t in cfg.layer_pattern)
@@ -428,6 +439,7 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
         f"  from the checkpoint: {', '.join(sorted(groups))} ({len(seen)} tensors); "
         f"initialised: {', '.join(missing) or 'nothing'} (mtp_init {cfg.mtp_init}, "
         f"{cfg.compressor_type} compressor)\n"
+        f"  stages written: {', '.join(stage for stage, _ in trees)}\n"
         f"  peak host RSS {summary['peak_rss_mb']:.0f} MB")
     return summary
 
@@ -567,6 +579,9 @@ def main(argv: list[str]) -> int:
                      help="longest context the decode caches hold (default: the checkpoint's "
                      "max_position_embeddings)")
     imp.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised modules")
+    imp.add_argument("--no-drafter", action="store_true", help="do not write the mtp/ stage "
+                     "(the native MTP module as a speculative drafter: one more copy of the "
+                     "backbone on disk)")
     imp.add_argument("--force", action="store_true", help="replace a previous conversion in --out")
     exp = sub.add_parser("pipo-to-hf", help="a run's PIPO model → a Hugging Face folder")
     exp.add_argument("--run", required=True, help="run directory (its sft/ checkpoint)")
@@ -593,7 +608,7 @@ def main(argv: list[str]) -> int:
             raise ConvertError(f"--max-context must be a positive even number, got "
                                f"{args.max_context}")
         hf_to_pipo(args.hf_dir, args.out, args.param_dtype, args.compressor_type,
-                   args.max_context, args.seed, args.force)
+                   args.max_context, args.seed, args.force, drafter=not args.no_drafter)
     else:
         pipo_to_hf(args.run, args.out, args.dtype, args.step, args.max_shard_size, args.force,
                    stage=args.stage)

@@ -65,6 +65,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ar-stage", choices=("ar", "teacher"), default="ar",
                    help="the AR model: ar (same backbone, the speed baseline) or teacher (the "
                         "larger OPD teacher)")
+    p.add_argument("--ar-run", metavar="RUN",
+                   help="take the AR model and its MTP drafter (spec) from this run instead: "
+                        "e.g. an AR base trained long enough to be competent (same backbone)")
     p.add_argument("--mesh", metavar="data=D,fsdp=F,tensor=T",
                    help="decode on a device mesh: parameters sharded by the logical rules, "
                         "programs compiled for it (axes left out are 1; default: one device)")
@@ -108,7 +111,7 @@ def main(argv: list[str]) -> int:
     elif args.cpu_devices is not None:
         raise ConfigError("--cpu-devices only applies with --mesh")
     runner = load(args.run, system_prompt=args.system_prompt, stage=args.stage,
-                  ar_stage=args.ar_stage, mesh=mesh)
+                  ar_stage=args.ar_stage, mesh=mesh, ar_run=args.ar_run)
     if runner.ar_params is None and "ar" in models:
         models.remove("ar")
         print(f"note: this run has no {args.ar_stage} model; not evaluating AR",
@@ -150,7 +153,8 @@ def main(argv: list[str]) -> int:
     timing = 8 if args.timing_problems is None else args.timing_problems
     result = evaluate(runner, examples, samples=samples, models=models, timing_problems=timing,
                       progress=not args.no_progress, **options)
-    result.update(run=str(args.run), stage=runner.stage, ar_stage=runner.ar_stage)
+    result.update(run=str(args.run), stage=runner.stage, ar_stage=runner.ar_stage,
+                  ar_run=args.ar_run)
     print(format_table(result))
     out = Path(args.out) if args.out else Path(args.run) / "eval" / "decode.json"
     write_json(result, out)

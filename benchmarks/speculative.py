@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 from benchmarks.common import table, write
@@ -35,7 +34,6 @@ from pipo_jax.data.loader import test_examples
 from pipo_jax.decode.runner import PipoRunner, load
 from pipo_jax.eval.heldout import time_requests
 from pipo_jax.eval.scoring import verify
-from pipo_jax.io.run_dir import load_params
 
 
 def _run(runner: PipoRunner, examples: list[dict], model: str,
@@ -124,14 +122,7 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--out")
     args = p.parse_args()
-    runner = load(args.run)
-    if args.ar_run:
-        ar_params, ar_cfg = load_params(Path(args.ar_run) / "ar", False)
-        drafter, _ = load_params(Path(args.ar_run) / "mtp", False)
-        if ar_cfg.model != runner.config.model:
-            raise SystemExit(f"{args.ar_run} has another model than {args.run}: the three "
-                             "decoders must share the backbone's architecture")
-        runner.ar_params, runner.drafter_params = ar_params, drafter
+    runner = load(args.run, ar_run=args.ar_run)
     if runner.drafter_params is None or runner.ar_params is None:
         raise SystemExit(f"{args.run} needs its ar and mtp stages: python train.py "
                          f"run_dir={args.run} --stage ar --stage mtp")

@@ -7,6 +7,7 @@ import functools
 import json
 from pathlib import Path
 
+import chex
 import helpers
 import jax
 import jax.numpy as jnp
@@ -302,6 +303,45 @@ def test_runner_spec_model_answers_as_ar_and_refuses_what_it_cannot_do():
     bare = PipoRunner(config, pipo, ar, ByteTokenizer(), system_prompt="")
     with pytest.raises(ValueError, match="no MTP drafter"):
         bare.generate(prompts[:1], model="spec")
+
+
+def test_load_takes_the_baselines_from_another_run(tmp_path):
+    """``load(run, ar_run=other)`` (``decode.py --ar-run``): PIPO from ``run``, the AR model and
+    its MTP drafter from ``other`` (e.g. an AR base trained long enough to be competent); an
+    ``other`` without the AR stage or with another backbone is a one-line error."""
+    import dataclasses
+
+    from pipo_jax.config import Config
+    from pipo_jax.decode.runner import load
+    from pipo_jax.errors import CheckpointError
+    from pipo_jax.io import checkpoint as ckpt
+
+    cfg = dataclasses.replace(helpers.DECODE_ATTN, vocab_size=272)
+    config = Config(model=cfg)
+
+    def save(run: Path, stage: str, params: dict, model: ModelConfig = cfg) -> dict:
+        params = jax.tree.map(np.asarray, params)
+        ckpt.save_params(run / stage, 0, params, dataclasses.replace(config, model=model), stage)
+        return params
+
+    run, other, wider, empty = (tmp_path / n for n in ("run", "other", "wider", "empty"))
+    save(run, "sft", helpers.random_params(cfg, True, seed=0))
+    own_ar = save(run, "ar", helpers.random_params(cfg, False, seed=1))
+    drafter = save(other, "mtp", helpers.random_params(cfg, False, seed=2, drafter=True))
+    other_ar = save(other, "ar", {k: v for k, v in drafter.items() if k != "mtp_head"})
+    runner = load(run)
+    assert runner.drafter_params is None
+    chex.assert_trees_all_equal(jax.device_get(runner.ar_params), own_ar)
+    runner = load(run, ar_run=other)
+    chex.assert_trees_all_equal(jax.device_get(runner.ar_params), other_ar)
+    chex.assert_trees_all_equal(jax.device_get(runner.drafter_params), drafter)
+    big = dataclasses.replace(cfg, d_model=2 * cfg.d_model)
+    save(wider, "ar", helpers.random_params(big, False, seed=3), big)
+    with pytest.raises(CheckpointError, match="another model.*d_model"):
+        load(run, ar_run=wider)
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="no ar checkpoint"):
+        load(run, ar_run=empty)
 
 
 def test_table_has_a_column_and_a_speedup_per_model():

@@ -39,7 +39,7 @@ from pipo_jax.decode import batching, engine, speculative
 from pipo_jax.decode.sampling import request_keys
 from pipo_jax.errors import CheckpointError, PromptError
 from pipo_jax.io import checkpoint as ckpt
-from pipo_jax.io.run_dir import latest_pipo_stage, load_params
+from pipo_jax.io.run_dir import latest_pipo_stage, load_params, model_diff
 from pipo_jax.io.tokenizer import ByteTokenizer, Tokenizer, reasoning_prompt, run_tokenizer
 from pipo_jax.model.pairs import assert_pad_at_odd
 from pipo_jax.model.sharding import batch_parallel, batch_sharding
@@ -335,13 +335,18 @@ def _refused(message: str) -> Generation:
 
 def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | None = None,
          system_prompt: str | None = None, stage: str | None = None,
-         ar_stage: str = "ar", mesh: Mesh | None = None) -> PipoRunner:
+         ar_stage: str = "ar", mesh: Mesh | None = None,
+         ar_run: str | Path | None = None) -> PipoRunner:
     """Loads a run directory written by ``train.py``.
 
     PIPO comes from ``stage``: ``"opd"`` or ``"sft"``; by default the run's latest, ``opd`` when
     it has checkpoints. The AR model of ``generate(model="ar")`` comes from ``ar_stage``:
     ``"ar"`` (the same backbone: the baseline of every speed ratio) or ``"teacher"`` (the larger
     OPD teacher, for accuracy comparisons); it is optional when the run has none.
+
+    ``ar_run`` takes the AR model (its ``ar_stage``) and the MTP drafter (its ``mtp`` stage)
+    from another run instead, e.g. an AR base trained long enough to be competent, so that the
+    baselines' accuracy means something; with ``ar_stage="ar"`` its model must be this run's.
 
     ``system_prompt`` is added to prompts that have none; by default the embedded task's for a
     run trained on it, and none for a run trained on chat data (which carries its own).
@@ -362,13 +367,24 @@ def load(run_dir: str | Path, step: int | None = None, tokenizer: Tokenizer | No
     if ar_stage not in ("ar", "teacher"):
         raise ValueError(f"ar_stage must be 'ar' or 'teacher', got {ar_stage!r}")
     params, cfg = load_params(run_dir / stage, True, step, mesh)
+    base_dir = run_dir
+    if ar_run is not None:
+        base_dir = Path(ar_run)
+        if ckpt.latest_step(base_dir / ar_stage) is None:
+            raise CheckpointError(f"ar_run {base_dir} has no {ar_stage} checkpoint: train it with "
+                                  f"`python train.py run_dir={base_dir} --stage {ar_stage}`")
     ar_params, ar_model = None, None
-    if ckpt.latest_step(run_dir / ar_stage) is not None:
-        ar_params, ar_cfg = load_params(run_dir / ar_stage, False, mesh=mesh)
+    if ckpt.latest_step(base_dir / ar_stage) is not None:
+        ar_params, ar_cfg = load_params(base_dir / ar_stage, False, mesh=mesh)
         ar_model = ar_cfg.model_of(ar_stage)
+        differ = model_diff(cfg.model, ar_model) if ar_run is not None else {}
+        if ar_stage == "ar" and differ:
+            raise CheckpointError(
+                f"ar_run {base_dir} holds another model than {run_dir} ({', '.join(differ)} "
+                "differ): the AR baseline must share PIPO's backbone")
     drafter = None
-    if mesh is None and ckpt.latest_step(run_dir / "mtp") is not None:
-        drafter, _ = load_params(run_dir / "mtp", False)
+    if mesh is None and ckpt.latest_step(base_dir / "mtp") is not None:
+        drafter, _ = load_params(base_dir / "mtp", False)
     if tokenizer is None:
         tokenizer = run_tokenizer(cfg.tokenizer, run_dir, cfg.model.vocab_size)
     if system_prompt is None:

@@ -285,14 +285,35 @@ def _copy(tree):
     return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
-def test_rollouts_are_generated_with_the_current_parameters(micro):
+def test_gated_rollouts_use_the_current_parameters_and_train_on_rejections(micro):
+    """Three gated OPD steps (``opd.rollout_threshold`` 0.5, the compiled stage programs; one
+    test, so that they compile once). The rollouts hold real rejections — lone PADs in second
+    slots, followed by real pairs — and PAD never opens a pair; the update trains there: finite
+    loss, filled MTP targets (their confidence target, 1 - TV, is tested in
+    ``test_pad_fill_uses_the_student_argmax_and_the_expected_acceptance``), parameters that
+    move; and each step's rollouts are generated with the current parameters, not stale ones."""
     cfg, tok, step_fn, state, teacher = _setup(micro, "opd.learning_rate=0.05",
-                                               "opd.warmup_frac=0.0")
+                                               "opd.warmup_frac=0.0", "opd.rollout_threshold=0.5")
     prompts = _prompts(tok)
     before = _copy(state.params)
-    state, _, _ = step_fn(state, teacher, prompts, 0)  # lr 0 at step 0 (warmup)
+    state, metrics, rows = step_fn(state, teacher, prompts, 0)
+    toks, n = np.asarray(rows["tokens"]), np.asarray(rows["seq_len"])
+    prompt_len = np.asarray(rows["prompt_len"])
+    lone = 0
+    for r in range(len(toks)):
+        resp = toks[r, prompt_len[r]:n[r]]
+        assert np.all(resp[0::2] != tok.pad_id)  # PAD never opens a pair
+        # A rejection mid-row: (x, PAD) followed by a real first token.
+        lone += int(np.sum((resp[1:-2:2] == tok.pad_id) & (resp[2:-1:2] != tok.pad_id)))
+    assert lone > 0, "no rejected draft: the gate did not act"
+    assert float(metrics["mtp_pad_filled"]) > 0
+    for key in ("loss", "loss_confidence", "kl_mtp", "confidence_target_mean", "ece"):
+        assert np.isfinite(float(metrics[key])), key
+    assert 0.0 <= float(metrics["confidence_target_mean"]) <= 1.0
     state, _, _ = step_fn(state, teacher, prompts, 1)
     current = _copy(state.params)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), current, before)
+    assert max(jax.tree.leaves(moved)) > 0
     state, metrics, rows = step_fn(state, teacher, prompts, 2)
     for key in ("ece", "confidence_pred_mean", "confidence_target_mean", "commit_rate@0.95",
                 "rollout_tokens", "rollout_pads", "loss_confidence", "kl_backbone", "kl_mtp"):
@@ -301,7 +322,6 @@ def test_rollouts_are_generated_with_the_current_parameters(micro):
     stale = step_fn.rollout(before, prompts, 2)
     np.testing.assert_array_equal(rows["tokens"], fresh["tokens"])
     assert not np.array_equal(rows["tokens"], stale["tokens"])
-    # The pair invariant holds in every rollout row: PAD never opens a pair.
     toks, n = np.asarray(rows["tokens"]), np.asarray(rows["seq_len"])
     for r in range(len(prompts)):
         assert np.all(toks[r, :n[r]:2] != tok.pad_id)
@@ -558,35 +578,6 @@ def test_full_divergence_chunked_over_the_vocabulary_matches_the_whole(fill):
                                np.take_along_axis(lt, whole["labels"][:, None], 1)[:, 0],
                                rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(g_blocks, g_whole, rtol=1e-4, atol=1e-6)
-
-
-def test_gated_opd_step_trains_on_rejections_under_jit(micro):
-    """One gated OPD step (``opd.rollout_threshold`` 0.5, the compiled stage programs): the
-    rollouts hold real rejections — lone PADs in second slots, followed by real pairs — and
-    the update trains there: finite loss, filled MTP targets (their confidence target, 1 - TV,
-    is tested in ``test_pad_fill_uses_the_student_argmax_and_the_expected_acceptance``), and
-    parameters that move."""
-    cfg, tok, step_fn, state, teacher = _setup(micro, "opd.rollout_threshold=0.5",
-                                               "opd.warmup_frac=0.0")
-    before = _copy(state.params)
-    state, metrics, rows = step_fn(state, teacher, _prompts(tok), 0)
-    toks, n = np.asarray(rows["tokens"]), np.asarray(rows["seq_len"])
-    prompt_len = np.asarray(rows["prompt_len"])
-    lone = 0
-    for r in range(len(toks)):
-        resp = toks[r, prompt_len[r]:n[r]]
-        assert np.all(resp[0::2] != tok.pad_id)  # PAD never opens a pair
-        # A rejection mid-row: (x, PAD) followed by a real first token.
-        lone += int(np.sum((resp[1:-2:2] == tok.pad_id) & (resp[2:-1:2] != tok.pad_id)))
-    assert lone > 0, "no rejected draft: the gate did not act"
-    assert float(metrics["mtp_pad_filled"]) > 0
-    for key in ("loss", "loss_confidence", "kl_mtp", "confidence_target_mean", "ece"):
-        assert np.isfinite(float(metrics[key])), key
-    state, metrics, _ = step_fn(state, teacher, _prompts(tok), 1)  # lr is 0 at step 0
-    assert np.isfinite(float(metrics["loss"]))
-    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, before)
-    assert max(jax.tree.leaves(moved)) > 0
-    assert 0.0 <= float(metrics["confidence_target_mean"]) <= 1.0
 
 
 def test_per_row_rollout_thresholds(micro):

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pipo_jax.errors import ConfigError
 
+TRAIN_ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -60,12 +62,20 @@ class ModelConfig:
     remat_policy: Literal["none", "full", "dots_saveable",
                           "dots_with_no_batch_dims_saveable"] = "none"
     init_std: float = 0.02
+    # Causal self-attention of the whole-sequence forward (training, scoring, one-shot prefill):
+    # auto | xla (materialised) | blockwise (online softmax, linear memory) | cudnn | splash
+    # (pipo_jax/model/self_attention.py); attention_block: the blockwise form's block, positions.
+    attention_impl: str = "auto"
+    attention_block: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "mlp_dim", "max_context", "linear_n_key_heads", "linear_n_value_heads",
-                     "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel",
-                     "linear_chunk"):
+        if self.attention_impl not in TRAIN_ATTENTION_IMPLS:
+            raise ConfigError(f"model.attention_impl must be one of "
+                              f"{', '.join(TRAIN_ATTENTION_IMPLS)}, got {self.attention_impl!r}")
+        for name in ("attention_block", "vocab_size", "d_model", "n_layers", "n_heads",
+                     "n_kv_heads", "head_dim", "mlp_dim", "max_context", "linear_n_key_heads",
+                     "linear_n_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                     "linear_conv_kernel", "linear_chunk"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
@@ -303,6 +313,12 @@ class TrainConfig:
     keep_every: int = 0
     # Tokens per chunk of the vocabulary cross-entropy (peak logits memory: chunk × V).
     loss_chunk: int = 2048
+    # Micro-batches per optimizer step: batch_size rows in grad_accum scanned slices, the
+    # gradient and loss those of the whole batch (its token mean, not a mean of means).
+    grad_accum: int = 1
+    # How a loss averages its targets: over every target token ("token"), or each row's own
+    # mean, then over rows ("sample", as the reference implementation does).
+    loss_average: Literal["token", "sample"] = "token"
 
     @property
     def adapters(self) -> LoraConfig | None:
@@ -320,6 +336,11 @@ class TrainConfig:
             raise ConfigError("loss_chunk, log_every and ckpt_every must be positive")
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints must be at least 1")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum "
+                              f"({self.grad_accum} micro-batches per step); change one of them")
+        if self.loss_average not in ("token", "sample"):
+            raise ConfigError(f"loss_average must be token or sample, got {self.loss_average!r}")
         if self.keep_every < 0 or self.keep_every % self.ckpt_every:
             # Only saved steps can be kept: keep_every 30 with ckpt_every 20 would silently keep
             # every 60th step instead of every 30th.
@@ -427,6 +448,11 @@ class OpdConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.grad_accum != 1 or self.loss_average != "token":
+            # Its calibration metrics (ECE, AUROC) are not sums over rows; not built yet.
+            raise ConfigError("opd.grad_accum and opd.loss_average are not supported yet (the "
+                              "OPD step takes its batch whole, token-averaged); leave them at 1 "
+                              "and token")
         validate_threshold(self.rollout_threshold, "opd.rollout_threshold")
         for t in self.rollout_thresholds:
             validate_threshold(t, "every entry of opd.rollout_thresholds")

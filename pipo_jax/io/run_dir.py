@@ -34,7 +34,8 @@ from pipo_jax.model.pipo import init_params
 # Model settings that change how the step computes, not what the parameters are: a run may
 # resume (or an imported model start) with other values, e.g. bf16 compute and remat on an
 # accelerator for a checkpoint converted in float32.
-COMPUTE_ONLY_FIELDS = frozenset({"dtype", "remat_policy", "max_context", "linear_chunk"})
+COMPUTE_ONLY_FIELDS = frozenset({"dtype", "remat_policy", "max_context", "linear_chunk",
+                                 "attention_impl", "attention_block"})
 
 
 def model_diff(saved: ModelConfig, now: ModelConfig) -> dict[str, tuple[Any, Any]]:

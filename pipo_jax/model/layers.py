@@ -36,12 +36,12 @@ from pipo_jax.model.cache import (
     put_block_rows,
 )
 from pipo_jax.model.lora import LoraDenseGeneral
+from pipo_jax.model.self_attention import causal_attention
 
 # Logical axes of the residual stream (and of latents and MTP states), B×L×H.
 RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
 
 Array = jax.Array
-_NEG_INF = -1e30
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -158,19 +158,10 @@ class Attention(nn.Module):
                  key_valid_BxL: Array | None) -> tuple[Array, AttentionCache]:
         """Causal self-attention over a whole sequence → (out B×L×H, (k, v) B×L×K×D)."""
         q, k, v, gate = self._qkv(x_BxLxH, positions_BxL)
-        groups = self.cfg.n_heads // self.cfg.n_kv_heads
-        # Head-major 4-D matmuls: on CPU they run several times faster than a grouped 5-D einsum.
-        q_t = (q * (self.cfg.head_dim ** -0.5)).transpose(0, 2, 1, 3)  # B x N x L x D
-        k_t = jnp.repeat(k, groups, axis=2).transpose(0, 2, 3, 1)  # B x N x D x L
-        v_t = jnp.repeat(v, groups, axis=2).transpose(0, 2, 1, 3)  # B x N x L x D
-        scores = jnp.matmul(q_t, k_t, preferred_element_type=jnp.float32)  # B x N x L x L
-        length = x_BxLxH.shape[1]
-        allowed = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
-        if key_valid_BxL is not None:
-            allowed = allowed & key_valid_BxL[:, None, :]
-        scores = jnp.where(allowed[:, None], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.matmul(probs, v_t).transpose(0, 2, 1, 3)  # B x L x N x D
+        # Initialisation only needs shapes: any form does, so a config for another platform
+        # (cudnn, splash) can be built and planned on this one.
+        impl = "xla" if self.is_initializing() else self.cfg.attention_impl
+        out = causal_attention(q, k, v, key_valid_BxL, impl, self.cfg.attention_block)
         return self._out(out, gate), AttentionCache(k, v)
 
     def extend(self, x_BxCxH: Array, positions_BxC: Array, cache: AttentionCache,

@@ -52,6 +52,7 @@ from pipo_jax.config import PIPO_STAGES, Config, ConfigError, MeshConfig, TrainC
 from pipo_jax.model import lora as lora_lib
 from pipo_jax.model import sharding
 from pipo_jax.model.layers import dtype_of
+from pipo_jax.model.self_attention import available_impls, resolve_impl
 from pipo_jax.model.sharding import MESH_AXES, parse_mesh
 from pipo_jax.train.state import make_optimizer, state_shardings
 from pipo_jax.train.supervised import jit_train_step
@@ -154,6 +155,11 @@ class MemoryPlan:
     code_bytes: int | None = None
     activations_bytes: int | None = None  # temp − grads
     verdicts: tuple[Verdict, ...] = ()
+    grad_accum: int = 1                # micro-batches per step (the stage's grad_accum)
+    attention_impl: str = "auto"       # model.attention_impl, as configured
+    # The form the step was compiled with: the configured one, or ``blockwise`` (linear memory
+    # as the fused kernels are) when that kernel does not run on the planning backend.
+    attention_impl_compiled: str | None = None
 
     def with_devices(self, devices: list[tuple[str, int]]) -> MemoryPlan:
         """The plan with a fits / does-not-fit verdict for each ``(name, bytes)`` device."""
@@ -192,10 +198,13 @@ def activation_estimate(cfg: Config, stage: str, mesh: Mesh, seq_len: int,
     With ``T`` tokens the backbone runs over ``L = T/2`` latents (PIPO) or ``T`` positions (AR),
     ``b`` rows per device, ``H = d_model``; a ``layer``'s intermediates are ``b·L·(8H + 3·mlp)``
     compute-dtype values (norm outputs, projections, MLP gate/up/activation) plus, for full
-    attention, ``b·heads·L²`` scores: float32 scores and their gradient, compute-dtype
-    probabilities (``layers.Attention`` materialises them). Gated DeltaNet layers count the
-    linear part only (their chunked form is linear in ``L``). Heads, MLP and vocabulary are
-    divided by their mesh split.
+    attention in the materialised form (``model.attention_impl`` ``xla``), ``b·heads·L²``
+    scores: float32 scores and their gradient, compute-dtype probabilities. The ``blockwise``
+    form keeps none of them for the backward pass; it recomputes one query block at a time,
+    ``b·heads·block·L`` of them (the ``attention`` phase); the fused kernels (``cudnn``,
+    ``splash``) keep a float32 log-sum-exp and one tile, ``b·heads·L`` values. Gated DeltaNet
+    layers count the linear part only (their chunked form is linear in ``L``). Heads, MLP and
+    vocabulary are divided by their mesh split.
 
     * ``residuals``: kept from the forward pass to the backward. With remat, one ``b×L×H`` block
       input per scanned block; without, every layer's intermediates.
@@ -209,14 +218,24 @@ def activation_estimate(cfg: Config, stage: str, mesh: Mesh, seq_len: int,
     pipo = stage in PIPO_STAGES
     rules = dict(sharding.LOGICAL_AXIS_RULES)
     length = seq_len // 2 if pipo else seq_len
-    b, h = batch_per_device, mcfg.d_model
+    # With accumulation the activations are one micro-batch's.
+    b, h = max(batch_per_device // tc.grad_accum, 1), mcfg.d_model
     dt = jnp.dtype(dtype_of(mcfg.dtype)).itemsize
     pdt = jnp.dtype(dtype_of(mcfg.param_dtype)).itemsize
     mlp = mcfg.mlp_dim // _axis_size(mesh, rules.get("mlp"))
     heads = max(mcfg.n_heads // _axis_size(mesh, rules.get("heads")), 1)
     vocab = mcfg.vocab_size // _axis_size(mesh, rules.get("vocab"))
     linear = b * length * (8 * h + 3 * mlp) * dt
-    attention = b * heads * length * length * (4 + 4 + dt)
+    impl = resolve_impl(mcfg.attention_impl, length, dtype_of(mcfg.dtype),
+                        mesh.devices.flat[0].platform, check=False)
+    per_score = 4 + 4 + dt
+    attention, attention_phase = 0, 0
+    if impl == "xla":
+        attention = b * heads * length * length * per_score
+    elif impl == "blockwise":
+        attention_phase = b * heads * min(mcfg.attention_block, length) * length * per_score
+    else:
+        attention_phase = b * heads * length * 8
 
     def layer(kind: str) -> int:
         return linear + (attention if kind == "full_attention" else 0)
@@ -232,6 +251,8 @@ def activation_estimate(cfg: Config, stage: str, mesh: Mesh, seq_len: int,
                           + weights * (dt + (pdt if mesh.shape["fsdp"] > 1 else 0)))
     if pipo:
         terms["mtp_layer"] = layer("full_attention")
+    if attention_phase:
+        terms["attention"] = attention_phase
     terms["loss_chunk"] = 3 * min(tc.loss_chunk, b * length) * vocab * 4
     return terms
 
@@ -257,6 +278,9 @@ def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch:
     if global_batch <= 0:
         raise ConfigError(f"--batch-size must be positive, got {global_batch}")
     sharding.check_batch(mesh, global_batch, "the global batch (--batch-size)")
+    if global_batch % getattr(cfg, stage).grad_accum:
+        raise ConfigError(f"the global batch (--batch-size) {global_batch} does not split into "
+                          f"{stage}.grad_accum={getattr(cfg, stage).grad_accum} micro-batches")
     batch_parallel = sharding.batch_parallel(mesh)
     tc: TrainConfig = getattr(cfg, stage)
     mcfg = cfg.model_of(stage)
@@ -286,7 +310,7 @@ def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch:
         loss_chunk=tc.loss_chunk, backend=mesh.devices.flat[0].platform, simulated=simulated,
         params_bytes=params_bytes, opt_state_bytes=opt_bytes, grads_bytes=grads_bytes,
         batch_bytes=batch_bytes, activations_estimate_bytes=estimate_total(terms),
-        estimate_terms=terms)
+        estimate_terms=terms, attention_impl=mcfg.attention_impl, grad_accum=tc.grad_accum)
     if not compile_step:
         return MemoryPlan(**common, compiled=False,
                           peak_bytes=params_bytes + opt_bytes + grads_bytes + batch_bytes)
@@ -296,6 +320,12 @@ def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch:
     t0 = time.perf_counter()
     # The step exactly as supervised.train_stage jits it, traced in the mesh context that places
     # the model's activation constraints.
+    compiled_impl = mcfg.attention_impl
+    if compiled_impl not in available_impls(common["backend"]):
+        compiled_impl = "blockwise"
+        cfg = dataclasses.replace(cfg, **{
+            field: dataclasses.replace(getattr(cfg, field), attention_impl=compiled_impl)
+            for field in ("model", "teacher_model")})
     with jax.set_mesh(mesh):
         step_fn = jit_train_step(cfg, stage, tx, mesh, shardings)
         lowered = step_fn.lower(state_in, batch)
@@ -321,6 +351,7 @@ def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch:
                - stats.alias_size_in_bytes + temp + stats.generated_code_size_in_bytes)
     return MemoryPlan(
         **common, compiled=True, peak_bytes=peak, compile_seconds=round(compile_seconds, 1),
+        attention_impl_compiled=compiled_impl,
         argument_bytes=int(stats.argument_size_in_bytes),
         output_bytes=int(stats.output_size_in_bytes), alias_bytes=int(stats.alias_size_in_bytes),
         temp_bytes=temp, code_bytes=int(stats.generated_code_size_in_bytes),
@@ -378,9 +409,12 @@ def format_plan(plan: MemoryPlan, config_name: str) -> str:
            else "step not compiled (--state-only)")
     lines = [
         f"memory plan: {config_name}, stage {plan.stage} ({plan.tuner}, remat "
-        f"{plan.remat_policy}, loss_chunk {plan.loss_chunk})",
+        f"{plan.remat_policy}, loss_chunk {plan.loss_chunk}, attention {plan.attention_impl}"
+        + (f", compiled as {plan.attention_impl_compiled}"
+           if plan.attention_impl_compiled not in (None, plan.attention_impl) else "") + ")",
         f"mesh {mesh}; seq_len {plan.seq_len}; global batch {plan.global_batch} "
-        f"({plan.batch_per_device} per batch-parallel device); {how}",
+        f"({plan.batch_per_device} per batch-parallel device"
+        + (f", in {plan.grad_accum} micro-batches" if plan.grad_accum > 1 else "") + f"); {how}",
         "",
         f"{'per device':<26}{'bytes':>12}  how",
     ]

@@ -102,6 +102,46 @@ def apply_update(state: TrainState, tc: TrainConfig, tx: optax.GradientTransform
     rngs = dropout_rngs(tc, state.step)
     (_, metrics), grads = jax.value_and_grad(
         lambda tp: loss_fn(lora_lib.combine(tp, frozen), rngs), has_aux=True)(train_params)
+    return _step(state, tc, tx, train_params, frozen, grads, metrics)
+
+
+def apply_accumulated_update(
+        state: TrainState, tc: TrainConfig, tx: optax.GradientTransformation,
+        loss_fn: Callable[[Any, dict[str, jax.Array], dict[str, jax.Array]],
+                          tuple[jax.Array, dict[str, jax.Array]]],
+        batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step over ``tc.grad_accum`` micro-batches of ``batch`` (B × … leaves),
+    scanned inside the one compiled step: ``loss_fn(params, rngs, micro_batch)`` must return
+    values that add up over the micro-batches to the whole batch's (its means taken with the
+    whole batch's denominators), so the summed gradients and metrics are the big batch's.
+    Micro-batch ``i`` holds rows ``i, i + n, …``: a row-sharded batch splits on every device."""
+    n = tc.grad_accum
+    train_params, frozen = lora_lib.partition(state.params, tc.tuner)
+    rngs = dropout_rngs(tc, state.step)
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
+
+    def value_and_grad(i: jax.Array, mb: dict[str, jax.Array]) -> tuple[Any, Any]:
+        keys = {k: jax.random.fold_in(v, i) for k, v in rngs.items()}
+        (_, metrics), grads = jax.value_and_grad(
+            lambda tp: loss_fn(lora_lib.combine(tp, frozen), keys, mb), has_aux=True)(
+                train_params)
+        return grads, metrics
+
+    def add(carry: tuple[Any, Any], args: tuple[jax.Array, Any]) -> tuple[tuple[Any, Any], None]:
+        out = value_and_grad(*args)
+        return jax.tree.map(jnp.add, carry, out), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(value_and_grad, jnp.int32(0), first))
+    (grads, metrics), _ = jax.lax.scan(add, zeros, (jnp.arange(n), micro))
+    return _step(state, tc, tx, train_params, frozen, grads, metrics)
+
+
+def _step(state: TrainState, tc: TrainConfig, tx: optax.GradientTransformation,
+          train_params: Any, frozen: Any, grads: Any,
+          metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     updates, opt_state = tx.update(grads, state.opt_state, train_params)
     params = lora_lib.combine(optax.apply_updates(train_params, updates), frozen)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),

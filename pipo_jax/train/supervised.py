@@ -19,9 +19,10 @@ from pipo_jax.io.tokenizer import Tokenizer
 from pipo_jax.model import sharding
 from pipo_jax.model.pipo import PipoLM, lm_head
 from pipo_jax.train.loop import StageResult, run_steps
-from pipo_jax.train.losses import ar_loss, mtp_loss, sft_loss
+from pipo_jax.train.losses import ar_loss, mtp_loss, sft_loss, term_totals
 from pipo_jax.train.state import (
     TrainState,
+    apply_accumulated_update,
     apply_update,
     check_same_model,
     check_tokenizer,
@@ -30,18 +31,25 @@ from pipo_jax.train.state import (
 )
 
 
+def objective_name(tc: TrainConfig, pipo: bool) -> str:
+    """``sft`` (PIPO), ``mtp`` (the drafter: ``tc.tuner == "mtp"``) or ``ar``."""
+    return "sft" if pipo else ("mtp" if tc.tuner == "mtp" else "ar")
+
+
 def stage_loss(params: Any, rngs: dict[str, jax.Array], *, batch: dict[str, jax.Array],
-               mcfg: ModelConfig, tc: TrainConfig,
-               pipo: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+               mcfg: ModelConfig, tc: TrainConfig, pipo: bool,
+               totals: dict[str, jax.Array] | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The ``ar``/``teacher`` (``pipo=False``), ``mtp`` (``tc.tuner == "mtp"``: the drafter)
     or ``sft`` objective of one batch: ``(params, rngs) → (loss, metrics)``; ``batch`` as in
-    ``train_step``."""
-    drafter = tc.tuner == "mtp"
-    model = PipoLM(mcfg, pipo, tc.adapters, drafter=drafter)
-    objective = sft_loss if pipo else (mtp_loss if drafter else ar_loss)
+    ``train_step``; ``totals``: the whole batch's denominators when ``batch`` is a micro-batch
+    of it (``losses.term_totals``)."""
+    name = objective_name(tc, pipo)
+    model = PipoLM(mcfg, pipo, tc.adapters, drafter=name == "mtp")
+    objective = {"sft": sft_loss, "mtp": mtp_loss, "ar": ar_loss}[name]
     kwargs = {"detach_confidence_inputs": tc.detach_confidence_inputs} if pipo else {}
     out = model.apply({"params": params}, batch["tokens"], rngs=rngs, **kwargs)
-    return objective(out, lm_head(params), batch["tokens"], batch["loss_mask"], tc)
+    return objective(out, lm_head(params), batch["tokens"], batch["loss_mask"], tc, totals)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelConfig,
@@ -51,10 +59,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelCon
     ``(state, batch) → (state, metrics)``.
 
     ``batch`` holds ``tokens`` B×T int32 and ``loss_mask`` B×T bool. PAD augmentation happens
-    on the host, seeded by the step; the only randomness in the step is LoRA dropout.
+    on the host, seeded by the step; the only randomness in the step is LoRA dropout. With
+    ``tc.grad_accum`` > 1 the batch runs as that many scanned micro-batches, each loss taken
+    with the whole batch's denominators, so the step is the big batch's.
     """
-    return apply_update(state, tc, tx, functools.partial(stage_loss, batch=batch, mcfg=mcfg,
-                                                         tc=tc, pipo=pipo))
+    loss = functools.partial(stage_loss, mcfg=mcfg, tc=tc, pipo=pipo)
+    if tc.grad_accum == 1:
+        return apply_update(state, tc, tx, functools.partial(loss, batch=batch))
+    totals = term_totals(objective_name(tc, pipo), batch["loss_mask"], tc.loss_average)
+    return apply_accumulated_update(
+        state, tc, tx, lambda p, r, mb: loss(p, r, batch=mb, totals=totals), batch)
 
 
 def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,

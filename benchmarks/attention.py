@@ -62,7 +62,7 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--xla-max", type=int, default=8192, help="longest length for xla")
-    p.add_argument("--block", type=int, default=512)
+    p.add_argument("--block", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=1)

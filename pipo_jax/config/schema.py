@@ -66,7 +66,7 @@ class ModelConfig:
     # auto | xla (materialised) | blockwise (online softmax, linear memory) | cudnn | splash
     # (pipo_jax/model/self_attention.py); attention_block: the blockwise form's block, positions.
     attention_impl: str = "auto"
-    attention_block: int = 512
+    attention_block: int = 256
 
     def __post_init__(self) -> None:
         if self.attention_impl not in TRAIN_ATTENTION_IMPLS:

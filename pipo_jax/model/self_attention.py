@@ -70,7 +70,7 @@ def resolve_impl(impl: str, length: int, dtype: jnp.dtype, backend: str | None =
 
 def causal_attention(q_BxLxNxD: Array, k_BxLxKxD: Array, v_BxLxKxD: Array,
                      key_valid_BxL: Array | None, impl: str = "xla",
-                     block: int = 512) -> Array:
+                     block: int = 256) -> Array:
     """Causal grouped-query attention → B × L × N × D (in ``v``'s dtype). ``q`` is not yet
     scaled. ``impl``: one of ``TRAIN_ATTENTION_IMPLS`` (``auto`` is resolved here)."""
     impl = resolve_impl(impl, q_BxLxNxD.shape[1], v_BxLxKxD.dtype)

@@ -465,5 +465,8 @@ def test_sft_configs(name: str, d_model: int, mlp_dim: int, tied: bool) -> None:
     assert (sft.batch_size, sft.w_mtp, sft.w_conf, sft.pad_ratio_max, sft.loss_chunk) == (
         128, 1.0, 1.0, 0.25, 2048)
     assert sft.steps == round(2 * 90_000 / 128, -2)
+    # 64K rows: linear-memory attention, the batch of 128 by accumulation (docs/attention.md).
+    assert (cfg.model.attention_impl, sft.grad_accum, sft.batch_size % sft.grad_accum) == (
+        "auto", 16, 0)
     assert load_config(REPO / "configs" / f"{name}.yaml").data.train_files == ("data/sft.jsonl",)
 

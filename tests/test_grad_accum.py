@@ -1,7 +1,7 @@
 """Gradient accumulation (``<stage>.grad_accum``) and per-sample loss averaging
 (``<stage>.loss_average``), issue #17: one step over ``n`` scanned micro-batches is the step on
-the whole batch (loss, metrics, parameters and optimizer state after it), for every
-teacher-forced objective and both averages."""
+the whole batch (loss, metrics, parameters and optimizer state after it), for the SFT and AR
+objectives and both averages (OPD's accumulated step: ``tests/test_opd.py``)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _trained(params, tc):
     return lora_lib.partition(params, tc.tuner)[0]
 
 
-@pytest.mark.parametrize("objective,average,splits", [("sft", "token", (2, 4)),
+@pytest.mark.parametrize("objective,average,splits", [("sft", "token", (4,)),
                                                       ("sft", "sample", (2,)),
                                                       ("ar", "sample", (2,))])
 def test_accumulated_step_equals_the_big_batch_step(objective: str, average: str,
@@ -109,8 +109,10 @@ def test_bad_accumulation_settings_are_one_line_errors():
         load_config(MICRO, ["sft.grad_accum=0"])
     with pytest.raises(ConfigError, match="loss_average"):
         load_config(MICRO, ["ar.loss_average=row"])
-    with pytest.raises(ConfigError, match="opd.grad_accum"):
-        load_config(MICRO, ["opd.grad_accum=2"])
+    with pytest.raises(ConfigError, match="opd.loss_average must be token"):
+        load_config(MICRO, ["opd.loss_average=sample"])
+    with pytest.raises(ConfigError, match=r"batch_size \(4\) must be a multiple of grad_accum"):
+        load_config(MICRO, ["opd.grad_accum=3"])
 
 
 def test_default_settings_keep_the_unaccumulated_step():

@@ -343,9 +343,24 @@ def test_opd_steps_lower_the_kl_on_a_fixed_batch(micro):
     stats = jax.jit(functools.partial(
         distill.rollout_statistics, cfg=cfg.model, teacher_cfg=cfg.teacher_model,
         pad_id=tok.pad_id, eos_id=tok.eos_id))(state.params, teacher, rows)
+    # opd.grad_accum: the step over 2 micro-batches of 2 rows is the step on the 4 rows, the
+    # calibration metrics (not sums over rows) included.
+    _, _, accumulated, _, _ = _setup(micro, "opd.learning_rate=1e-2", "opd.warmup_frac=0.0",
+                                     "opd.pad_fill=mask", "opd.grad_accum=2")
+    acc_state, acc_metrics = accumulated.update(
+        TrainState(step=jnp.array(state.step), params=jax.tree.map(jnp.array, state.params),
+                   opt_state=jax.tree.map(jnp.array, state.opt_state)),
+        rows, scored, lm_head(teacher))
     kls = []
     for _ in range(6):
         state, metrics = step_fn.update(state, rows, scored, lm_head(teacher))
+        if acc_metrics is not None:
+            assert acc_metrics.keys() == metrics.keys()
+            for key in metrics:
+                np.testing.assert_allclose(acc_metrics[key], metrics[key], rtol=1e-4,
+                                           atol=1e-6, err_msg=key)
+            chex.assert_trees_all_close(acc_state.params, state.params, rtol=1e-4, atol=1e-6)
+            acc_metrics = None
         kls.append(float(metrics["kl_backbone"] + metrics["kl_mtp"]))
         assert np.isfinite(float(metrics["loss"]))
         if len(kls) == 1:

@@ -448,11 +448,10 @@ class OpdConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.grad_accum != 1 or self.loss_average != "token":
-            # Its calibration metrics (ECE, AUROC) are not sums over rows; not built yet.
-            raise ConfigError("opd.grad_accum and opd.loss_average are not supported yet (the "
-                              "OPD step takes its batch whole, token-averaged); leave them at 1 "
-                              "and token")
+        if self.loss_average != "token":
+            raise ConfigError("opd.loss_average must be token: the OPD losses average over "
+                              "target tokens only (per-sample averaging is for the "
+                              "teacher-forced stages)")
         validate_threshold(self.rollout_threshold, "opd.rollout_threshold")
         for t in self.rollout_thresholds:
             validate_threshold(t, "every entry of opd.rollout_thresholds")

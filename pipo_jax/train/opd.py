@@ -39,8 +39,10 @@ from pipo_jax.model import sharding
 from pipo_jax.model.pipo import PipoLM, lm_head
 from pipo_jax.train import opd_loss as opd
 from pipo_jax.train.loop import StageResult, run_steps
+from pipo_jax.train.losses import mask_total
 from pipo_jax.train.state import (
     TrainState,
+    apply_accumulated_update,
     apply_update,
     check_same_model,
     check_tokenizer,
@@ -107,9 +109,11 @@ def teacher_hidden(teacher_params: Params, tokens_BxT: Array, *, cfg: ModelConfi
 
 def opd_objective(params: Params, rngs: dict[str, Array], *, rows: dict[str, Array],
                   teacher: dict[str, Array], teacher_head_VxHt: Array, cfg: ModelConfig,
-                  oc: OpdConfig, pad_id: int, eos_id: int) -> tuple[Array, dict[str, Array]]:
+                  oc: OpdConfig, pad_id: int, eos_id: int,
+                  totals: dict[str, Array] | None = None) -> tuple[Array, Any]:
     """The OPD loss of rollout ``rows`` scored by the ``teacher`` (``teacher_hidden``):
-    ``(params, rngs) → (loss, metrics)``."""
+    ``(params, rngs) → (loss, metrics)``; with ``totals`` (one micro-batch of a step: the whole
+    batch's target counts) ``(loss, (metrics, calibration rows))``, see ``opd.opd_loss``."""
     tokens = rows["tokens"]
     masks = opd.target_masks(tokens, rows["prompt_len"], rows["seq_len"], pad_id, eos_id,
                              oc.pad_fill)
@@ -118,7 +122,8 @@ def opd_objective(params: Params, rngs: dict[str, Array], *, rows: dict[str, Arr
     return opd.opd_loss(out, lm_head(params), teacher, teacher_head_VxHt, tokens, masks,
                         mode=oc.divergence, k=oc.topk, chunk=oc.loss_chunk,
                         w_backbone=oc.w_backbone, w_mtp=oc.w_mtp, w_conf=oc.w_conf,
-                        ece_bins=oc.ece_bins, vocab_chunk=oc.vocab_chunk)
+                        ece_bins=oc.ece_bins, vocab_chunk=oc.vocab_chunk, totals=totals,
+                        per_row=totals is not None)
 
 
 def opd_update(state: TrainState, rows: dict[str, Array], teacher: dict[str, Array],
@@ -127,10 +132,24 @@ def opd_update(state: TrainState, rows: dict[str, Array], teacher: dict[str, Arr
                eos_id: int) -> tuple[TrainState, dict[str, Array]]:
     """One optimiser step of the OPD objective (``opd_objective``) on a batch of rollout
     rows."""
-    loss_fn = functools.partial(opd_objective, rows=rows, teacher=teacher,
-                                teacher_head_VxHt=teacher_head_VxHt, cfg=cfg, oc=oc,
-                                pad_id=pad_id, eos_id=eos_id)
-    state, metrics = apply_update(state, oc, tx, loss_fn)
+    objective = functools.partial(opd_objective, teacher_head_VxHt=teacher_head_VxHt, cfg=cfg,
+                                  oc=oc, pad_id=pad_id, eos_id=eos_id)
+    if oc.grad_accum == 1:
+        state, metrics = apply_update(state, oc, tx, functools.partial(
+            objective, rows=rows, teacher=teacher))
+    else:
+        # Micro-batches of rows: each loss with the whole batch's target counts; ECE, Brier
+        # and AUROC once, over the whole batch's calibration rows.
+        masks = opd.target_masks(rows["tokens"], rows["prompt_len"], rows["seq_len"], pad_id,
+                                 eos_id, oc.pad_fill)
+        totals = {k: mask_total(masks[k]) for k in ("backbone", "mtp")}
+        batch = {"rows": {k: rows[k] for k in ("tokens", "prompt_len", "seq_len")},
+                 "teacher": teacher}
+        state, metrics, calibration = apply_accumulated_update(
+            state, oc, tx, lambda p, r, mb: objective(p, r, rows=mb["rows"],
+                                                      teacher=mb["teacher"], totals=totals),
+            batch, per_row=True)
+        metrics.update(opd.calibration_metrics(calibration, oc.ece_bins))
     response = (rows["seq_len"] - rows["prompt_len"]).astype(jnp.float32)
     n_tokens = rows["n_tokens"].astype(jnp.float32)
     metrics.update(rollout_tokens=jnp.mean(n_tokens),

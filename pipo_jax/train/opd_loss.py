@@ -14,7 +14,7 @@ a PAD position reads the teacher's output at the last real token before it.
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -275,8 +275,15 @@ def chunked_divergence(hs_NxH: Array, ws_VxH: Array, ht_NxHt: Array, wt_VxHt: Ar
 def opd_loss(outputs: dict[str, Array], ws_VxH: Array, teacher: dict[str, Array],
              wt_VxHt: Array, tokens_BxT: Array, masks: dict[str, Array], *, mode: Divergence,
              k: int, chunk: int, w_backbone: float, w_mtp: float, w_conf: float,
-             ece_bins: int, vocab_chunk: int = 0) -> tuple[Array, dict[str, Array]]:
+             ece_bins: int, vocab_chunk: int = 0, totals: dict[str, Array] | None = None,
+             per_row: bool = False) -> tuple[Array, Any]:
     """``w_backbone·D_backbone + w_mtp·D_mtp + w_conf·BCE(confidence, acceptance)`` (SPEC §5).
+
+    For one micro-batch of a step (gradient accumulation): ``totals`` holds the whole batch's
+    ``backbone`` and ``mtp`` target counts (the means' denominators, so that the micro-batches'
+    values add up to the batch's), and ``per_row`` leaves the calibration metrics, which are not
+    sums over rows, out of the metrics and returns ``(loss, (metrics, rows))`` with what they
+    need per row (``calibration_rows``) instead.
 
     ``outputs`` is the student's teacher-forced forward (``h``, ``m``, ``conf_logits``, each over
     ``L-1`` positions); ``teacher`` holds the teacher's hidden states aligned to them
@@ -299,25 +306,43 @@ def opd_loss(outputs: dict[str, Array], ws_VxH: Array, teacher: dict[str, Array]
     bb = terms(outputs["h"], teacher["backbone"], tokens_BxT[:, 2::2], no_fill)
     mtp = terms(outputs["m"], teacher["mtp"], tokens_BxT[:, 3::2], masks["fill"])
     m_bb, m_mtp = masks["backbone"], masks["mtp"]
-    d_bb, d_mtp = masked_mean(bb["objective"], m_bb), masked_mean(mtp["objective"], m_mtp)
+    t_bb, t_mtp = (None, None) if totals is None else (totals["backbone"], totals["mtp"])
+
+    def mean_bb(x: Array) -> Array:
+        return masked_mean(x, m_bb, "token", t_bb)
+
+    def mean_mtp(x: Array) -> Array:
+        return masked_mean(x, m_mtp, "token", t_mtp)
+
+    d_bb, d_mtp = mean_bb(bb["objective"]), mean_mtp(mtp["objective"])
     target = mtp["acceptance"]
     z = outputs["conf_logits"]
-    bce = masked_mean(optax.sigmoid_binary_cross_entropy(z, target), m_mtp)
+    bce = mean_mtp(optax.sigmoid_binary_cross_entropy(z, target))
     loss = w_backbone * d_bb + w_mtp * d_mtp + w_conf * bce
     pred = jax.nn.sigmoid(z)
-    # The AUROC ranks the logits: same value as the sigmoids, without the ties of saturation.
-    z_N, target_N, m_N = jax.lax.stop_gradient(z).reshape(-1), target.reshape(-1), m_mtp.reshape(-1)
     metrics = {
         "loss": loss, "loss_backbone": d_bb, "loss_mtp": d_mtp, "loss_confidence": bce,
-        "kl_backbone": masked_mean(bb["kl"], m_bb), "kl_mtp": masked_mean(mtp["kl"], m_mtp),
-        "confidence_pred_mean": masked_mean(pred, m_mtp),
-        "confidence_target_mean": masked_mean(target, m_mtp),
-        "ece": expected_calibration_error(pred.reshape(-1), target_N, m_N, ece_bins),
-        "brier": brier_score(pred.reshape(-1), target_N, m_N),
-        "auroc": auroc(z_N, target_N >= 0.5, m_N),
+        "kl_backbone": mean_bb(bb["kl"]), "kl_mtp": mean_mtp(mtp["kl"]),
+        "confidence_pred_mean": mean_mtp(pred),
+        "confidence_target_mean": mean_mtp(target),
         "mtp_pad_filled": jnp.sum(masks["fill"]),
         "target_tokens": jnp.sum(m_bb) + jnp.sum(m_mtp),
     }
     for thr in OPD_COMMIT_THRESHOLDS:
-        metrics[f"commit_rate@{thr}"] = masked_mean(pred >= thr, m_mtp)
-    return loss, metrics
+        metrics[f"commit_rate@{thr}"] = mean_mtp(pred >= thr)
+    rows = {"conf_logits": jax.lax.stop_gradient(z), "target": target, "mask": m_mtp}
+    if per_row:
+        return loss, (metrics, rows)
+    return loss, {**metrics, **calibration_metrics(rows, ece_bins)}
+
+
+def calibration_metrics(rows: dict[str, Array], ece_bins: int) -> dict[str, Array]:
+    """ECE, Brier and AUROC of the confidence head at MTP positions, from ``rows``
+    (``conf_logits``, ``target``, ``mask``, B×(L-1) each) of a whole batch: none is a sum over
+    rows, so an accumulated step computes them once, after its micro-batches."""
+    z_N, target_N, m_N = (rows[k].reshape(-1) for k in ("conf_logits", "target", "mask"))
+    pred_N = jax.nn.sigmoid(z_N)
+    # The AUROC ranks the logits: same value as the sigmoids, without the ties of saturation.
+    return {"ece": expected_calibration_error(pred_N, target_N, m_N, ece_bins),
+            "brier": brier_score(pred_N, target_N, m_N),
+            "auroc": auroc(z_N, target_N >= 0.5, m_N)}

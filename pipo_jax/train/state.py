@@ -108,35 +108,45 @@ def apply_update(state: TrainState, tc: TrainConfig, tx: optax.GradientTransform
 def apply_accumulated_update(
         state: TrainState, tc: TrainConfig, tx: optax.GradientTransformation,
         loss_fn: Callable[[Any, dict[str, jax.Array], dict[str, jax.Array]],
-                          tuple[jax.Array, dict[str, jax.Array]]],
-        batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+                          tuple[jax.Array, Any]],
+        batch: dict[str, Any], per_row: bool = False) -> tuple[Any, ...]:
     """One optimiser step over ``tc.grad_accum`` micro-batches of ``batch`` (B × … leaves),
     scanned inside the one compiled step: ``loss_fn(params, rngs, micro_batch)`` must return
     values that add up over the micro-batches to the whole batch's (its means taken with the
     whole batch's denominators), so the summed gradients and metrics are the big batch's.
-    Micro-batch ``i`` holds rows ``i, i + n, …``: a row-sharded batch splits on every device."""
+    Micro-batch ``i`` holds rows ``i, i + n, …``: a row-sharded batch splits on every device.
+
+    With ``per_row`` the loss's aux is ``(metrics, rows)``, ``rows`` B_micro × … arrays that are
+    not summed but put back in the batch's row order and returned third (for metrics that
+    are not sums over rows)."""
     n = tc.grad_accum
     train_params, frozen = lora_lib.partition(state.params, tc.tuner)
     rngs = dropout_rngs(tc, state.step)
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1),
                          batch)
 
-    def value_and_grad(i: jax.Array, mb: dict[str, jax.Array]) -> tuple[Any, Any]:
+    def value_and_grad(i: jax.Array, mb: dict[str, Any]) -> tuple[Any, Any, Any]:
         keys = {k: jax.random.fold_in(v, i) for k, v in rngs.items()}
-        (_, metrics), grads = jax.value_and_grad(
+        (_, aux), grads = jax.value_and_grad(
             lambda tp: loss_fn(lora_lib.combine(tp, frozen), keys, mb), has_aux=True)(
                 train_params)
-        return grads, metrics
+        metrics, rows = aux if per_row else (aux, None)
+        return grads, metrics, rows
 
-    def add(carry: tuple[Any, Any], args: tuple[jax.Array, Any]) -> tuple[tuple[Any, Any], None]:
-        out = value_and_grad(*args)
-        return jax.tree.map(jnp.add, carry, out), None
+    def add(carry: tuple[Any, Any], args: tuple[jax.Array, Any]) -> tuple[tuple[Any, Any], Any]:
+        grads, metrics, rows = value_and_grad(*args)
+        return jax.tree.map(jnp.add, carry, (grads, metrics)), rows
 
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(value_and_grad, jnp.int32(0), first))
-    (grads, metrics), _ = jax.lax.scan(add, zeros, (jnp.arange(n), micro))
-    return _step(state, tc, tx, train_params, frozen, grads, metrics)
+    shapes = jax.eval_shape(value_and_grad, jnp.int32(0), first)[:2]
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (grads, metrics), rows = jax.lax.scan(add, zeros, (jnp.arange(n), micro))
+    state, metrics = _step(state, tc, tx, train_params, frozen, grads, metrics)
+    if not per_row:
+        return state, metrics
+    # n × B/n × … with micro-batch i holding rows i, i + n, …: back to B × … in row order.
+    rows = jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), rows)
+    return state, metrics, rows
 
 
 def _step(state: TrainState, tc: TrainConfig, tx: optax.GradientTransformation,

@@ -39,7 +39,7 @@ def _batch() -> dict[str, np.ndarray]:
 
 
 def _setup(objective: str, *overrides: str):
-    stage = {"ar": "ar", "mtp": "mtp", "sft": "sft"}[objective]
+    stage = objective  # each objective's own stage
     extra = ["mtp.tuner=mtp"] if objective == "mtp" else []
     cfg = load_config(MICRO, [f"{stage}.batch_size={B}", f"{stage}.learning_rate=1e-2",
                               f"{stage}.warmup_frac=0.0", *extra, *overrides])

@@ -126,3 +126,17 @@ def test_auto_and_unavailable_forms():
     cfg = dataclasses.replace(helpers.DECODE_ATTN, attention_impl="cudnn")
     with pytest.raises(ConfigError, match="cudnn does not run on this cpu backend"):
         PipoLM(cfg, False).apply({"params": params}, jnp.ones((1, 8), jnp.int32))
+
+
+def test_a_stage_refuses_an_unavailable_form_before_building_anything(tmp_path):
+    from pathlib import Path
+
+    from pipo_jax.config import load_config
+    from pipo_jax.train.supervised import train_stage
+
+    micro = Path(__file__).resolve().parents[1] / "configs" / "micro.yaml"
+    cfg = load_config(micro, [f"run_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path / 'd'}",
+                              "model.attention_impl=splash"])
+    with pytest.raises(ConfigError, match="splash does not run on this cpu backend"):
+        train_stage(cfg, "ar", progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "d").exists()

@@ -28,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pipo_jax.config.schema import TRAIN_ATTENTION_IMPLS
+from pipo_jax.config.schema import TRAIN_ATTENTION_IMPLS, ModelConfig
 from pipo_jax.errors import ConfigError
 
 Array = jax.Array
@@ -66,6 +66,12 @@ def resolve_impl(impl: str, length: int, dtype: jnp.dtype, backend: str | None =
     if backend == "tpu":
         return "splash"
     return "blockwise" if length >= AUTO_BLOCKWISE_FROM else "xla"
+
+
+def check_impl(cfg: ModelConfig, backend: str | None = None) -> None:
+    """Fails with ``resolve_impl``'s one-line error when ``cfg.attention_impl`` cannot run on
+    ``backend``: what a stage calls before it builds anything."""
+    resolve_impl(cfg.attention_impl, 0, jnp.dtype(cfg.dtype), backend)
 
 
 def causal_attention(q_BxLxNxD: Array, k_BxLxKxD: Array, v_BxLxKxD: Array,

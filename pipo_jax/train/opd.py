@@ -37,6 +37,7 @@ from pipo_jax.io.run_dir import abstract_params, model_diff, stage_of
 from pipo_jax.io.tokenizer import Tokenizer
 from pipo_jax.model import sharding
 from pipo_jax.model.pipo import PipoLM, lm_head
+from pipo_jax.model.self_attention import check_impl
 from pipo_jax.train import opd_loss as opd
 from pipo_jax.train.loop import StageResult, run_steps
 from pipo_jax.train.losses import mask_total
@@ -340,6 +341,7 @@ def train_opd(cfg: Config, tokenizer: Tokenizer | None = None, mesh: Mesh | None
               progress: bool = True) -> StageResult:
     """Trains the ``opd`` stage to ``opd.steps``, resuming from its latest checkpoint."""
     oc = cfg.opd
+    check_impl(cfg.model)
     tokenizer = check_tokenizer(cfg, tokenizer)
     mesh = mesh or sharding.build_mesh(cfg.mesh)
     sharding.check_batch(mesh, oc.batch_size, "opd.batch_size")

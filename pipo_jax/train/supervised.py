@@ -18,6 +18,7 @@ from pipo_jax.data.loader import make_train_dataset
 from pipo_jax.io.tokenizer import Tokenizer
 from pipo_jax.model import sharding
 from pipo_jax.model.pipo import PipoLM, lm_head
+from pipo_jax.model.self_attention import check_impl
 from pipo_jax.train.loop import StageResult, run_steps
 from pipo_jax.train.losses import ar_loss, mtp_loss, sft_loss, term_totals
 from pipo_jax.train.state import (
@@ -78,6 +79,7 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
         raise ValueError(f"{stage} is not a teacher-forced stage (train_stage: teacher, ar, "
                          f"mtp, sft)")
     tc: TrainConfig = getattr(cfg, stage)
+    check_impl(cfg.model_of(stage))
     tokenizer = check_tokenizer(cfg, tokenizer)
     mesh = mesh or sharding.build_mesh(cfg.mesh)
     sharding.check_batch(mesh, tc.batch_size, f"{stage}.batch_size")

@@ -3,6 +3,7 @@ verdicts, errors, and per-device bytes on a simulated 8-device mesh."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from pipo_jax.cli import parse_bytes, run_main
 from pipo_jax.config import ConfigError, MeshConfig, load_config
 from pipo_jax.errors import ConvertError
+from pipo_jax.model.pipo import init_params
 from pipo_jax.model.sharding import build_mesh
 from pipo_jax.train import plan as plan_lib
 
@@ -243,3 +245,86 @@ def test_accumulation_plans_one_micro_batch_of_activations() -> None:
     assert four == one  # 8 rows in 4 micro-batches: 2 rows of activations at a time
     with pytest.raises(ConfigError, match="does not split into sft.grad_accum=4"):
         plan_lib.plan_memory(cfg, "sft", mesh, seq_len=64, global_batch=6, compile_step=False)
+
+
+def test_opd_plan_holds_student_and_teacher_and_peaks_at_one_program(tmp_path: Path) -> None:
+    """``--stage opd``: the resident state is the student's train state plus the teacher's
+    parameters (exact), every program's live bytes add its own to them, and the peak is the
+    largest program. The teacher is another model (``--teacher-config``) than the student."""
+    teacher_cfg = tmp_path / "teacher.yaml"  # the micro config's model, wider
+    teacher_cfg.write_text(Path(MICRO).read_text().replace("d_model: 32", "d_model: 48", 1))
+    out = tmp_path / "opd.json"
+    argv = ["--config", MICRO, "--stage", "opd", "--teacher-config", str(teacher_cfg),
+            "--mesh", "fsdp=1", "--batch-size", "2", "--prompt-len", "10",
+            "--device-memory", "1GiB", "--json", str(out), "opd.rollout_max_new_tokens=12"]
+    assert run_main(plan_lib.main, argv) == 0
+    plan = json.loads(out.read_text())
+    cfg = load_config(MICRO)
+    student = plan_lib.plan_memory(cfg, "sft", _one_device_mesh(), 64, 2, compile_step=False)
+    teacher = load_config(teacher_cfg).model
+    assert teacher.d_model == 48
+    params = jax.eval_shape(lambda: init_params(teacher, False, jax.random.key(0)))
+    teacher_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    assert plan["student_params_bytes"] == student.params_bytes
+    assert plan["teacher_params_bytes"] == teacher_bytes
+    assert plan["resident_bytes"] >= (plan["student_params_bytes"] + plan["student_opt_state_bytes"]
+                                      + plan["teacher_params_bytes"])
+    programs = {p["name"]: p for p in plan["programs"]}
+    assert set(programs) == {"rollout", "score", "update"}
+    for p in programs.values():
+        assert p["live_bytes"] > plan["resident_bytes"] and p["temp_bytes"] > 0
+    assert plan["peak_bytes"] == max(p["live_bytes"] for p in programs.values())
+    assert programs[plan["peak_program"]]["live_bytes"] == plan["peak_bytes"]
+    # The update donates the student's state: its new state is written in place.
+    assert programs["update"]["alias_bytes"] >= plan["student_params_bytes"]
+    # Prompts of 10 tokens in buckets of 32; rows hold the prompt and the whole budget.
+    assert plan["prompt_len"] == 32 and plan["row_tokens"] >= 32 + 12
+    assert plan["verdicts"][0]["fits"]
+
+
+def test_opd_and_topology_errors_are_one_line(capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path) -> None:
+    base = ["--config", MICRO, f"run_dir={tmp_path}/run"]
+    assert run_main(plan_lib.main, [*base, "--stage", "opd"]) == 2
+    assert "give --teacher-config FILE" in capsys.readouterr().err
+    assert run_main(plan_lib.main, [*base, "--stage", "opd", "--state-only"]) == 2
+    assert "--state-only does not apply to --stage opd" in capsys.readouterr().err
+    assert run_main(plan_lib.main, [*base, "--prompt-len", "8"]) == 2
+    assert "are for --stage opd" in capsys.readouterr().err
+    assert run_main(plan_lib.main, [*base, "--topology", "v5p:2x2x2", "--simulate"]) == 2
+    assert "--topology gives the devices" in capsys.readouterr().err
+    if importlib.util.find_spec("libtpu") is None:
+        assert run_main(plan_lib.main, [*base, "--topology", "v5p:2x2x2"]) == 2
+        assert "--topology needs libtpu" in capsys.readouterr().err
+
+
+def test_topology_devices_make_the_mesh_and_name_the_target(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--topology`` builds the mesh on the slice's compile-only devices, in this process (no
+    simulation child), and says so; a mesh of another size is a one-line error."""
+    names: list[str] = []
+
+    def fake_devices(name: str) -> list[jax.Device]:
+        names.append(name)
+        return jax.devices()[:1]
+
+    monkeypatch.setattr(plan_lib, "topology_devices", fake_devices)
+    monkeypatch.setattr(plan_lib.subprocess, "run", lambda *a, **k: pytest.fail("simulated"))
+    argv = ["--config", MICRO, *PLAIN, "--stage", "ar", "--topology", "fake:1", "--mesh",
+            "fsdp=-1", "--batch-size", "2", "--seq-len", "32"]
+    assert plan_lib.main(argv) == 0
+    assert names == ["fake:1"]
+    assert "compiled on cpu fake:1, 1 compile-only devices" in capsys.readouterr().out
+    assert run_main(plan_lib.main, [*argv[:-6], "--mesh", "fsdp=8"]) == 2
+    assert "--topology fake:1 has 1 chips but the mesh needs 8" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install libtpu): the TPU compiler")
+def test_a_tpu_topology_compiles_the_step_without_a_tpu() -> None:
+    devices = plan_lib.topology_devices("v5p:2x2x1")
+    assert len(devices) == 4 and devices[0].platform == "tpu"
+    mesh = build_mesh(MeshConfig(data=1, fsdp=4, tensor=1), devices)
+    plan = plan_lib.plan_memory(load_config(MICRO, PLAIN), "ar", mesh, seq_len=32,
+                                global_batch=4, topology="v5p:2x2x1")
+    assert plan.backend == "tpu" and plan.compiled and plan.temp_bytes > 0

@@ -48,7 +48,17 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from pipo_jax.cli import parse_bytes, run_main
-from pipo_jax.config import PIPO_STAGES, Config, ConfigError, MeshConfig, TrainConfig, load_config
+from pipo_jax.config import (
+    PIPO_STAGES,
+    Config,
+    ConfigError,
+    MeshConfig,
+    ModelConfig,
+    TrainConfig,
+    load_config,
+)
+from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.io.run_dir import stage_of
 from pipo_jax.model import lora as lora_lib
 from pipo_jax.model import sharding
 from pipo_jax.model.layers import dtype_of
@@ -160,6 +170,8 @@ class MemoryPlan:
     # The form the step was compiled with: the configured one, or ``blockwise`` (linear memory
     # as the fused kernels are) when that kernel does not run on the planning backend.
     attention_impl_compiled: str | None = None
+    # ``--topology``: the TPU slice the step was compiled for, on compile-only devices.
+    topology: str | None = None
 
     def with_devices(self, devices: list[tuple[str, int]]) -> MemoryPlan:
         """The plan with a fits / does-not-fit verdict for each ``(name, bytes)`` device."""
@@ -178,6 +190,21 @@ def tree_bytes_per_device(tree: Any, shardings: Any) -> int:
     shards = treedef.flatten_up_to(shardings)
     return sum(math.prod(sh.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
                for leaf, sh in zip(leaves, shards, strict=True))
+
+
+def topology_devices(name: str) -> list[jax.Device]:
+    """Compile-only devices of the TPU slice ``name`` (``v5p:2x2x2``: 8 v5p chips), made by
+    libtpu without a TPU: their programs compile with the TPU compiler but cannot run."""
+    from jax.experimental import topologies
+    try:
+        return list(topologies.get_topology_desc(name, "tpu").devices)
+    except RuntimeError as e:
+        if "not installed" in str(e):
+            raise ConfigError("--topology needs libtpu, the TPU compiler (it compiles without a "
+                              "TPU): pip install libtpu") from None
+        raise ConfigError(f"--topology {name!r}: libtpu cannot make this slice "
+                          f"({str(e).strip().splitlines()[0][:200]}); give a name such as "
+                          "v5p:2x2x1 (4 chips), v5p:2x2x2 (8) or v5p:2x2x4 (16)") from None
 
 
 def _axis_size(mesh: Mesh, axes: Any) -> int:
@@ -263,7 +290,8 @@ def estimate_total(terms: dict[str, int]) -> int:
 
 
 def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch: int,
-                compile_step: bool = True, simulated: bool = False) -> MemoryPlan:
+                compile_step: bool = True, simulated: bool = False,
+                topology: str | None = None) -> MemoryPlan:
     """Plans one train step of ``stage`` on ``mesh`` for a ``global_batch × seq_len`` batch.
 
     Nothing is allocated: the state is ``jax.eval_shape``d and the step compiled on
@@ -310,7 +338,8 @@ def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch:
         loss_chunk=tc.loss_chunk, backend=mesh.devices.flat[0].platform, simulated=simulated,
         params_bytes=params_bytes, opt_state_bytes=opt_bytes, grads_bytes=grads_bytes,
         batch_bytes=batch_bytes, activations_estimate_bytes=estimate_total(terms),
-        estimate_terms=terms, attention_impl=mcfg.attention_impl, grad_accum=tc.grad_accum)
+        estimate_terms=terms, attention_impl=mcfg.attention_impl, grad_accum=tc.grad_accum,
+        topology=topology)
     if not compile_step:
         return MemoryPlan(**common, compiled=False,
                           peak_bytes=params_bytes + opt_bytes + grads_bytes + batch_bytes)
@@ -381,6 +410,8 @@ def format_plan(plan: MemoryPlan, config_name: str) -> str:
     mesh = ",".join(f"{k}={v}" for k, v in plan.mesh.items())
     n_devices = math.prod(plan.mesh.values())
     where = (f"{plan.backend}, {n_devices} simulated devices" if plan.simulated
+             else f"{plan.backend} {plan.topology}, {n_devices} compile-only devices"
+             if plan.topology
              else f"{plan.backend}, {n_devices} device{'s' if n_devices > 1 else ''}")
     rows = [
         ("parameters", plan.params_bytes, "exact: eval_shape × shardings"),
@@ -459,13 +490,47 @@ def _simulate(argv: list[str], n_devices: int) -> int:
     return subprocess.run(cmd, env=env, check=False).returncode
 
 
+def teacher_model(cfg: Config, args: argparse.Namespace) -> ModelConfig:
+    """The OPD teacher's architecture: ``--teacher-config``'s ``model``, else the config saved
+    with the checkpoint in ``opd.teacher_dir`` (``<run_dir>/teacher`` when empty)."""
+    if args.teacher_config:
+        return load_config(args.teacher_config).model
+    teacher_dir = Path(cfg.opd.teacher_dir or Path(cfg.run_dir) / "teacher")
+    if not teacher_dir.is_dir():
+        raise ConfigError(f"no teacher checkpoint in {teacher_dir} to take its model from: give "
+                          "--teacher-config FILE (a config whose model is the teacher)")
+    return ckpt.restore_config(teacher_dir).model_of(stage_of(teacher_dir, False))
+
+
+def _main_opd(args: argparse.Namespace, cfg: Config, mesh: Mesh, batch_size: int,
+              devices: list[tuple[str, int]], simulated: bool) -> int:
+    from pipo_jax.train.plan_opd import format_opd_plan, plan_opd_memory
+
+    prompt_len = cfg.opd.prompt_bucket if args.prompt_len is None else args.prompt_len
+    plan = plan_opd_memory(cfg, teacher_model(cfg, args), mesh, prompt_len, batch_size,
+                           simulated=simulated, topology=args.topology).with_devices(devices)
+    print(format_opd_plan(plan, args.config, human_bytes), flush=True)
+    if args.json:
+        payload = dict(plan.to_json(), config=args.config, overrides=list(args.overrides),
+                       teacher_config=args.teacher_config)
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipo_jax.train.plan", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--stage", default="sft", choices=PLANNED_STAGES,
-                        help="the stage whose train step is planned (default: sft)")
+    parser.add_argument("--stage", default="sft", choices=(*PLANNED_STAGES, "opd"),
+                        help="the stage whose train step is planned (default: sft); opd plans "
+                             "rollout, teacher scoring and update with both models resident")
+    parser.add_argument("--teacher-config", default=None, metavar="FILE",
+                        help="opd: a YAML config whose `model` is the teacher (default: the "
+                             "config saved in opd.teacher_dir, when it exists)")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="opd: prompt tokens per rollout (default: opd.prompt_bucket); each "
+                             "rollout runs to opd.rollout_max_new_tokens")
     parser.add_argument("--mesh", default=None,
                         help="mesh sizes, e.g. data=1,fsdp=8,tensor=1 (axes left out are 1; one "
                              "may be -1: see --num-devices); default: the config's mesh")
@@ -484,6 +549,10 @@ def main(argv: list[str]) -> int:
                         help="compile on simulated CPU devices even where this machine has "
                              "enough accelerators (their compile can fail on an intermediate "
                              "that does not fit)")
+    parser.add_argument("--topology", default=None, metavar="NAME",
+                        help="compile for a TPU slice without one, with the TPU compiler: a "
+                             "libtpu topology such as v5p:2x2x2 (8 v5p chips); the mesh takes "
+                             "its devices. Needs `pip install libtpu`")
     parser.add_argument("--state-only", action="store_true",
                         help="skip compiling the step: parameters, optimizer state and gradients "
                              "only (seconds, where a 9B compile takes minutes)")
@@ -494,10 +563,27 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
 
     cfg = load_config(args.config, args.overrides)
+    if args.stage == "opd" and args.state_only:
+        raise ConfigError("--state-only does not apply to --stage opd: its plan is the peak of "
+                          "three compiled programs")
+    if args.stage != "opd" and (args.teacher_config or args.prompt_len is not None):
+        raise ConfigError("--teacher-config and --prompt-len are for --stage opd")
+    teacher_model(cfg, args) if args.stage == "opd" else None  # a missing teacher fails early
     devices = resolve_devices(args.device, args.device_memory)  # bad presets fail before compiling
     mesh_cfg = parse_mesh(args.mesh) if args.mesh else cfg.mesh
-    n_devices = mesh_device_count(mesh_cfg, args.num_devices, jax.device_count())
-    if -1 in (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor) and args.num_devices is None:
+    if args.topology is not None and (args.simulate or args.num_devices is not None):
+        raise ConfigError("--topology gives the devices: leave out --simulate and --num-devices")
+    target = topology_devices(args.topology) if args.topology is not None else None
+    if target is None:
+        n_devices = mesh_device_count(mesh_cfg, args.num_devices, jax.device_count())
+    else:
+        fixed = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+        n_devices = len(target) if -1 in fixed else math.prod(fixed)
+        if n_devices != len(target):
+            raise ConfigError(f"--topology {args.topology} has {len(target)} chips but the mesh "
+                              f"needs {n_devices}; give a --mesh of {len(target)} devices")
+    if (-1 in (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor) and args.num_devices is None
+            and target is None):
         print(f"note: the mesh's -1 axis takes this machine's {n_devices} device(s); give "
               "--num-devices N or every size with --mesh to plan another machine",
               file=sys.stderr, flush=True)
@@ -514,11 +600,14 @@ def main(argv: list[str]) -> int:
     if simulated and n_devices > jax.device_count():
         raise ConfigError(f"the simulated CPU backend has {jax.device_count()} devices, not "
                           f"{n_devices}: XLA_FLAGS was not honoured")
-    if not simulated and (args.simulate or n_devices > jax.device_count()):
+    if target is None and not simulated and (args.simulate or n_devices > jax.device_count()):
         return _simulate(argv, n_devices)
-    mesh = sharding.build_mesh(mesh_cfg, jax.devices()[:n_devices])
+    mesh = sharding.build_mesh(mesh_cfg, target or jax.devices()[:n_devices])
+    if args.stage == "opd":
+        return _main_opd(args, cfg, mesh, batch_size, devices, simulated)
     plan = plan_memory(cfg, args.stage, mesh, seq_len, batch_size,
-                       compile_step=not args.state_only, simulated=simulated)
+                       compile_step=not args.state_only, simulated=simulated,
+                       topology=args.topology)
     plan = plan.with_devices(devices)
     print(format_plan(plan, args.config), flush=True)
     if args.json:

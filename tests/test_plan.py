@@ -88,10 +88,24 @@ def test_a_compile_out_of_device_memory_is_a_verdict(monkeypatch: pytest.MonkeyP
             "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 64.02GiB")
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", oom)
-    with pytest.raises(ConfigError, match=r"ran out of device memory: one of its intermediates "
-                                          r"alone does not fit.*64.02GiB.*--simulate"):
+    with pytest.raises(ConfigError, match=r"^the step DOES NOT FIT a cpu device: compiling it ran "
+                                          r"out of device memory \(EXECUTION FAILED: RESOURCE_EX"
+                                          r"HAUSTED: Out of memory .* 64.02GiB\); fewer rows"):
         plan_lib.plan_memory(load_config(MICRO, PLAIN), "ar", _one_device_mesh(), seq_len=32,
                              global_batch=2)
+
+    class Lowered:  # what the TPU compiler says of a program over its HBM
+        def compile(self) -> None:
+            raise jax.errors.JaxRuntimeError(
+                "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the "
+                "total memory required for HLO temporaries (227.29G) exceeds available HBM "
+                "(95.73G). HLO module: jit_opd_update.\nSee https://openxla.org/xla/errors")
+
+    with pytest.raises(ConfigError, match=r"the opd update program DOES NOT FIT a tpu device.*"
+                                          r"\(227.29G\) exceeds available HBM"):
+        plan_lib.compile_or_refuse(Lowered(), "tpu", "the opd update program")
+    with pytest.raises(ConfigError, match="xla_gpu_autotune_level=0"):
+        plan_lib.compile_or_refuse(Lowered(), "gpu", "the step")
 
 
 def test_verdict_flips_at_the_peak(compiled_plan: plan_lib.MemoryPlan) -> None:
@@ -328,3 +342,15 @@ def test_a_tpu_topology_compiles_the_step_without_a_tpu() -> None:
     plan = plan_lib.plan_memory(load_config(MICRO, PLAIN), "ar", mesh, seq_len=32,
                                 global_batch=4, topology="v5p:2x2x1")
     assert plan.backend == "tpu" and plan.compiled and plan.temp_bytes > 0
+
+
+def test_layer_remat_keeps_every_layer_input_and_recomputes_one_layer() -> None:
+    def terms(policy: str) -> dict[str, int]:
+        cfg = load_config(MICRO, [f"model.remat_policy={policy}"])
+        return plan_lib.activation_estimate(cfg, "sft", _one_device_mesh(), 512, 2, 1000)
+
+    full, layer = terms("full"), terms("layer")
+    cfg = load_config(MICRO).model
+    assert len(cfg.layer_pattern) == 2 and cfg.n_blocks == 1  # one block of two layers
+    assert layer["residuals"] == 2 * full["residuals"]  # an input per layer, not per block
+    assert layer["block"] < full["block"]  # the largest layer, not the block's two

@@ -59,7 +59,10 @@ class ModelConfig:
     mtp_init: Literal["last_layer", "random", "native"] = "last_layer"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
-    remat_policy: Literal["none", "full", "dots_saveable",
+    # What the backward pass recomputes (docs/attention.md): "full" keeps one input per scanned
+    # block of the layer pattern, "layer" one per decoder layer (more kept, a smaller peak: one
+    # layer's intermediates at a time, not a block's), the dots_* policies keep matmul outputs.
+    remat_policy: Literal["none", "full", "layer", "dots_saveable",
                           "dots_with_no_batch_dims_saveable"] = "none"
     init_std: float = 0.02
     # Causal self-attention of the whole-sequence forward (training, scoring, one-shot prefill):

@@ -415,8 +415,11 @@ class _ScanBody(nn.Module):
     def __call__(self, x: Array, positions: Array,
                  key_valid: Array | None) -> tuple[Array, tuple[LayerCache, ...]]:
         made = []
+        layer: type[nn.Module] = DecoderLayer
+        if self.cfg.remat_policy == "layer":
+            layer = nn.remat(DecoderLayer, prevent_cse=False)
         for j, layer_type in enumerate(self.cfg.layer_pattern):
-            x, new = DecoderLayer(self.cfg, layer_type, self.lora, name=slot_name(j))(
+            x, new = layer(self.cfg, layer_type, self.lora, name=slot_name(j))(
                 x, positions, key_valid)
             made.append(new)
         return x, tuple(made)
@@ -483,7 +486,7 @@ class Backbone(nn.Module):
                 (x_BxLxH, tuple(cache)), jnp.arange(self.cfg.n_blocks), positions_BxL, span)
             return norm(self.cfg, name="final_norm")(x), caches
         body: type[nn.Module] = _ScanBody
-        if self.cfg.remat_policy != "none":
+        if self.cfg.remat_policy not in ("none", "layer"):  # "layer": inside the body
             body = nn.remat(body, policy=REMAT_POLICIES[self.cfg.remat_policy],
                             prevent_cse=False)
         # Each block draws its own LoRA dropout mask.

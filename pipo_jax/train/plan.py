@@ -64,6 +64,14 @@ from pipo_jax.model import sharding
 from pipo_jax.model.layers import dtype_of
 from pipo_jax.model.self_attention import available_impls, resolve_impl
 from pipo_jax.model.sharding import MESH_AXES, parse_mesh
+from pipo_jax.train.plan_common import (
+    Verdict,
+    compile_or_refuse,
+    human_bytes,
+    topology_devices,
+    tree_bytes_per_device,
+)
+from pipo_jax.train.plan_opd import format_opd_plan, plan_opd_memory
 from pipo_jax.train.state import make_optimizer, state_shardings
 from pipo_jax.train.supervised import jit_train_step
 
@@ -124,14 +132,6 @@ def resolve_devices(presets: list[str], memory: str | None) -> list[tuple[str, i
 
 
 @dataclasses.dataclass(frozen=True)
-class Verdict:
-    device: str
-    memory_bytes: int
-    fits: bool
-    headroom_bytes: int  # device memory − peak; negative when it does not fit
-
-
-@dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     """Per-device bytes of one train step (see the module docstring for how each is obtained).
 
@@ -183,30 +183,6 @@ class MemoryPlan:
         return dataclasses.asdict(self)
 
 
-def tree_bytes_per_device(tree: Any, shardings: Any) -> int:
-    """Bytes one device holds of ``tree`` (abstract leaves) laid out with ``shardings``: the
-    largest shard of each leaf (shards are equal unless a dim does not divide)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    shards = treedef.flatten_up_to(shardings)
-    return sum(math.prod(sh.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-               for leaf, sh in zip(leaves, shards, strict=True))
-
-
-def topology_devices(name: str) -> list[jax.Device]:
-    """Compile-only devices of the TPU slice ``name`` (``v5p:2x2x2``: 8 v5p chips), made by
-    libtpu without a TPU: their programs compile with the TPU compiler but cannot run."""
-    from jax.experimental import topologies
-    try:
-        return list(topologies.get_topology_desc(name, "tpu").devices)
-    except RuntimeError as e:
-        if "not installed" in str(e):
-            raise ConfigError("--topology needs libtpu, the TPU compiler (it compiles without a "
-                              "TPU): pip install libtpu") from None
-        raise ConfigError(f"--topology {name!r}: libtpu cannot make this slice "
-                          f"({str(e).strip().splitlines()[0][:200]}); give a name such as "
-                          "v5p:2x2x1 (4 chips), v5p:2x2x2 (8) or v5p:2x2x4 (16)") from None
-
-
 def _axis_size(mesh: Mesh, axes: Any) -> int:
     """Devices a logical axis is split over (``axes``: a mesh axis name, a tuple of them or
     None)."""
@@ -229,14 +205,20 @@ def activation_estimate(cfg: Config, stage: str, mesh: Mesh, seq_len: int,
     scores: float32 scores and their gradient, compute-dtype probabilities. The ``blockwise``
     form keeps none of them for the backward pass; it recomputes one query block at a time,
     ``b·heads·block·L`` of them (the ``attention`` phase); the fused kernels (``cudnn``,
-    ``splash``) keep a float32 log-sum-exp and one tile, ``b·heads·L`` values. Gated DeltaNet
-    layers count the linear part only (their chunked form is linear in ``L``). Heads, MLP and
-    vocabulary are divided by their mesh split.
+    ``splash``) keep a float32 log-sum-exp and one tile, ``b·heads·L`` values. A Gated DeltaNet
+    layer adds its chunked form's float32 intermediates (``deltanet.chunked``, linear in ``L``),
+    twice for values and cotangents: the convolution's input and output (``2·conv_dim``), q, k
+    and v at the value heads and their chunked copies (``6·Nv·dk``), the chunk products
+    (decay, ``kk``, ``M``, ``A``, ``qk``: ``5·Nv·C``), the solve's right-hand side and solution
+    (``2·Nv·(dk+dv)``), its outputs (``4·Nv·dk``), and one state per chunk (``Nv·dk·dv/C``),
+    all per position. Heads, MLP and vocabulary are divided by their mesh split.
 
     * ``residuals``: kept from the forward pass to the backward. With remat, one ``b×L×H`` block
-      input per scanned block; without, every layer's intermediates.
-    * ``block`` (remat): one block recomputed for its backward pass, plus its ``block_params``
-      weights in the compute dtype (and gathered in the parameter dtype under fsdp).
+      input per scanned block (``layer``: per decoder layer); without, every layer's
+      intermediates.
+    * ``block`` (remat): one block recomputed for its backward pass (``layer``: the largest
+      layer), plus its weights (``block_params``, a block's) in the compute dtype (and gathered
+      in the parameter dtype under fsdp).
     * ``mtp_layer`` (PIPO): the MTP head's layer, which is not rematerialised.
     * ``loss_chunk``: one ``loss_chunk × V`` float32 chunk of logits, its softmax and gradient.
     """
@@ -264,13 +246,25 @@ def activation_estimate(cfg: Config, stage: str, mesh: Mesh, seq_len: int,
     else:
         attention_phase = b * heads * length * 8
 
+    nv = max(mcfg.linear_n_value_heads // _axis_size(mesh, rules.get("heads")), 1)
+    dk, dv, chunk = mcfg.linear_key_head_dim, mcfg.linear_value_head_dim, mcfg.linear_chunk
+    conv = mcfg.linear_conv_dim // _axis_size(mesh, rules.get("mlp"))
+    deltanet = 2 * 4 * b * length * (2 * conv + 6 * nv * dk + 5 * nv * chunk
+                                     + 2 * nv * (dk + dv) + 4 * nv * dk + nv * dk * dv // chunk)
+
     def layer(kind: str) -> int:
-        return linear + (attention if kind == "full_attention" else 0)
+        return linear + (attention if kind == "full_attention" else
+                         deltanet if kind == "linear_attention" else 0)
 
     pattern = mcfg.layer_pattern
     terms: dict[str, int] = {}
     if mcfg.remat_policy == "none":
         terms["residuals"] = mcfg.n_blocks * sum(layer(k) for k in pattern)
+    elif mcfg.remat_policy == "layer":
+        terms["residuals"] = mcfg.n_layers * b * length * h * dt
+        weights = block_params // len(pattern) // mesh.shape["tensor"]
+        terms["block"] = (max(layer(k) for k in pattern)
+                          + weights * (dt + (pdt if mesh.shape["fsdp"] > 1 else 0)))
     else:
         terms["residuals"] = mcfg.n_blocks * b * length * h * dt
         weights = block_params // mesh.shape["tensor"]
@@ -357,19 +351,8 @@ def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch:
             for field in ("model", "teacher_model")})
     with jax.set_mesh(mesh):
         step_fn = jit_train_step(cfg, stage, tx, mesh, shardings)
-        lowered = step_fn.lower(state_in, batch)
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:
-            # XLA:GPU's autotuner runs each matmul once while compiling; an intermediate larger
-            # than the device (a 64 GiB attention score tensor at 64K tokens) fails it.
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            raise ConfigError(
-                f"compiling the step on {common['backend']} ran out of device memory: one of its "
-                f"intermediates alone does not fit on this device, so the step does not either "
-                f"({str(e).strip().splitlines()[-1][:200]}). For the numbers, add --simulate (plan "
-                f"on CPU) or set XLA_FLAGS=--xla_gpu_autotune_level=0 (no autotuning)") from None
+        compiled = compile_or_refuse(step_fn.lower(state_in, batch), common["backend"],
+                                     "the step")
     compile_seconds = time.perf_counter() - t0
     stats = compiled.memory_analysis()
     if stats is None:
@@ -388,16 +371,6 @@ def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch:
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` → ``"1.50 KiB"``; binary units, as memory is sized."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _estimate_text(terms: dict[str, int]) -> str:
@@ -504,12 +477,10 @@ def teacher_model(cfg: Config, args: argparse.Namespace) -> ModelConfig:
 
 def _main_opd(args: argparse.Namespace, cfg: Config, mesh: Mesh, batch_size: int,
               devices: list[tuple[str, int]], simulated: bool) -> int:
-    from pipo_jax.train.plan_opd import format_opd_plan, plan_opd_memory
-
     prompt_len = cfg.opd.prompt_bucket if args.prompt_len is None else args.prompt_len
     plan = plan_opd_memory(cfg, teacher_model(cfg, args), mesh, prompt_len, batch_size,
                            simulated=simulated, topology=args.topology).with_devices(devices)
-    print(format_opd_plan(plan, args.config, human_bytes), flush=True)
+    print(format_opd_plan(plan, args.config), flush=True)
     if args.json:
         payload = dict(plan.to_json(), config=args.config, overrides=list(args.overrides),
                        teacher_config=args.teacher_config)

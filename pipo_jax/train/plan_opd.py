@@ -37,7 +37,12 @@ from pipo_jax.model import sharding
 from pipo_jax.model.pipo import lm_head
 from pipo_jax.model.self_attention import available_impls
 from pipo_jax.train import opd as opd_lib
-from pipo_jax.train.plan import Verdict, tree_bytes_per_device
+from pipo_jax.train.plan_common import (
+    Verdict,
+    compile_or_refuse,
+    human_bytes,
+    tree_bytes_per_device,
+)
 from pipo_jax.train.state import make_optimizer, state_shardings
 
 
@@ -105,10 +110,10 @@ def _with_impl(mcfg: ModelConfig, backend: str) -> ModelConfig:
 
 
 def _compile(name: str, fn: Any, args: tuple[Any, ...], resident_args: int,
-             resident: int) -> tuple[ProgramPlan, Any]:
+             resident: int, backend: str) -> tuple[ProgramPlan, Any]:
     t0 = time.perf_counter()
     lowered = fn.lower(*args)
-    compiled = lowered.compile()
+    compiled = compile_or_refuse(lowered, backend, f"the opd {name} program")
     seconds = time.perf_counter() - t0
     stats = compiled.memory_analysis()
     if stats is None:
@@ -171,14 +176,15 @@ def plan_opd_memory(cfg: Config, teacher_cfg: ModelConfig, mesh: Mesh, prompt_le
         plan, rows = _compile("rollout", rollout, (
             state_in.params, spec((global_batch, width), jnp.int32, batch),
             spec((global_batch, width), jnp.bool_, batch),
-            spec((global_batch,), jnp.uint32, batch)), params_b, resident)
+            spec((global_batch,), jnp.uint32, batch)), params_b, resident, backend)
         programs.append(plan)
         rows = jax.tree.map(lambda a: spec(a.shape, a.dtype, batch), rows)
 
         score = jax.jit(functools.partial(opd_lib.teacher_hidden, cfg=teacher_cfg,
                                           pad_id=ids.pad_id),
                         in_shardings=(teacher_sh, batch), out_shardings=batch)
-        plan, hidden = _compile("score", score, (teacher, rows["tokens"]), teacher_b, resident)
+        plan, hidden = _compile("score", score, (teacher, rows["tokens"]), teacher_b, resident,
+                                backend)
         programs.append(plan)
         hidden = jax.tree.map(lambda a: spec(a.shape, a.dtype, batch), hidden)
 
@@ -188,7 +194,7 @@ def plan_opd_memory(cfg: Config, teacher_cfg: ModelConfig, mesh: Mesh, prompt_le
                          out_shardings=(state_sh, sharding.replicated(mesh)),
                          donate_argnums=(0,))
         plan, _ = _compile("update", update, (state_in, rows, hidden, lm_head(teacher)),
-                           state_b + head_b, resident)
+                           state_b + head_b, resident, backend)
         programs.append(plan)
     top = max(programs, key=lambda p: p.live_bytes)
     return OpdPlan(
@@ -205,7 +211,7 @@ def plan_opd_memory(cfg: Config, teacher_cfg: ModelConfig, mesh: Mesh, prompt_le
         peak_bytes=top.live_bytes, peak_program=top.name)
 
 
-def format_opd_plan(plan: OpdPlan, config_name: str, human_bytes: Any) -> str:
+def format_opd_plan(plan: OpdPlan, config_name: str) -> str:
     """The human-readable table (per device)."""
     mesh = ",".join(f"{k}={v}" for k, v in plan.mesh.items())
     n = math.prod(plan.mesh.values())

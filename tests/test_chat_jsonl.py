@@ -451,7 +451,7 @@ def test_sft_configs(name: str, d_model: int, mlp_dim: int, tied: bool) -> None:
     converted = dataclasses.replace(model_config(_qwen3_5_hf_config(d_model, mlp_dim, tied)),
                                     mtp_init="native")
     # Compute settings the YAML chooses; they change no parameter.
-    assert (cfg.model.dtype, cfg.model.remat_policy) == ("bfloat16", "full")
+    assert (cfg.model.dtype, cfg.model.remat_policy) == ("bfloat16", "layer")
     assert dataclasses.replace(cfg.model, dtype=converted.dtype,
                                remat_policy=converted.remat_policy) == converted
     assert cfg.stages == ("sft",) and cfg.tokenizer == "tokenizer"
@@ -468,5 +468,7 @@ def test_sft_configs(name: str, d_model: int, mlp_dim: int, tied: bool) -> None:
     # 64K rows: linear-memory attention, the batch of 128 by accumulation (docs/attention.md).
     assert (cfg.model.attention_impl, sft.grad_accum, sft.batch_size % sft.grad_accum) == (
         "auto", 16, 0)
+    # OPD: 32 rollouts on 8 chips, the update one row per chip at a time.
+    assert (cfg.opd.batch_size, cfg.opd.grad_accum) == (32, 4)
     assert load_config(REPO / "configs" / f"{name}.yaml").data.train_files == ("data/sft.jsonl",)
 

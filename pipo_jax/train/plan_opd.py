@@ -59,8 +59,8 @@ class ProgramPlan:
     """One compiled program of the step, per device (bytes)."""
 
     name: str                 # rollout | score | update
-    argument_bytes: int
-    resident_argument_bytes: int  # of the arguments, the resident state (counted once)
+    argument_bytes: int       # compiled (arguments the program does not read are pruned)
+    own_argument_bytes: int   # exact: the arguments that are not resident state
     output_bytes: int
     alias_bytes: int
     temp_bytes: int
@@ -109,8 +109,10 @@ def _with_impl(mcfg: ModelConfig, backend: str) -> ModelConfig:
     return dataclasses.replace(mcfg, attention_impl="blockwise")
 
 
-def _compile(name: str, fn: Any, args: tuple[Any, ...], resident_args: int,
-             resident: int, backend: str) -> tuple[ProgramPlan, Any]:
+def _compile(name: str, fn: Any, args: tuple[Any, ...], own: Any, resident: int,
+             backend: str) -> tuple[ProgramPlan, Any]:
+    """Compiles ``fn`` on abstract ``args``; ``own``: those of them that are not resident state
+    (their exact bytes, since the compiled argument size leaves out what is pruned)."""
     t0 = time.perf_counter()
     lowered = fn.lower(*args)
     compiled = compile_or_refuse(lowered, backend, f"the opd {name} program")
@@ -122,9 +124,10 @@ def _compile(name: str, fn: Any, args: tuple[Any, ...], resident_args: int,
     arg, out = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
     alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
     code = int(stats.generated_code_size_in_bytes)
-    live = resident + (arg - resident_args) + out - alias + temp + code
-    return (ProgramPlan(name, arg, resident_args, out, alias, temp, code, live,
-                        round(seconds, 1)), lowered.out_info)
+    own_b = tree_bytes_per_device(own, jax.tree.map(lambda a: a.sharding, own))
+    live = resident + own_b + out - alias + temp + code
+    return (ProgramPlan(name, arg, own_b, out, alias, temp, code, live, round(seconds, 1)),
+            lowered.out_info)
 
 
 def plan_opd_memory(cfg: Config, teacher_cfg: ModelConfig, mesh: Mesh, prompt_len: int,
@@ -157,7 +160,6 @@ def plan_opd_memory(cfg: Config, teacher_cfg: ModelConfig, mesh: Mesh, prompt_le
     params_b = tree_bytes_per_device(state.params, state_sh.params)
     opt_b = tree_bytes_per_device(state.opt_state, state_sh.opt_state)
     teacher_b = tree_bytes_per_device(teacher, teacher_sh)
-    head_b = tree_bytes_per_device(lm_head(teacher), lm_head(teacher_sh))
     state_b = tree_bytes_per_device(state, state_sh)  # parameters + optimizer state + step
     resident = state_b + teacher_b
 
@@ -173,18 +175,19 @@ def plan_opd_memory(cfg: Config, teacher_cfg: ModelConfig, mesh: Mesh, prompt_le
     with jax.set_mesh(mesh):
         rollout = opd_lib.rollout_fn(cfg, ids, in_shardings=(state_sh.params, batch, batch, batch),
                                      out_shardings=batch)
-        plan, rows = _compile("rollout", rollout, (
-            state_in.params, spec((global_batch, width), jnp.int32, batch),
-            spec((global_batch, width), jnp.bool_, batch),
-            spec((global_batch,), jnp.uint32, batch)), params_b, resident, backend)
+        prompts = (spec((global_batch, width), jnp.int32, batch),
+                   spec((global_batch, width), jnp.bool_, batch),
+                   spec((global_batch,), jnp.uint32, batch))
+        plan, rows = _compile("rollout", rollout, (state_in.params, *prompts), prompts,
+                              resident, backend)
         programs.append(plan)
         rows = jax.tree.map(lambda a: spec(a.shape, a.dtype, batch), rows)
 
         score = jax.jit(functools.partial(opd_lib.teacher_hidden, cfg=teacher_cfg,
                                           pad_id=ids.pad_id),
                         in_shardings=(teacher_sh, batch), out_shardings=batch)
-        plan, hidden = _compile("score", score, (teacher, rows["tokens"]), teacher_b, resident,
-                                backend)
+        plan, hidden = _compile("score", score, (teacher, rows["tokens"]), rows["tokens"],
+                                resident, backend)
         programs.append(plan)
         hidden = jax.tree.map(lambda a: spec(a.shape, a.dtype, batch), hidden)
 
@@ -194,7 +197,7 @@ def plan_opd_memory(cfg: Config, teacher_cfg: ModelConfig, mesh: Mesh, prompt_le
                          out_shardings=(state_sh, sharding.replicated(mesh)),
                          donate_argnums=(0,))
         plan, _ = _compile("update", update, (state_in, rows, hidden, lm_head(teacher)),
-                           state_b + head_b, resident, backend)
+                           (rows, hidden), resident, backend)
         programs.append(plan)
     top = max(programs, key=lambda p: p.live_bytes)
     return OpdPlan(
@@ -236,7 +239,7 @@ def format_opd_plan(plan: OpdPlan, config_name: str) -> str:
     ]
     for p in plan.programs:
         own_out = p.output_bytes - p.alias_bytes
-        lines.append(f"{p.name:<10}{human_bytes(p.argument_bytes - p.resident_argument_bytes):>12}"
+        lines.append(f"{p.name:<10}{human_bytes(p.own_argument_bytes):>12}"
                      f"{human_bytes(own_out):>12}{human_bytes(p.temp_bytes):>12}"
                      f"{human_bytes(p.live_bytes):>14}{p.compile_seconds:>11.1f}")
     lines += ["", f"peak: {human_bytes(plan.peak_bytes)} (the {plan.peak_program} program)"]

@@ -27,7 +27,10 @@ bfloat16 temporaries to float32: its temporaries were 1.3–1.8× a GPU's for th
 simulated plan errs on the safe side. ``analytic activations`` is an independent
 order-of-magnitude check (``activation_estimate``).
 
-The ``opd`` stage is not planned: its step also runs rollouts and a teacher model.
+``--stage opd`` plans the OPD step's three programs with both models resident (``plan_opd``).
+``--topology v5p:2x2x2`` compiles for a TPU slice with the TPU compiler, on libtpu's
+compile-only devices (``plan_common.topology_devices``): the target's own memory analysis
+without the target.
 """
 
 from __future__ import annotations

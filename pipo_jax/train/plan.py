@@ -65,12 +65,14 @@ from pipo_jax.io.run_dir import stage_of
 from pipo_jax.model import lora as lora_lib
 from pipo_jax.model import sharding
 from pipo_jax.model.layers import dtype_of
-from pipo_jax.model.self_attention import available_impls, resolve_impl
+from pipo_jax.model.self_attention import resolve_impl
 from pipo_jax.model.sharding import MESH_AXES, parse_mesh
 from pipo_jax.train.plan_common import (
     Verdict,
     compile_or_refuse,
+    compiled_where,
     human_bytes,
+    planning_model,
     topology_devices,
     tree_bytes_per_device,
 )
@@ -346,12 +348,9 @@ def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch:
     t0 = time.perf_counter()
     # The step exactly as supervised.train_stage jits it, traced in the mesh context that places
     # the model's activation constraints.
-    compiled_impl = mcfg.attention_impl
-    if compiled_impl not in available_impls(common["backend"]):
-        compiled_impl = "blockwise"
-        cfg = dataclasses.replace(cfg, **{
-            field: dataclasses.replace(getattr(cfg, field), attention_impl=compiled_impl)
-            for field in ("model", "teacher_model")})
+    compiled_impl = planning_model(mcfg, common["backend"]).attention_impl
+    cfg = dataclasses.replace(cfg, **{field: planning_model(getattr(cfg, field), common["backend"])
+                                      for field in ("model", "teacher_model")})
     with jax.set_mesh(mesh):
         step_fn = jit_train_step(cfg, stage, tx, mesh, shardings)
         compiled = compile_or_refuse(step_fn.lower(state_in, batch), common["backend"],
@@ -385,10 +384,7 @@ def format_plan(plan: MemoryPlan, config_name: str) -> str:
     """The human-readable table (per device; KiB/MiB/GiB are powers of 2)."""
     mesh = ",".join(f"{k}={v}" for k, v in plan.mesh.items())
     n_devices = math.prod(plan.mesh.values())
-    where = (f"{plan.backend}, {n_devices} simulated devices" if plan.simulated
-             else f"{plan.backend} {plan.topology}, {n_devices} compile-only devices"
-             if plan.topology
-             else f"{plan.backend}, {n_devices} device{'s' if n_devices > 1 else ''}")
+    where = compiled_where(plan.backend, n_devices, plan.simulated, plan.topology)
     rows = [
         ("parameters", plan.params_bytes, "exact: eval_shape × shardings"),
         ("optimizer state", plan.opt_state_bytes,

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from pipo_jax.config import ConfigError
+from pipo_jax.model.self_attention import available_impls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,3 +73,21 @@ def human_bytes(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def planning_model(mcfg: Any, backend: str) -> Any:
+    """``mcfg`` (a ``ModelConfig``) as the planner compiles it on ``backend``: an attention
+    kernel the backend lacks (``cudnn``, ``splash`` on a CPU) replaced by ``blockwise``, linear
+    in memory as the fused kernels are."""
+    if mcfg.attention_impl in available_impls(backend):
+        return mcfg
+    return dataclasses.replace(mcfg, attention_impl="blockwise")
+
+
+def compiled_where(backend: str, n_devices: int, simulated: bool, topology: str | None) -> str:
+    """Where a plan was compiled, for its header."""
+    if simulated:
+        return f"{backend}, {n_devices} simulated devices"
+    if topology:
+        return f"{backend} {topology}, {n_devices} compile-only devices"
+    return f"{backend}, {n_devices} device{'s' if n_devices > 1 else ''}"

@@ -35,12 +35,13 @@ from pipo_jax.decode import engine
 from pipo_jax.io.run_dir import abstract_params
 from pipo_jax.model import sharding
 from pipo_jax.model.pipo import lm_head
-from pipo_jax.model.self_attention import available_impls
 from pipo_jax.train import opd as opd_lib
 from pipo_jax.train.plan_common import (
     Verdict,
     compile_or_refuse,
+    compiled_where,
     human_bytes,
+    planning_model,
     tree_bytes_per_device,
 )
 from pipo_jax.train.state import make_optimizer, state_shardings
@@ -102,13 +103,6 @@ class OpdPlan:
         return dict(dataclasses.asdict(self), stage="opd")
 
 
-def _with_impl(mcfg: ModelConfig, backend: str) -> ModelConfig:
-    """``mcfg`` with a planning stand-in (blockwise) for an attention kernel the backend lacks."""
-    if mcfg.attention_impl in available_impls(backend):
-        return mcfg
-    return dataclasses.replace(mcfg, attention_impl="blockwise")
-
-
 def _compile(name: str, fn: Any, args: tuple[Any, ...], own: Any, resident: int,
              backend: str) -> tuple[ProgramPlan, Any]:
     """Compiles ``fn`` on abstract ``args``; ``own``: those of them that are not resident state
@@ -148,8 +142,9 @@ def plan_opd_memory(cfg: Config, teacher_cfg: ModelConfig, mesh: Mesh, prompt_le
         raise ConfigError(f"the teacher's vocab_size {teacher_cfg.vocab_size} differs from the "
                           f"student's {cfg.model.vocab_size}: they must share a tokenizer")
     backend = mesh.devices.flat[0].platform
-    student_cfg = _with_impl(cfg.model, backend)
-    teacher_cfg = _with_impl(teacher_cfg, backend)
+    configured = f"student {cfg.model.attention_impl}, teacher {teacher_cfg.attention_impl}"
+    student_cfg = planning_model(cfg.model, backend)
+    teacher_cfg = planning_model(teacher_cfg, backend)
     cfg = dataclasses.replace(cfg, model=student_cfg)
     ids = PlanIds()
 
@@ -205,7 +200,7 @@ def plan_opd_memory(cfg: Config, teacher_cfg: ModelConfig, mesh: Mesh, prompt_le
         batch_per_device=global_batch // sharding.batch_parallel(mesh), grad_accum=oc.grad_accum,
         prompt_len=width, rollout_tokens=oc.rollout_max_new_tokens,
         row_tokens=int(rows["tokens"].shape[1]), tuner=oc.tuner,
-        attention_impl=f"student {cfg.model.attention_impl}, teacher {teacher_cfg.attention_impl}",
+        attention_impl=configured,
         attention_impl_compiled=f"student {student_cfg.attention_impl}, "
                                 f"teacher {teacher_cfg.attention_impl}",
         backend=backend, simulated=simulated, topology=topology,
@@ -218,9 +213,7 @@ def format_opd_plan(plan: OpdPlan, config_name: str) -> str:
     """The human-readable table (per device)."""
     mesh = ",".join(f"{k}={v}" for k, v in plan.mesh.items())
     n = math.prod(plan.mesh.values())
-    where = (f"{plan.backend}, {n} simulated devices" if plan.simulated
-             else f"{plan.backend} {plan.topology}, {n} compile-only devices" if plan.topology
-             else f"{plan.backend}, {n} device{'s' if n > 1 else ''}")
+    where = compiled_where(plan.backend, n, plan.simulated, plan.topology)
     lines = [
         f"memory plan: {config_name}, stage opd ({plan.tuner}; attention "
         f"{plan.attention_impl_compiled})",

@@ -75,6 +75,8 @@ from pipo_jax.train.plan_common import (
     planning_model,
     topology_devices,
     tree_bytes_per_device,
+    verdict_line,
+    verdicts,
 )
 from pipo_jax.train.plan_opd import format_opd_plan, plan_opd_memory
 from pipo_jax.train.state import make_optimizer, state_shardings
@@ -180,9 +182,7 @@ class MemoryPlan:
 
     def with_devices(self, devices: list[tuple[str, int]]) -> MemoryPlan:
         """The plan with a fits / does-not-fit verdict for each ``(name, bytes)`` device."""
-        return dataclasses.replace(self, verdicts=tuple(
-            Verdict(name, mem, self.peak_bytes <= mem, mem - self.peak_bytes)
-            for name, mem in devices))
+        return dataclasses.replace(self, verdicts=verdicts(self.peak_bytes, devices))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -424,14 +424,8 @@ def format_plan(plan: MemoryPlan, config_name: str) -> str:
     lines += [f"{name:<26}{human_bytes(n):>12}  {note}" for name, n, note in rows]
     if plan.verdicts:
         lines.append("")
-    for v in plan.verdicts:
-        if v.fits:
-            word = "fits" if plan.compiled else "state fits (activations not planned)"
-            lines.append(f"{v.device} ({human_bytes(v.memory_bytes)}): {word}, headroom "
-                         f"{human_bytes(v.headroom_bytes)}")
-        else:
-            lines.append(f"{v.device} ({human_bytes(v.memory_bytes)}): DOES NOT FIT, short by "
-                         f"{human_bytes(-v.headroom_bytes)}")
+    word = "fits" if plan.compiled else "state fits (activations not planned)"
+    lines += [verdict_line(v, word) for v in plan.verdicts]
     if plan.compiled and plan.backend == "cpu":
         lines += ["", "note: the temporaries are XLA:CPU's; a TPU or GPU compile fuses and "
                       "schedules differently and keeps bfloat16 as bfloat16, so treat them as "
@@ -474,10 +468,10 @@ def teacher_model(cfg: Config, args: argparse.Namespace) -> ModelConfig:
     return ckpt.restore_config(teacher_dir).model_of(stage_of(teacher_dir, False))
 
 
-def _main_opd(args: argparse.Namespace, cfg: Config, mesh: Mesh, batch_size: int,
-              devices: list[tuple[str, int]], simulated: bool) -> int:
+def _main_opd(args: argparse.Namespace, cfg: Config, teacher: ModelConfig, mesh: Mesh,
+              batch_size: int, devices: list[tuple[str, int]], simulated: bool) -> int:
     prompt_len = cfg.opd.prompt_bucket if args.prompt_len is None else args.prompt_len
-    plan = plan_opd_memory(cfg, teacher_model(cfg, args), mesh, prompt_len, batch_size,
+    plan = plan_opd_memory(cfg, teacher, mesh, prompt_len, batch_size,
                            simulated=simulated, topology=args.topology).with_devices(devices)
     print(format_opd_plan(plan, args.config), flush=True)
     if args.json:
@@ -538,7 +532,8 @@ def main(argv: list[str]) -> int:
                           "three compiled programs")
     if args.stage != "opd" and (args.teacher_config or args.prompt_len is not None):
         raise ConfigError("--teacher-config and --prompt-len are for --stage opd")
-    teacher_model(cfg, args) if args.stage == "opd" else None  # a missing teacher fails early
+    # Before any device or child process: a missing teacher fails early.
+    teacher = teacher_model(cfg, args) if args.stage == "opd" else None
     devices = resolve_devices(args.device, args.device_memory)  # bad presets fail before compiling
     mesh_cfg = parse_mesh(args.mesh) if args.mesh else cfg.mesh
     if args.topology is not None and (args.simulate or args.num_devices is not None):
@@ -574,7 +569,8 @@ def main(argv: list[str]) -> int:
         return _simulate(argv, n_devices)
     mesh = sharding.build_mesh(mesh_cfg, target or jax.devices()[:n_devices])
     if args.stage == "opd":
-        return _main_opd(args, cfg, mesh, batch_size, devices, simulated)
+        assert teacher is not None
+        return _main_opd(args, cfg, teacher, mesh, batch_size, devices, simulated)
     plan = plan_memory(cfg, args.stage, mesh, seq_len, batch_size,
                        compile_step=not args.state_only, simulated=simulated,
                        topology=args.topology)

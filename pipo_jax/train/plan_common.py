@@ -23,6 +23,20 @@ class Verdict:
     headroom_bytes: int  # device memory − peak; negative when it does not fit
 
 
+def verdicts(peak_bytes: int, devices: list[tuple[str, int]]) -> tuple[Verdict, ...]:
+    """A fits / does-not-fit verdict of a ``peak_bytes`` plan for each ``(name, bytes)``."""
+    return tuple(Verdict(name, mem, peak_bytes <= mem, mem - peak_bytes) for name, mem in devices)
+
+
+def verdict_line(v: Verdict, fits_word: str = "fits") -> str:
+    """One verdict as the planners print it."""
+    if v.fits:
+        return (f"{v.device} ({human_bytes(v.memory_bytes)}): {fits_word}, headroom "
+                f"{human_bytes(v.headroom_bytes)}")
+    return (f"{v.device} ({human_bytes(v.memory_bytes)}): DOES NOT FIT, short by "
+            f"{human_bytes(-v.headroom_bytes)}")
+
+
 def tree_bytes_per_device(tree: Any, shardings: Any) -> int:
     """Bytes one device holds of ``tree`` (abstract leaves) laid out with ``shardings``: the
     largest shard of each leaf (shards are equal unless a dim does not divide)."""

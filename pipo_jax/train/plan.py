@@ -348,9 +348,9 @@ def plan_memory(cfg: Config, stage: str, mesh: Mesh, seq_len: int, global_batch:
     t0 = time.perf_counter()
     # The step exactly as supervised.train_stage jits it, traced in the mesh context that places
     # the model's activation constraints.
-    compiled_impl = planning_model(mcfg, common["backend"]).attention_impl
     cfg = dataclasses.replace(cfg, **{field: planning_model(getattr(cfg, field), common["backend"])
                                       for field in ("model", "teacher_model")})
+    compiled_impl = cfg.model_of(stage).attention_impl
     with jax.set_mesh(mesh):
         step_fn = jit_train_step(cfg, stage, tx, mesh, shardings)
         compiled = compile_or_refuse(step_fn.lower(state_in, batch), common["backend"],

@@ -12,51 +12,35 @@ or, when there is no usable box, from the answer part of the response: the last
 ``answer: C`` / ``answer is (C)``, else a ``(C)`` that ends the response, else a last line that
 is just the letter. Only letters of the question's options count.
 
-Math normalisation (``normalize_math``), applied to both sides before comparing:
+Math answers (``math_equal``) are checked by ``math-verify`` (Hugging Face; the checker of
+open-r1 and lighteval): each side is wrapped as ``\\boxed{..}``, parsed to a sympy object, and
+the two compared symbolically and numerically (fractions, ``\\dfrac``, decimals, thousands
+separators, percentages, units in ``\\text{}``, intervals, sets in any order, ``x = 5`` against
+``5``, algebraically equal forms such as ``2\\sqrt{2}`` and ``\\sqrt{8}``). Before that, ``$``
+delimiters and one trailing period are removed and identical strings are equal at once (no
+sympy: the embedded task's integer answers never reach the parser when right).
 
-- ``\\text{..}``, ``\\textbf{..}``, ``\\mathrm{..}`` and ``\\mbox{..}`` become their content;
-- ``$``, whitespace, ``\\left``, ``\\right`` and the spacing commands ``\\!`` ``\\,`` ``\\;``
-  ``\\:`` are removed, as are a degree sign (``^\\circ``, ``^{\\circ}``) and one trailing period;
-- ``\\dfrac`` and ``\\tfrac`` become ``\\frac``; ``\\frac12`` becomes ``\\frac{1}{2}`` and
-  ``\\sqrt2`` becomes ``\\sqrt{2}``;
-- a single leading ``x=`` (one variable name) is dropped, so ``x=5`` matches ``5``;
-- thousands separators in a plain number (``1,000``, ``1{,}000``) are removed;
-- an integer loses its ``+`` sign and leading zeros (``007`` is ``7``).
-
-Two answers are equal when the normalised strings are equal, or when both parse as numbers
-(decimals, ``a/b`` and ``\\frac{a}{b}`` with numeric ``a``, ``b``, optionally negated) that agree
-within a relative tolerance of 1e-9.
-
-What it does NOT handle (deliberately modest; no sympy): algebraic equivalence
-(``2\\sqrt{2}`` vs ``\\sqrt{8}``, ``x+1`` vs ``1+x``), units (``5\\text{ cm}`` vs ``5``
-normalises to ``5cm``), percentages (``50\\%`` vs ``0.5``), intervals, sets and tuples in a
-different order, matrices, multiple answers, and numbers written in words.
+Bounded time: a pathological answer (``9^{9^{9^{9}}}``) cannot hang an evaluation. Parsing and
+comparison each run under ``math-verify``'s own timeout (``timeout_s``, default 5 s), which uses
+``SIGALRM`` and so works only in the main thread; in another thread the timeout cannot be set,
+and the length cap (``MAX_ANSWER_CHARS``: longer answers are compared as strings only) is the
+guard. A timed-out or unparsable comparison is "not equal".
 """
 
 from __future__ import annotations
 
-import math
 import re
-from fractions import Fraction
+import threading
 
 from pipo_jax.eval.latex import braced
 from pipo_jax.io.tokenizer import THINK_END
 
+MAX_ANSWER_CHARS = 1000
+TIMEOUT_S = 5
+
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{")
-_SPACING = re.compile(r"\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\[!,;:]|\s+|\$")
-_DEGREE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?")
-_FRAC_SHORT = re.compile(r"\\frac(\d)(\d)")
-_FRAC_HALF_SHORT = re.compile(r"\\frac\{([^{}]*)\}(\d)")
-_SQRT_SHORT = re.compile(r"\\sqrt(\d)")
-_ASSIGNMENT = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?=(?!=)(.+)$")
-_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:(?:,|\{,\})\d{3})+(?:\.\d+)?$")
-_INTEGER = re.compile(r"^[+-]?\d+$")
-_DECIMAL = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
-_NUM = r"\d+(?:\.\d+)?"
-_SLASH_FRAC = re.compile(rf"^([+-]?{_NUM})/({_NUM})$")
-_TEX_FRAC = re.compile(rf"^([+-]?)\\frac\{{([+-]?{_NUM})\}}\{{([+-]?{_NUM})\}}$")
-REL_TOL = 1e-9
+
 
 # ------------------------------------------------------------------------------ extraction
 
@@ -134,66 +118,39 @@ def extract_choice(text: str, num_choices: int | None = None) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- normalisation
+# ------------------------------------------------------------------------------ math
 
 
-def normalize_math(answer: str) -> str:
-    """Canonical string form of a math answer (the rules are in the module docstring)."""
-    s = _strip_wrappers(answer.strip())
-    s = _DEGREE.sub("", s)
-    s = _SPACING.sub("", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = _FRAC_SHORT.sub(r"\\frac{\1}{\2}", s)
-    s = _FRAC_HALF_SHORT.sub(r"\\frac{\1}{\2}", s)
-    s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
-    s = s[:-1] if s.endswith(".") else s
-    m = _ASSIGNMENT.match(s)
-    if m and "=" not in m.group(1):
-        s = m.group(1)
-    if _THOUSANDS.match(s):
-        s = s.replace("{,}", "").replace(",", "")
-    if _INTEGER.match(s):
-        s = str(int(s))
-    return s
+def _clean(answer: str) -> str:
+    s = answer.strip()
+    if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+        s = s.strip("$").strip()
+    return s[:-1].rstrip() if s.endswith(".") else s
 
 
-def to_number(normalized: str) -> Fraction | None:
-    """The value of a normalised answer that is a plain number or a numeric fraction, else None.
+def math_equal(predicted: str, reference: str, timeout_s: int = TIMEOUT_S) -> bool:
+    """Whether two math answers (box contents) are equal, by ``math-verify`` (module docstring).
 
-    Integers, decimals and fractions are exact (``Fraction``); None also for a zero denominator.
+    Args:
+      predicted: the model's answer, e.g. ``"\\dfrac{1}{2}"``.
+      reference: the reference answer, e.g. ``"0.5"``.
+      timeout_s: seconds each of parsing and comparing may take (main thread only).
     """
-    s = normalized
-    try:
-        if _DECIMAL.match(s):
-            return Fraction(s)
-        m = _SLASH_FRAC.match(s)
-        if m:
-            num, den = Fraction(m.group(1)), Fraction(m.group(2))
-            return num / den if den else None
-        m = _TEX_FRAC.match(s)
-        if m:
-            num, den = Fraction(m.group(2)), Fraction(m.group(3))
-            if not den:
-                return None
-            return -num / den if m.group(1) == "-" else num / den
-    except (ValueError, ZeroDivisionError):
-        return None
-    return None
-
-
-def math_equal(predicted: str, reference: str) -> bool:
-    """Whether two math answers agree after ``normalize_math`` (string or numeric equality)."""
-    a, b = normalize_math(predicted), normalize_math(reference)
+    a, b = _clean(predicted), _clean(reference)
     if a == b:
-        return True
-    x, y = to_number(a), to_number(b)
-    if x is None or y is None:
+        return bool(a)
+    if not a or not b or max(len(a), len(b)) > MAX_ANSWER_CHARS:
         return False
-    if x == y:
-        return True
+    # Imported here: sympy and the LaTeX grammar cost about a second, which the embedded task's
+    # right answers (equal strings) never pay.
+    from math_verify import parse, verify
+
+    t = timeout_s if threading.current_thread() is threading.main_thread() else None
     try:
-        return math.isclose(float(x), float(y), rel_tol=REL_TOL)
-    except OverflowError:  # beyond float range: only exact equality (above) counts
+        gold = parse(f"\\boxed{{{b}}}", parsing_timeout=t)
+        pred = parse(f"\\boxed{{{a}}}", parsing_timeout=t)
+        return bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=t))
+    except Exception:  # math-verify raises for inputs its grammar rejects: not equal
         return False
 
 

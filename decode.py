@@ -88,6 +88,9 @@ def main(argv: list[str]) -> int:
                    help="--bench: discard existing results instead of resuming them")
     p.add_argument("--max-questions", type=int,
                    help="--bench: evaluate only the first N questions of each file")
+    p.add_argument("--strict", action="store_true",
+                   help="--bench: a malformed benchmark line is an error (default: refused "
+                   "with its file:line, the rest evaluated)")
     args = p.parse_args(argv)
     if args.threshold is not None:
         validate_threshold(args.threshold, "--threshold")
@@ -102,7 +105,11 @@ def main(argv: list[str]) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or set(models) - {"pipo", "ar", "spec"}:
         raise ConfigError(f"--models must be a subset of pipo,ar,spec, got {args.models!r}")
-    benches = load_benchmarks(args.bench) if args.bench else None  # fail before loading a run
+    benches = None
+    if args.bench:  # before loading a run: bad files fail fast
+        benches = load_benchmarks(args.bench, skip_invalid=not args.strict)
+        for refusal in (r for b in benches for r in b.refused):
+            print(f"refused {refusal}", file=sys.stderr)
     mesh = None
     if args.mesh:
         mesh_cfg = parse_mesh(args.mesh)  # a bad flag fails before JAX starts
@@ -176,7 +183,8 @@ def _check_mode_flags(args: argparse.Namespace) -> None:
     else:
         given = [flag for flag, value in (("--out-dir", args.out_dir),
                                           ("--max-questions", args.max_questions))
-                 if value is not None] + (["--restart"] if args.restart else [])
+                 if value is not None] + (["--restart"] if args.restart else []) + (
+                     ["--strict"] if args.strict else [])
         if given:
             raise ConfigError(f"{', '.join(given)} only apply with --bench")
 

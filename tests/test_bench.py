@@ -206,7 +206,7 @@ def test_instruction_overrides_the_default(tmp_path):
      r"letter in A\.\.D, got 'E'"),
     ('{"question": "q", "answer": "AB", "kind": "choice"}', r"letter in A\.\.Z"),
     ('{"question": "q", "answer": "1", "kind": "boxed", "choices": ["a", "b"]}',
-     r"only allowed with kind 'choice'"),
+     r"do not apply to kind 'boxed'"),
     ('{"question": "q", "answer": "A", "kind": "choice", "choices": ["a"]}',
      r"2 to 26 strings"),
     ('{"id": "1", "question": "q", "answer": "1", "kind": "boxed"}',
@@ -607,17 +607,22 @@ def test_decode_bench_command_line(run_dir, math_file, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--bench", "{missing}"], r"missing\.jsonl: no such benchmark file"),
     (["--bench", "{empty}"], r"empty\.jsonl: no questions"),
-    (["--bench", "{bad}"], r"bad\.jsonl:2: not valid JSON"),
+    (["--bench", "{bad}", "--strict"], r"bad\.jsonl:2: not valid JSON"),
+    (["--bench", "{allbad}"], r"allbad\.jsonl: no questions; refused: .*allbad\.jsonl:1: "
+                              r"missing field\(s\) \['answer'\]"),
     (["--bench", "{good}", "--samples", "0"], r"--samples must be >= 1, got 0"),
     (["--bench", "{good}", "--max-questions", "0"], r"--max-questions must be >= 1"),
     (["--bench", "{good}", "--out", "x.json"], r"--out \(use --out-dir\) cannot be used"),
     (["--bench", "{good}", "--num-problems", "3"], r"--num-problems \(use --max-questions\)"),
     (["--restart"], r"--restart only apply with --bench"),
+    (["--strict"], r"--strict only apply with --bench"),
 ])
 def test_decode_bench_bad_input_is_one_line(tmp_path, capsys, args, message):
     files = {"missing": tmp_path / "missing.jsonl", "empty": tmp_path / "empty.jsonl",
-             "bad": tmp_path / "bad.jsonl", "good": tmp_path / "good.jsonl"}
+             "bad": tmp_path / "bad.jsonl", "good": tmp_path / "good.jsonl",
+             "allbad": tmp_path / "allbad.jsonl"}
     files["empty"].write_text("")
+    files["allbad"].write_text('{"question": "q", "kind": "boxed"}\n')
     good = '{"question": "q", "answer": "1", "kind": "boxed"}\n'
     files["bad"].write_text(good + "{oops\n")
     files["good"].write_text(good)

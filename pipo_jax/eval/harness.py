@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from pipo_jax.config import DecodeConfig
 from pipo_jax.decode import engine as dec
 from pipo_jax.decode.runner import PROMPT_BUCKET, Generation, PipoRunner
-from pipo_jax.eval.aggregate import aggregate
+from pipo_jax.eval.aggregate import aggregate, pass_at_k
+from pipo_jax.eval.code import score_code
 from pipo_jax.eval.heldout import write_json
 from pipo_jax.eval.protocol import sample_seed
 from pipo_jax.eval.schema import BenchError, Benchmark, Question, to_messages
@@ -65,36 +66,95 @@ def result_header(bench: Benchmark, model: str, samples: int, decode: DecodeConf
     return header
 
 
+def _prompt_error(runner: PipoRunner, q: Question, max_new_tokens: int) -> str | None:
+    ids = runner.encode_prompt(to_messages(q))
+    try:
+        dec.prepare_prompts([ids], True, runner.tokenizer.pad_id, PROMPT_BUCKET,
+                            max_new_tokens, runner.config.model.max_context)
+    except dec.PromptError as e:
+        return str(e)
+    return None
+
+
+def fit_context(runner: PipoRunner, q: Question, max_new_tokens: int) -> tuple[Question, int]:
+    """``(q, context tokens dropped)``: a question with a ``context`` whose prompt and budget
+    exceed the model's context gets the context cut in the middle, as LongBench truncates, to the
+    most tokens that fit (its first half and its last half kept; binary search over the kept
+    count, since tokens re-encode across the cut). Other questions come back unchanged."""
+    if q.context is None or _prompt_error(runner, q, max_new_tokens) is None:
+        return q, 0
+    tok = runner.tokenizer
+    ids = tok.encode(q.context)
+
+    def cut(keep: int) -> Question:
+        head, tail = ids[:keep // 2], ids[len(ids) - (keep - keep // 2):] if keep else []
+        return dataclasses.replace(q, context=tok.decode(head) + tok.decode(tail))
+
+    lo, hi = 0, len(ids) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _prompt_error(runner, cut(mid), max_new_tokens) is None:
+            lo = mid
+        else:
+            hi = mid - 1
+    fitted = cut(lo)
+    error = _prompt_error(runner, fitted, max_new_tokens)
+    if error is not None:
+        raise BenchError(f"{q.source}:{q.line}: question {q.id!r}: even without its context, "
+                         f"{error}")
+    return fitted, len(ids) - lo
+
+
 def check_prompt_lengths(runner: PipoRunner, questions: Sequence[Question],
-                         max_new_tokens: int) -> None:
-    """Refuses, before decoding anything, a question whose prompt and budget exceed the
-    model's context (the error names its file and line)."""
+                         max_new_tokens: int) -> tuple[list[Question], dict[str, int]]:
+    """Fits every question's context (``fit_context``) and refuses, before decoding anything, a
+    question whose prompt and budget exceed the model's context (the error names its file and
+    line); returns the questions to pose and the context tokens dropped per question id."""
+    fitted, dropped = [], {}
     for q in questions:
-        ids = runner.encode_prompt(to_messages(q))
-        try:
-            dec.prepare_prompts([ids], True, runner.tokenizer.pad_id, PROMPT_BUCKET,
-                                max_new_tokens, runner.config.model.max_context)
-        except dec.PromptError as e:
-            raise BenchError(f"{q.source}:{q.line}: question {q.id!r}: {e}") from e
+        q, n = fit_context(runner, q, max_new_tokens)
+        error = _prompt_error(runner, q, max_new_tokens)
+        if error is not None:
+            raise BenchError(f"{q.source}:{q.line}: question {q.id!r}: {error}")
+        fitted.append(q)
+        if n:
+            dropped[q.id] = n
+    return fitted, dropped
 
 
-def question_record(q: Question, gens: Sequence[Generation],
-                    seeds: Sequence[int]) -> dict[str, Any]:
-    """One result line: the question's id, reference, per-question metrics and its samples."""
+def score_sample(q: Question, text: str) -> dict[str, Any]:
+    """One sample's ``extracted``, ``correct`` and, for code, its per-test outcomes."""
+    if q.kind == "code":
+        assert q.tests is not None and q.limits is not None
+        code, correct, tests = score_code(text, q.tests, q.limits)
+        return {"extracted": code, "correct": correct, "tests": tests}
+    extracted, correct = score(text, q.kind, q.answer, q.num_choices)
+    return {"extracted": extracted, "correct": correct}
+
+
+def question_record(q: Question, gens: Sequence[Generation], seeds: Sequence[int],
+                    context_tokens_dropped: int = 0) -> dict[str, Any]:
+    """One result line: the question's id, reference, per-question metrics and its samples
+    (with ``tags`` and ``context_tokens_dropped`` when the question has them)."""
     samples = []
     for gen, seed in zip(gens, seeds, strict=True):
-        extracted, correct = score(gen.text, q.kind, q.answer, q.num_choices)
-        samples.append({"seed": seed, "text": gen.text, "extracted": extracted,
-                        "correct": correct, "stats": gen.stats})
+        samples.append({"seed": seed, "text": gen.text, **score_sample(q, gen.text),
+                        "stats": gen.stats})
     num_correct = sum(s["correct"] for s in samples)
-    return {"id": q.id, "answer": q.answer, "num_correct": num_correct,
-            "accuracy": num_correct / len(samples), "any_correct": num_correct > 0,
-            "samples": samples}
+    record = {"id": q.id, "answer": q.answer, "num_correct": num_correct,
+              "accuracy": num_correct / len(samples), "any_correct": num_correct > 0,
+              "samples": samples}
+    if q.tags:
+        record["tags"] = dict(q.tags)
+    if q.context is not None:
+        record["context_tokens_dropped"] = context_tokens_dropped
+    return record
 
 
 def evaluate_questions(runner: PipoRunner, questions: Sequence[Question], model: str,
                        samples: int, decode: DecodeConfig, store: ResultFile,
-                       progress: bool = True, desc: str = "") -> None:
+                       progress: bool = True, desc: str = "",
+                       dropped: dict[str, int] | None = None) -> None:
     """Decodes the questions not yet in ``store`` and appends each one's record as soon as its
     last sample finishes: one ``generate`` call for all of them (continuous batching keeps the
     slots busy, a question's samples share one prefill), resumable at any point."""
@@ -114,7 +174,8 @@ def evaluate_questions(runner: PipoRunner, questions: Sequence[Question], model:
                 done = got.pop(q)
                 gens = [done[s] for s in range(samples)]
                 store.append([question_record(pending[q], gens,
-                                              seeds[q * samples:(q + 1) * samples])])
+                                              seeds[q * samples:(q + 1) * samples],
+                                              (dropped or {}).get(pending[q].id, 0))])
                 bar.update(1)
 
         if prompts:
@@ -126,11 +187,27 @@ def summarise(records: Sequence[dict[str, Any]], samples: int) -> dict[str, Any]
     if not records:
         raise ValueError("no records to summarise")
     outs = [s for r in records for s in r["samples"]]
-    return {
+    summary = {
         "num_questions": len(records),
         **aggregate([r["num_correct"] for r in records], samples, [s["stats"] for s in outs]),
         "answered_rate": statistics.fmean(s["extracted"] is not None for s in outs),
     }
+    truncated = [r["context_tokens_dropped"] for r in records if "context_tokens_dropped" in r]
+    if truncated:
+        summary["truncated_rate"] = statistics.fmean(n > 0 for n in truncated)
+    by_tag: dict[str, dict[str, list[int]]] = {}
+    for r in records:
+        for name, value in r.get("tags", {}).items():
+            by_tag.setdefault(name, {}).setdefault(value, []).append(r["num_correct"])
+    if by_tag:
+        summary["by_tag"] = {
+            name: {value: {"num_questions": len(counts),
+                           f"avg@{samples}": statistics.fmean(c / samples for c in counts),
+                           f"pass@{samples}": statistics.fmean(pass_at_k(samples, c, samples)
+                                                               for c in counts)}
+                   for value, counts in sorted(values.items())}
+            for name, values in sorted(by_tag.items())}
+    return summary
 
 
 def _model_stage(runner: PipoRunner, model: str) -> str:
@@ -170,9 +247,10 @@ def evaluate_benchmarks(runner: PipoRunner, benches: Sequence[Benchmark], *,
     if max_questions is not None and max_questions < 1:
         raise BenchError(f"--max-questions must be >= 1, got {max_questions}")
     decode = runner.decode_options(options or {})
-    selected = {b.name: list(b.questions[:max_questions]) for b in benches}
+    selected, dropped = {}, {}
     for b in benches:
-        check_prompt_lengths(runner, selected[b.name], decode.max_new_tokens)
+        selected[b.name], dropped[b.name] = check_prompt_lengths(
+            runner, b.questions[:max_questions], decode.max_new_tokens)
     out_dir = Path(out_dir)
     steps = {m: _latest_step(run_dir, _model_stage(runner, m)) for m in models}
     summary: dict[str, Any] = {
@@ -182,6 +260,7 @@ def evaluate_benchmarks(runner: PipoRunner, benches: Sequence[Benchmark], *,
     }
     for b in benches:
         entry: dict[str, Any] = {"file": str(b.path), "total_questions": len(b.questions),
+                                 "refused": list(b.refused),
                                  "models": {}}
         for model in models:
             header = result_header(b, model, samples, decode, run_dir, steps[model],
@@ -189,7 +268,7 @@ def evaluate_benchmarks(runner: PipoRunner, benches: Sequence[Benchmark], *,
             path = result_path(out_dir, b.name, model)
             with ResultFile(path, header, restart=restart) as store:
                 evaluate_questions(runner, selected[b.name], model, samples, decode, store,
-                                   progress, desc=f"{b.name} {model}")
+                                   progress, desc=f"{b.name} {model}", dropped=dropped[b.name])
                 records = [store.done[q.id] for q in selected[b.name]]
             entry["models"][model] = {**summarise(records, samples), "results": str(path)}
         entry["num_questions"] = len(selected[b.name])
@@ -229,4 +308,24 @@ def format_summary(summary: dict[str, Any]) -> str:
             m = e["models"][model]
             lines.append(f"{model.upper():<8}{n:<{bench_w}}"
                          + "".join(f"{fmt.format(m[name]):>16}" for name, fmt in cols))
+    tagged = [(model, n, e["models"][model]) for model in models for n, e in benches.items()
+              if "by_tag" in e["models"][model]]
+    if tagged:
+        lines += ["", f"avg@{k} / pass@{k} (%) by tag"]
+        for model, n, m in tagged:
+            for name, values in m["by_tag"].items():
+                cells = ", ".join(f"{v} {100 * c[f'avg@{k}']:.2f} / {100 * c[f'pass@{k}']:.2f}"
+                                  f" ({c['num_questions']})" for v, c in values.items())
+                lines.append(f"{model.upper():<8}{n} {name}: {cells}")
+    for n, e in benches.items():
+        m = next(iter(e["models"].values()), {})
+        notes = []
+        if e.get("refused"):
+            notes.append(f"{len(e['refused'])} line(s) refused (listed on stderr and in "
+                         "summary.json)")
+        if m.get("truncated_rate"):
+            notes.append(f"context cut in the middle for {100 * m['truncated_rate']:.1f}% of "
+                         "questions")
+        if notes:
+            lines.append(f"{n}: " + "; ".join(notes))
     return "\n".join(lines)

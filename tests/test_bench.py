@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pipo_jax.config import ConfigError, load_config, save_config
 from pipo_jax.data.loader import test_examples
 from pipo_jax.decode.runner import Generation, PipoRunner, load
 from pipo_jax.eval import __main__ as bench_cli
+from pipo_jax.eval import harness
 from pipo_jax.eval.aggregate import pass_at_k
 from pipo_jax.eval.harness import evaluate_benchmarks, question_record, summarise
 from pipo_jax.eval.protocol import PRESETS, resolve_options, sample_seed
@@ -630,3 +632,113 @@ def test_decode_bench_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert run_main(decode.main, argv) == 2  # refused before the (missing) run is loaded
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.match(r"error: .*" + message, err), err
+
+
+# ------------------------------------------------- code and long-context benchmarks (issue #18)
+
+
+def test_question_record_runs_code_answers_and_keeps_tags():
+    path_line = {"question": "Print the sum of two integers.", "kind": "code",
+                 "tests": {"type": "stdin", "cases": [{"input": "1 2", "output": "3"},
+                                                      {"input": "2 2", "output": "4"}]},
+                 "tags": {"difficulty": "easy"}, "time_limit": 5}
+    (q,) = load_benchmark_lines([path_line])
+    good = "</think>\n```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    wrong = "```python\nprint(3)\n```"
+    rec = question_record(q, [gen(good), gen(wrong), gen("no code")], [1, 2, 3])
+    assert [s["correct"] for s in rec["samples"]] == [True, False, False]
+    assert [[c["outcome"] for c in s["tests"]] for s in rec["samples"]] == [
+        ["passed", "passed"], ["passed", "wrong_answer"], []]
+    assert rec["samples"][2]["extracted"] is None and rec["tags"] == {"difficulty": "easy"}
+    assert rec["num_correct"] == 1
+
+
+def load_benchmark_lines(objs: list) -> tuple:
+    with tempfile.TemporaryDirectory() as d:
+        return load_benchmarks([write_lines(Path(d) / "b.jsonl", objs)])[0].questions
+
+
+def test_summary_reports_accuracy_by_tag():
+    stats = {"tokens": 4, "backbone_passes": 2, "drafts": 2, "commits": 2, "finished": True}
+    recs = [{**record(2, 2, stats), "tags": {"difficulty": "easy"}},
+            {**record(0, 2, stats), "tags": {"difficulty": "hard"}},
+            {**record(1, 2, stats), "tags": {"difficulty": "hard"}, "context_tokens_dropped": 9},
+            {**record(1, 2, stats), "context_tokens_dropped": 0}]
+    s = summarise(recs, 2)
+    assert s["by_tag"]["difficulty"]["easy"] == {"num_questions": 1, "avg@2": 1.0, "pass@2": 1.0}
+    assert s["by_tag"]["difficulty"]["hard"] == {"num_questions": 2, "avg@2": 0.25,
+                                                 "pass@2": 0.5}
+    assert s["truncated_rate"] == 0.5
+
+
+LONG_QUESTION = ("Read the text.\n<text>\n$DOC$\n</text>\nWhich word repeats?\n(A) alpha\n"
+                 "(B) beta\n(C) gamma\n(D) delta\nAnswer with \"The correct answer is (X)\".")
+
+
+def long_line(qid: str, words: int) -> dict:
+    context = "begin " + " ".join(f"beta{i}" for i in range(words)) + " end"
+    return {"id": qid, "kind": "choice", "question": LONG_QUESTION,
+            "choices": ["alpha", "beta", "gamma", "delta"], "list_choices": False,
+            "instruction": "", "answer": "B", "context": context,
+            "tags": {"length": "short" if words < 50 else "long"}}
+
+
+def test_fit_context_cuts_the_middle_to_the_window(runner):
+    (q,) = load_benchmark_lines([long_line("doc", 400)])
+    fitted, dropped = harness.fit_context(runner, q, OPTIONS["max_new_tokens"])
+    full = len(runner.tokenizer.encode(q.context))
+    kept = len(runner.tokenizer.encode(fitted.context))
+    assert dropped > 0 and kept == full - dropped
+    assert fitted.context.startswith("begin beta0 ") and fitted.context.endswith(" beta399 end")
+    ids = runner.encode_prompt(to_messages(fitted))
+    limit = runner.config.model.max_context - OPTIONS["max_new_tokens"]
+    assert len(ids) + len(ids) % 2 <= limit  # fits (PIPO prompts are parity-padded)
+    # Two tokens more of window and more of the context is kept: the cut is as small as it can be.
+    more, _ = harness.fit_context(runner, q, OPTIONS["max_new_tokens"] - 2)
+    assert len(more.context) > len(fitted.context)
+    (short,) = load_benchmark_lines([long_line("small", 10)])
+    assert harness.fit_context(runner, short, OPTIONS["max_new_tokens"]) == (short, 0)
+
+
+def test_decode_bench_code_and_long_context_end_to_end(run_dir, tmp_path, capsys):
+    code = write_lines(tmp_path / "code.jsonl", [
+        {"id": "sum", "question": "Print the sum of two integers.", "kind": "code",
+         "system": "Write Python.", "tags": {"difficulty": "easy"},
+         "tests": {"type": "stdin", "cases": [{"input": "1 2", "output": "3"}]}},
+        {"id": "total", "question": "Return the total.", "kind": "code", "system": "Python.",
+         "starter_code": "class Solution:\n    def total(self, xs):",
+         "tests": {"type": "functional", "fn_name": "total",
+                   "cases": [{"input": "[1, 2]", "output": "3"}]},
+         "tags": {"difficulty": "hard"}},
+        {"id": "broken", "question": "No tests.", "kind": "code"}])
+    longctx = write_lines(tmp_path / "longctx.jsonl", [long_line("doc", 400),
+                                                       long_line("small", 10)])
+    out = tmp_path / "out"
+    argv = ["--run", str(run_dir), "--bench", str(code), str(longctx), "--out-dir", str(out),
+            "--models", "pipo,ar", *CLI_FLAGS]
+    assert run_main(decode.main, argv) == 0
+    captured = capsys.readouterr()
+    assert re.search(rf"refused {re.escape(str(code))}:3: missing field\(s\) \['tests'\]",
+                     captured.err)
+    assert "code: 1 line(s) refused" in captured.out
+    assert "longctx: context cut in the middle for 50.0% of questions" in captured.out
+    assert re.search(r"^PIPO +code difficulty: easy [\d.]+ / [\d.]+ \(1\), hard", captured.out,
+                     re.M)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["benchmarks"]["code"]["num_questions"] == 2
+    assert len(summary["benchmarks"]["code"]["refused"]) == 1
+    lines = (out / "longctx.pipo.jsonl").read_text().splitlines()
+    recs = {r["id"]: r for r in map(json.loads, lines[1:])}
+    assert recs["doc"]["context_tokens_dropped"] > 0
+    assert recs["small"]["context_tokens_dropped"] == 0
+    assert recs["doc"]["tags"] == {"length": "long"}
+    code_recs = [json.loads(x) for x in (out / "code.ar.jsonl").read_text().splitlines()[1:]]
+    assert [r["id"] for r in code_recs] == ["sum", "total"]
+    for s in (s for r in code_recs for s in r["samples"]):
+        # A random model writes no code block: no answer, nothing run, scored as failed.
+        assert "tests" in s and s["correct"] is (s["extracted"] is not None and all(
+            c["outcome"] == "passed" for c in s["tests"]))
+    # Same command again resumes: nothing decoded, files unchanged.
+    before = result_files(out)
+    assert run_main(decode.main, argv) == 0
+    assert result_files(out) == before

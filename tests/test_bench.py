@@ -641,14 +641,19 @@ def test_question_record_runs_code_answers_and_keeps_tags():
     path_line = {"question": "Print the sum of two integers.", "kind": "code",
                  "tests": {"type": "stdin", "cases": [{"input": "1 2", "output": "3"},
                                                       {"input": "2 2", "output": "4"}]},
-                 "tags": {"difficulty": "easy"}, "time_limit": 5}
+                 "tags": {"difficulty": "easy"}, "time_limit": 1}
     (q,) = load_benchmark_lines([path_line])
     good = "</think>\n```python\na, b = map(int, input().split())\nprint(a + b)\n```"
     wrong = "```python\nprint(3)\n```"
-    rec = question_record(q, [gen(good), gen(wrong), gen("no code")], [1, 2, 3])
-    assert [s["correct"] for s in rec["samples"]] == [True, False, False]
+    hang = "```python\nwhile True:\n    pass\n```"
+    fork = "```python\nimport os\nwhile True:\n    os.fork()\n```"
+    rec = question_record(q, [gen(good), gen(wrong), gen("no code"), gen(hang), gen(fork)],
+                          [1, 2, 3, 4, 5])
+    # The hostile answers are stopped at their limits and the record is complete.
+    assert [s["correct"] for s in rec["samples"]] == [True, False, False, False, False]
     assert [[c["outcome"] for c in s["tests"]] for s in rec["samples"]] == [
-        ["passed", "passed"], ["passed", "wrong_answer"], []]
+        ["passed", "passed"], ["passed", "wrong_answer"], [], ["timeout", "skipped"],
+        ["error", "skipped"]]
     assert rec["samples"][2]["extracted"] is None and rec["tags"] == {"difficulty": "easy"}
     assert rec["num_correct"] == 1
 

@@ -523,3 +523,69 @@ def test_lora_sft_on_chat_jsonl_from_imported_run_exports_to_transformers(
     with pytest.raises(ConfigError, match="no test split"):
         decode.main(["--run", str(run), "--no-progress"])
     assert load(run).system_prompt == ""
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*"))
+            if f.is_file()}
+
+
+@pytest.mark.parametrize("where, relation", [("same", "is"), ("inside", "is inside"),
+                                             ("parent", "contains")])
+def test_out_overlapping_the_input_is_refused_and_the_input_kept(
+        where: str, relation: str, hf_models: dict[str, HFModel], tmp_path: Path,
+        capsys: pytest.CaptureFixture):
+    """Issue #19: ``--out D --force`` with ``--hf-dir D`` used to delete ``D/config.json``."""
+    folder = _copy(hf_models["qwen3"], tmp_path)
+    before = _tree_bytes(folder)
+    out = {"same": folder, "inside": folder / "run", "parent": tmp_path}[where]
+    argv = ["hf-to-pipo", "--hf-dir", str(folder), "--out", str(out), "--force"]
+    assert run_main(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --out {out} {relation} the input --hf-dir {folder}; choose an "
+                   "output directory outside the input"), err
+    assert _tree_bytes(folder) == before
+
+
+def test_export_into_its_run_is_refused(runs: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture):
+    """Issue #19: ``pipo-to-hf --run R --out R --force`` used to replace the run's config."""
+    run = Path(shutil.copytree(runs["qwen3"], tmp_path / "run"))
+    before = _tree_bytes(run)
+    for out in (run, run / "hf"):
+        assert run_main(main, ["pipo-to-hf", "--run", str(run), "--out", str(out),
+                               "--force"]) == 2
+        assert "the input --run" in capsys.readouterr().err
+    assert _tree_bytes(run) == before
+
+
+def test_a_failed_conversion_leaves_the_previous_output_whole(
+        hf_models: dict[str, HFModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture):
+    """``--force`` replaces the old output only once the new one is complete: a disk-full
+    error halfway through leaves the previous conversion as it was and no staging folder."""
+    run = tmp_path / "run"
+    argv = ["hf-to-pipo", "--hf-dir", str(hf_models["qwen3"].folder), "--out", str(run)]
+    assert run_main(main, argv) == 0
+    (run / "notes.txt").write_text("mine")  # not the converter's: kept through --force
+    before = _tree_bytes(run)
+    real_save, calls = ckpt.save_params, []
+
+    def failing_save(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_params", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        main([*argv, "--force", "--param-dtype", "bfloat16"])
+    assert calls[0].parent.name == ".run.partial"  # written beside the output, not into it
+    assert _tree_bytes(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    monkeypatch.setattr(ckpt, "save_params", real_save)
+    assert run_main(main, [*argv, "--force", "--param-dtype", "bfloat16"]) == 0
+    params, config = load_params(run / "sft", True)
+    assert config.model.param_dtype == "bfloat16" and (run / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    capsys.readouterr()

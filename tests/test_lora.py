@@ -297,5 +297,11 @@ def test_merge_lora_writes_a_plain_run_with_the_same_model(lora_run, tmp_path):
         convert.main(["merge-lora", "--run", str(out), "--out", str(tmp_path / "again")])
     with pytest.raises(ConvertError, match="not empty"):
         convert.main(["merge-lora", "--run", str(lora_run.run_dir), "--out", str(out)])
+    # Into the run itself (or a folder inside it): refused before anything is written.
+    for into, relation in ((lora_run.run_dir, "is"), (lora_run.run_dir / "merged", "is inside")):
+        with pytest.raises(ConvertError, match=f"--out .* {relation} the input --run"):
+            convert.main(["merge-lora", "--run", str(lora_run.run_dir), "--out", str(into),
+                          "--force"])
+    assert not (lora_run.run_dir / "merged").exists()
     with pytest.raises(ConvertError, match="not a run directory"):
         convert.main(["merge-lora", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])

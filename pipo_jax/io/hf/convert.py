@@ -38,6 +38,10 @@ is not carried. A LoRA run is exported with its adapters merged.
 ``merge-lora`` folds the LoRA adapters of a run's stages into their kernels and writes a new run
 directory of params-only checkpoints in the plain layout (tuner ``full``), with the run's
 tokenizer and Hugging Face config: load it, export it, or fine-tune it further with any tuner.
+
+Each command refuses an ``--out`` that is, contains or is inside its input, and writes into a
+staging folder beside ``--out`` that replaces the converter's own entries there only once it is
+complete (``_staged_out``): a failed conversion never costs the previous output.
 """
 
 from __future__ import annotations
@@ -113,8 +117,17 @@ def _write_json(path: Path, data: Any) -> None:
                     encoding="utf-8")
 
 
-def _check_out(out: Path, force: bool) -> None:
-    """Refuses a non-empty ``out`` unless ``force``."""
+def _check_out(out: Path, force: bool, inputs: dict[str, Path]) -> None:
+    """Refuses a non-empty ``out`` unless ``force``, and always an ``out`` that is, contains or
+    is inside one of the ``inputs`` (flag → path): a conversion never writes over its source."""
+    target = out.resolve()
+    for flag, path in inputs.items():
+        source = path.resolve()
+        relation = ("is" if target == source else "is inside" if source in target.parents
+                    else "contains" if target in source.parents else None)
+        if relation is not None:
+            raise ConvertError(f"--out {out} {relation} the input {flag} {path}; choose an "
+                               "output directory outside the input")
     if out.exists() and not out.is_dir():
         raise ConvertError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -122,17 +135,42 @@ def _check_out(out: Path, force: bool) -> None:
                            "to replace the converted files in it")
 
 
-def _prepare_out(out: Path, force: bool, ours: Iterable[str]) -> None:
-    """Creates ``out``; ``force`` first deletes there only the files a conversion writes."""
-    _check_out(out, force)
-    if force and out.is_dir():
-        for name in ours:
-            target = out / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def _staged_out(out: Path, force: bool, inputs: dict[str, Path],
+                replaced: Iterable[str]) -> Iterator[Path]:
+    """Yields an empty staging directory beside ``out`` for the conversion to write into; on
+    success its entries replace those of ``out``, on failure it is deleted and ``out`` is as it
+    was. With ``force``, ``replaced`` names (globs) the entries of ``out`` a conversion owns:
+    they are moved aside only once the new output is complete, then deleted; anything else in
+    ``out`` is kept."""
+    _check_out(out, force, inputs)
+    out = out.resolve()  # "." must stage beside the directory, not inside it
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial"
+    old = out.parent / f".{out.name}.replaced"
+    if old.exists():  # a conversion killed while swapping: those are the old output's entries
+        raise ConvertError(f"{old} holds entries of {out} from a conversion interrupted while "
+                           "replacing them; move them back into it or delete that folder")
+    if stage.exists():  # an incomplete output of a conversion killed while writing
+        shutil.rmtree(stage)
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    out.mkdir(exist_ok=True)
+    old.mkdir()
+    if force:
+        for pattern in replaced:
+            for entry in out.glob(pattern):
+                entry.rename(old / entry.name)
+    for entry in stage.iterdir():
+        if (out / entry.name).exists() or (out / entry.name).is_symlink():
+            (out / entry.name).rename(old / entry.name)
+        entry.rename(out / entry.name)
+    shutil.rmtree(old)
+    stage.rmdir()
 
 
 def _release_freed_memory() -> None:
@@ -386,7 +424,8 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
     except (ValueError, OSError, ImportError) as e:
         raise ConvertError(f"the tokenizer in {hf_dir} cannot be used: {e}") from e
     files = safetensors_files(hf_dir)
-    _check_out(out, force)
+    inputs = {"--hf-dir": hf_dir}
+    _check_out(out, force, inputs)
 
     # One preallocated numpy tree of the final shapes; untouched pages cost no memory.
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_pipo_params(cfg))
@@ -406,23 +445,23 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
                                       params[module])
 
     config = Config(run_dir=str(out), stages=("sft",), tokenizer=TOKENIZER_DIR, model=cfg)
-    _prepare_out(out, force, ("ar", "mtp", "sft", TOKENIZER_DIR, "config.json", HF_CONFIG,
-                              HF_DTYPES))
-    _copy_tokenizer(hf_dir, out / TOKENIZER_DIR)
-    shutil.copyfile(hf_dir / "config.json", out / HF_CONFIG)
-    main_dtype = _source_dtype(hf_config)
-    odd = {hm.canonical_key(cfg, k): d for k, d in seen.items() if d != main_dtype}
-    if odd:
-        _write_json(out / HF_DTYPES, odd)
-    save_config(config, out / "config.json")
     ar_params = {"embedder": params["embedder"], "backbone": params["backbone"]}
     trees = [("ar", ar_params), ("sft", params)]
     if drafter and "mtp" in groups:  # its own drafter: the speculative baseline (issue #16)
         trees.insert(1, ("mtp", {**ar_params, "mtp_head": params["mtp_head"]}))
-    for stage, tree in trees:
-        ckpt.save_params(out / stage, 0, tree, config, stage,
-                         getattr(config, stage).keep_checkpoints)
-        _release_freed_memory()
+    with _staged_out(out, force, inputs, ("ar", "mtp", "sft", TOKENIZER_DIR, "config.json",
+                                          HF_CONFIG, HF_DTYPES)) as stage:
+        _copy_tokenizer(hf_dir, stage / TOKENIZER_DIR)
+        shutil.copyfile(hf_dir / "config.json", stage / HF_CONFIG)
+        main_dtype = _source_dtype(hf_config)
+        odd = {hm.canonical_key(cfg, k): d for k, d in seen.items() if d != main_dtype}
+        if odd:
+            _write_json(stage / HF_DTYPES, odd)
+        save_config(config, stage / "config.json")
+        for name, tree in trees:
+            ckpt.save_params(stage / name, 0, tree, config, name,
+                             getattr(config, name).keep_checkpoints)
+            _release_freed_memory()
 
     n_params = sum(x.size for x in jax.tree.leaves(params))
     summary = {
@@ -471,31 +510,30 @@ def pipo_to_hf(run: str | Path, out: str | Path, dtype: str | None = None,
         dtype = _source_dtype(base) if base is not None else "float32"
         if (run / HF_DTYPES).is_file():
             per_key = _read_json(run / HF_DTYPES, "")
-    _check_out(out, force)
+    inputs = {"--run": run}
+    _check_out(out, force, inputs)
     params, config = load_params(run / (stage or latest_pipo_stage(run)), True, step)
     cfg = config.model
-    _prepare_out(out, force, ("config.json", INDEX, *TOKENIZER_FILES))
-    for stale in out.glob("*.safetensors"):
-        stale.unlink()
-
-    writer = SafetensorsWriter(out, max_bytes, hm.key_table(cfg))
-    try:
-        for key, value in hm.iter_hf_tensors(cfg, params):
-            writer.add(key, value.astype(DTYPES[per_key.get(key, dtype)], copy=False))
-        files = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    hf_config = hm.hf_config_from_model(cfg, base, dtype)
-    if base is not None and dtype != _source_dtype(base):
-        for node in (hf_config, hf_config.get("text_config") or {}):
-            for key in ("dtype", "torch_dtype"):
-                if key in node:
-                    node[key] = dtype
-    _write_json(out / "config.json", hf_config)
-    tok_path = tokenizer_path(config.tokenizer, run)
-    tok_dir = tok_path if tok_path is None or tok_path.is_dir() else tok_path.parent
-    copied = _copy_tokenizer(tok_dir, out) if tok_dir is not None else []
+    with _staged_out(out, force, inputs, ("config.json", INDEX, *TOKENIZER_FILES,
+                                          "*.safetensors")) as staging:
+        writer = SafetensorsWriter(staging, max_bytes, hm.key_table(cfg))
+        try:
+            for key, value in hm.iter_hf_tensors(cfg, params):
+                writer.add(key, value.astype(DTYPES[per_key.get(key, dtype)], copy=False))
+            files = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        hf_config = hm.hf_config_from_model(cfg, base, dtype)
+        if base is not None and dtype != _source_dtype(base):
+            for node in (hf_config, hf_config.get("text_config") or {}):
+                for key in ("dtype", "torch_dtype"):
+                    if key in node:
+                        node[key] = dtype
+        _write_json(staging / "config.json", hf_config)
+        tok_path = tokenizer_path(config.tokenizer, run)
+        tok_dir = tok_path if tok_path is None or tok_path.is_dir() else tok_path.parent
+        copied = _copy_tokenizer(tok_dir, staging) if tok_dir is not None else []
 
     summary = {"files": [f.name for f in files], "bytes": writer.total_bytes, "dtype": dtype,
                "tokenizer_files": copied, "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -523,8 +561,8 @@ def merge_lora(run: str | Path, out: str | Path, step: int | None = None, force:
     run, out = Path(run), Path(out)
     if not (run / "config.json").is_file():
         raise ConvertError(f"--run {run} is not a run directory (no config.json)")
-    if run.resolve() == out.resolve():
-        raise ConvertError("--out must differ from --run: the merged run is written beside it")
+    inputs = {"--run": run}
+    _check_out(out, force, inputs)
     stages = [s for s in STAGES if ckpt.latest_step(run / s) is not None]
     if not stages:
         raise ConvertError(f"{run} has no checkpoints to merge")
@@ -533,7 +571,6 @@ def merge_lora(run: str | Path, out: str | Path, step: int | None = None, force:
     if not with_lora:
         raise ConvertError(f"{run} has no LoRA adapters to merge (its stages were trained with "
                            "tuner: full or are params-only); use it as it is")
-    _check_out(out, force)
     base = config_from_json(run / "config.json")
     config = dataclasses.replace(
         base, run_dir=str(out),
@@ -541,21 +578,22 @@ def merge_lora(run: str | Path, out: str | Path, step: int | None = None, force:
            if getattr(base, s).tuner == "lora"})
     extra = [n for n in (HF_CONFIG, HF_DTYPES) if (run / n).is_file()]
     tok = tokenizer_path(base.tokenizer, run)
-    _prepare_out(out, force, (*STAGES, TOKENIZER_DIR, "config.json", *extra))
-    if tok is not None:
-        tok_dir = tok if tok.is_dir() else tok.parent
-        _copy_tokenizer(tok_dir, out / TOKENIZER_DIR)
-        config = dataclasses.replace(config, tokenizer=TOKENIZER_DIR)
-    for name in extra:
-        shutil.copyfile(run / name, out / name)
-    save_config(config, out / "config.json")
     steps = {}
-    for stage in stages:
-        at = step if stage == "sft" and step is not None else ckpt.latest_step(run / stage)
-        params, _ = load_params(run / stage, stage in PIPO_STAGES, at)
-        steps[stage] = int(at)
-        ckpt.save_params(out / stage, at, params, config, stage,
-                         getattr(config, stage).keep_checkpoints)
+    with _staged_out(out, force, inputs, (*STAGES, TOKENIZER_DIR, "config.json",
+                                          *extra)) as staging:
+        if tok is not None:
+            tok_dir = tok if tok.is_dir() else tok.parent
+            _copy_tokenizer(tok_dir, staging / TOKENIZER_DIR)
+            config = dataclasses.replace(config, tokenizer=TOKENIZER_DIR)
+        for name in extra:
+            shutil.copyfile(run / name, staging / name)
+        save_config(config, staging / "config.json")
+        for stage in stages:
+            at = step if stage == "sft" and step is not None else ckpt.latest_step(run / stage)
+            params, _ = load_params(run / stage, stage in PIPO_STAGES, at)
+            steps[stage] = int(at)
+            ckpt.save_params(staging / stage, at, params, config, stage,
+                             getattr(config, stage).keep_checkpoints)
     log(f"{run} → {out}\n  merged LoRA adapters of: {', '.join(with_lora)}; steps "
         + ", ".join(f"{s} {n}" for s, n in steps.items()))
     return {"merged": with_lora, "steps": steps, "out": str(out)}

@@ -446,6 +446,11 @@ def _write_chat_jsonl(path: Path, n: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+# Out of the default run (about 3 CPU-minutes of compiles): each piece has a faster test of its
+# own — LoRA SFT (tests/test_lora.py), chat JSONL batches (tests/test_chat_jsonl.py), merged
+# export read by transformers (test_export_loads_in_transformers, test_pipo_hf_pipo_is_exact),
+# decode.py --bench on a run (tests/test_bench.py). `pytest -m slow` runs it.
+@pytest.mark.slow
 def test_lora_sft_on_chat_jsonl_from_imported_run_exports_to_transformers(
         runs: dict[str, Path], hf_models: dict[str, HFModel], tmp_path: Path):
     """The user's path end to end: a tiny random HF checkpoint (converted by the ``runs``

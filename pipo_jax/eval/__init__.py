@@ -12,5 +12,6 @@
   ``python -m pipo_jax.eval convert``.
 
 ``schema``, ``scoring``, ``code``, ``sandbox``, ``protocol``, ``store`` and ``sources`` are pure
-Python; only ``harness`` needs JAX and a loaded run. Entry point: ``python decode.py --run RUN --bench FILE``.
+Python; only ``harness`` needs JAX and a loaded run. Entry point:
+``python decode.py --run RUN --bench FILE``.
 """

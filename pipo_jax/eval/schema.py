@@ -206,13 +206,16 @@ def json_lines(text: str, path: Path) -> Iterator[tuple[int, str, Any]]:
     """``(line number, "file:line", parsed value)`` of each non-blank line of JSONL ``text``;
     a line that is not JSON is a ``BenchError`` naming ``file:line``."""
     for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            yield lineno, where, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if line.strip():
+            yield lineno, f"{path}:{lineno}", parse_json_line(line, f"{path}:{lineno}")
+
+
+def parse_json_line(line: str, where: str) -> Any:
+    """One JSONL line's value; bad JSON is a ``BenchError`` naming ``where`` (``file:line``)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
 
 
 def load_benchmark(path: str | Path, skip_invalid: bool = False) -> Benchmark:
@@ -240,11 +243,7 @@ def load_benchmark(path: str | Path, skip_invalid: bool = False) -> Benchmark:
             continue
         where = f"{path}:{lineno}"
         try:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-            q = _question(obj, where, path, lineno)
+            q = _question(parse_json_line(line, where), where, path, lineno)
             if q.id in first_line:
                 raise BenchError(f"{where}: duplicate id {q.id!r} (first on line "
                                  f"{first_line[q.id]})")

@@ -68,10 +68,17 @@ GPQA_OPTIONS = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
 
 
 def _read_text(path: Path) -> str:
+    """A local input file's text: UTF-8 (a byte-order mark tolerated), gunzipped if gzipped."""
     if not path.is_file():
         raise BenchError(f"{path}: no such input file")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise BenchError(f"{path}: not a complete gzip file ({e})") from e
     try:
-        return path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise BenchError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
@@ -135,24 +142,9 @@ def gpqa_questions(path: str | Path, seed: int) -> list[dict[str, Any]]:
     return _check_ids(out, path)
 
 
-def _read_maybe_gzip(path: Path) -> str:
-    if not path.is_file():
-        raise BenchError(f"{path}: no such input file")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise BenchError(f"{path}: not a complete gzip file ({e})") from e
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise BenchError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-
-
 def _objects(path: Path, required: tuple[str, ...]) -> list[tuple[int, str, dict[str, Any]]]:
     """The JSON objects of a JSONL file (or of one JSON array), each checked for ``required``."""
-    text = _read_maybe_gzip(path)
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)

@@ -82,6 +82,28 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         C.load_config(_write(tmp_path, "model: [unclosed\n"))
 
 
+def test_key_twice_in_a_file_and_binary_files_are_one_line_errors(tmp_path):
+    """Issue #19: PyYAML keeps the last of two equal keys silently."""
+    p = _write(tmp_path, "sft:\n  steps: 3\n  learning_rate: 0.1\n  steps: 30\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: .*key 'steps' is set twice "
+                                          r"\(first on line 2\).*line 4") as e:
+        C.load_config(p)
+    assert "\n" not in str(e.value)
+    top = _write(tmp_path, "sft: {steps: 3}\nsft: {steps: 4}\n")
+    with pytest.raises(ConfigError, match="key 'sft' is set twice"):
+        C.load_config(top)
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        C.load_config(binary)
+    # The same key in two different sections is fine, and so is overriding a merged anchor.
+    assert C.load_config(_write(tmp_path, "sft: {steps: 3}\nar: {steps: 4}\n")).sft.steps == 3
+    merged = _write(tmp_path, "ar: &base {steps: 4, batch_size: 2}\nsft:\n  <<: *base\n"
+                              "  steps: 5\n")
+    cfg = C.load_config(merged)
+    assert (cfg.sft.steps, cfg.sft.batch_size, cfg.ar.steps) == (5, 2, 4)
+
+
 def test_same_key_overridden_twice_is_an_error():
     with pytest.raises(ConfigError, match=r"sft\.steps.*twice"):
         C.load_config(None, ["sft.steps=3", "sft.steps=4"])

@@ -136,17 +136,42 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    silently, so ``steps: 3`` then ``steps: 30`` would train for 30 steps unannounced)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": keys it brings in
+                continue  # may be overridden by the mapping's own, as YAML intends
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is set twice (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Loads a YAML (or JSON) config file and applies ``key=value`` overrides."""
+    """Loads a YAML (or JSON) config file and applies ``key=value`` overrides; a file that is not
+    UTF-8 text, not valid YAML or sets a key twice is a ``ConfigError``."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}); give a YAML "
+                              "file") from e
+        try:
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+            raise ConfigError(f"config file {p} is not valid YAML: "
+                              f"{' '.join(str(e).split())}") from e
     return from_dict(apply_overrides(raw, list(overrides)))
 
 

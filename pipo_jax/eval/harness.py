@@ -112,13 +112,15 @@ def check_prompt_lengths(runner: PipoRunner, questions: Sequence[Question],
     line); returns the questions to pose and the context tokens dropped per question id."""
     fitted, dropped = [], {}
     for q in questions:
-        q, n = fit_context(runner, q, max_new_tokens)
-        error = _prompt_error(runner, q, max_new_tokens)
-        if error is not None:
-            raise BenchError(f"{q.source}:{q.line}: question {q.id!r}: {error}")
+        if q.context is not None:  # fit_context returns a question that fits, or raises
+            q, n = fit_context(runner, q, max_new_tokens)
+            if n:
+                dropped[q.id] = n
+        else:
+            error = _prompt_error(runner, q, max_new_tokens)
+            if error is not None:
+                raise BenchError(f"{q.source}:{q.line}: question {q.id!r}: {error}")
         fitted.append(q)
-        if n:
-            dropped[q.id] = n
     return fitted, dropped
 
 

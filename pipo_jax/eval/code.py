@@ -70,10 +70,6 @@ class CodeTests:
     entry_point: str | None = None
     prelude: str = ""
 
-    @property
-    def num_cases(self) -> int:
-        return 1 if self.type == "program" else len(self.cases)
-
 
 def user_prompt(question: str, starter_code: str | None) -> str:
     """LiveCodeBench's user turn for a problem (with starter code: a functional problem)."""
@@ -273,17 +269,3 @@ def parse_tests(raw: Any, where: str) -> CodeTests:
     if kind == "functional" and (not isinstance(fn_name, str) or not fn_name.isidentifier()):
         raise ValueError(f"tests.fn_name must be a Python name, got {fn_name!r}")
     return CodeTests(kind, tuple(parsed), fn_name=fn_name)
-
-
-def tests_to_json(tests: CodeTests) -> dict[str, Any]:
-    """The schema's ``tests`` object for ``tests`` (the inverse of ``parse_tests``)."""
-    if tests.type == "program":
-        out: dict[str, Any] = {"type": "program", "program": tests.program,
-                               "entry_point": tests.entry_point}
-        if tests.prelude:
-            out["prelude"] = tests.prelude
-        return out
-    out = {"type": tests.type, "cases": [{"input": i, "output": o} for i, o in tests.cases]}
-    if tests.fn_name is not None:
-        out["fn_name"] = tests.fn_name
-    return out

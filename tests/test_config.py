@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from pipo_jax import config as C
-from pipo_jax.config import Config, ConfigError, DecodeConfig, ModelConfig
+from pipo_jax.config import Config, ConfigError, DecodeConfig, ModelConfig, schema
+from pipo_jax.config.bounds import bounds_of
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -240,6 +244,131 @@ def test_other_section_validation():
     assert C.load_config(None, ["sft.pad_augment=mix"]).sft.pad_augment == "mix"
     with pytest.raises(ConfigError, match="top_p"):
         C.load_config(None, ["decode.top_p=0"])
+
+
+# ------------------------------------------------------------------- declared numeric ranges
+
+
+def _numeric_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(key, field type, Bounds)`` of every numeric field reachable from ``cls``."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _numeric_keys(tp, f"{prefix}{f.name}.")
+            continue
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else tp
+        if item in (int, float):
+            out.append((prefix + f.name, tp, bounds_of(f)))
+    return out
+
+
+NUMERIC_KEYS = _numeric_keys()
+
+
+def test_every_numeric_field_declares_its_range():
+    assert len(NUMERIC_KEYS) > 100  # every section, ar / teacher / sft / … and their lora
+    missing = [key for key, _, b in NUMERIC_KEYS if b is None]
+    assert not missing, f"numeric config fields without a declared range: {missing}"
+
+
+def test_a_numeric_field_without_a_range_cannot_be_built():
+    @dataclasses.dataclass(frozen=True)
+    class Careless(schema._Section):
+        SECTION = "careless"
+        steps: int = 3
+
+    with pytest.raises(TypeError, match=r"Careless\.steps is numeric but declares no range"):
+        Careless()
+
+
+def _outside(tp: Any, b: Any) -> list[Any]:
+    """Values just outside ``b`` (NaN and infinity too for a float field)."""
+    item = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else tp
+    step = 1 if item is int else 1e-3
+    bad: list[Any] = []
+    if b.lo is not None:
+        bad.append(b.lo if b.lo_open else b.lo - step)
+    if b.hi is not None:
+        bad.append(b.hi if b.hi_open else b.hi + step)
+    if item is float:
+        bad += [".nan", ".inf", "-.inf"]
+    bad = [v for v in bad if not (isinstance(v, (int, float)) and v in b.also)]
+    return [[v] if typing.get_origin(tp) is tuple else v for v in bad]
+
+
+@pytest.mark.parametrize("key,tp,bounds", NUMERIC_KEYS, ids=[k for k, _, _ in NUMERIC_KEYS])
+def test_each_numeric_field_refuses_values_outside_its_range(key, tp, bounds):
+    """Every numeric key, through the loader: each value just past a bound (and NaN / ±inf for a
+    float) is a one-line error naming the key's full path; the default is accepted."""
+    C.load_config(None, [])  # the defaults are inside every range
+    values = _outside(tp, bounds)
+    assert values, f"{key}: no value lies outside {bounds.describe()}"
+    for v in values:
+        text = yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+        with pytest.raises(ConfigError) as e:
+            C.load_config(None, [f"{key}={text}"])
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(key.split("[")[0]), (key, v, message)
+
+
+@pytest.mark.parametrize("override,message", [
+    # The cases of issue #19: each trained (or decoded) silently wrong before.
+    ("ar.clip_norm=-1", r"ar\.clip_norm must be > 0, got -1\.0"),
+    ("ar.b1=1.5", r"ar\.b1 must be in \[0, 1\) \(Adam's first-moment decay\), got 1\.5"),
+    ("sft.weight_decay=.nan", r"sft\.weight_decay must be >= 0, got nan"),
+    ("ar.b2=nan", r"ar\.b2 must be in \[0, 1\)"),  # the string "nan" reads as a float
+    ("opd.end_lr_frac=.nan", r"opd\.end_lr_frac must be in \[0, 1\], got nan"),
+    ("sft.w_conf=.nan", r"sft\.w_conf must be >= 0, got nan"),
+    ("sft.w_mtp=-1", r"sft\.w_mtp must be >= 0, got -1\.0"),
+    ("model.rms_eps=-1e-6", r"model\.rms_eps must be in \(0, 1\), got -1e-06"),
+    ("model.rope_theta=0", r"model\.rope_theta must be > 0, got 0\.0"),
+    ("ar.seed=-1", r"ar\.seed must be in \[0, 4294967295\], got -1"),
+    ("teacher.lora.rank=0", r"teacher\.lora\.rank must be >= 1, got 0"),
+    ("teacher_model.d_model=0", r"teacher_model\.d_model must be >= 1"),
+    ("data.levels=[2, 13]", r"data\.levels\[1\] must be in \[1, 12\] \(digits per operand\)"),
+    ("mesh.fsdp=0", r"mesh\.fsdp must be >= 1 or -1 \(-1: all remaining devices\), got 0"),
+    ("decode.presence_penalty=.nan", r"decode\.presence_penalty must be in \[-2, 2\], got nan"),
+    ("opd.rollout_thresholds=[0.5, 2]", r"opd\.rollout_thresholds\[1\] must be in \[-1, 1\]"),
+])
+def test_issue_19_values_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        C.load_config(None, [override])
+
+
+def test_direct_construction_names_the_section():
+    with pytest.raises(ConfigError, match=r"^sft\.w_conf must be >= 0, got nan$"):
+        C.SftConfig(w_conf=float("nan"))
+    with pytest.raises(ConfigError, match=r"^model\.vocab_size must be >= 1, got 0$"):
+        ModelConfig(vocab_size=0)
+    with pytest.raises(ConfigError, match=r"^decode\.top_k must be >= 0 \(0 turns it off\)"):
+        DecodeConfig(top_k=-1)
+    with pytest.raises(ConfigError, match="must be >= 1, got True"):  # a bool is not a count
+        ModelConfig(n_layers=True)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match=r"model\.max_context \(64\) is below data\.max_len "
+                                          r"\(320\)"):
+        C.load_config(None, ["model.max_context=64"])
+    C.load_config(None, ["model.max_context=64", "data.max_len=64"])
+    # The teacher's context matters only when the teacher stage trains it.
+    C.load_config(None, ["teacher_model.max_context=64"])
+    with pytest.raises(ConfigError, match=r"teacher_model\.max_context"):
+        C.load_config(None, ["teacher_model.max_context=64", "stages=[teacher, ar]"])
+    with pytest.raises(ConfigError, match=r"opd\.rollout_max_new_tokens \(2048\) leaves no room"):
+        C.load_config(None, ["stages=[opd]", "opd.rollout_max_new_tokens=2048"])
+    with pytest.raises(ConfigError, match=r"ar\.batch_size \(32\) cannot be split evenly over "
+                                          r"mesh\.data × mesh\.fsdp = 3"):
+        C.load_config(None, ["mesh.fsdp=3"])
+    with pytest.raises(ConfigError, match=r"sft\.batch_size \(6\) .* = 4"):
+        C.load_config(None, ["mesh.data=2", "mesh.fsdp=2", "ar.batch_size=8",
+                             "sft.batch_size=6"])
+    C.load_config(None, ["mesh.data=2", "mesh.fsdp=-1"])  # -1: the device count decides later
+    for empty in ("run_dir=", "run_dir=' '"):
+        with pytest.raises(ConfigError, match="run_dir is empty"):
+            C.load_config(None, [empty])
 
 
 # -------------------------------------------------------------------------------- round trip

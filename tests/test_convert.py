@@ -21,7 +21,7 @@ import pytest
 from helpers import random_params
 
 from pipo_jax.cli import run_main
-from pipo_jax.config import Config, ConfigError, ModelConfig
+from pipo_jax.config import Config, ConfigError, DataConfig, ModelConfig
 from pipo_jax.decode.runner import load, load_params
 from pipo_jax.io import checkpoint as ckpt
 from pipo_jax.io.hf import mapping as hm
@@ -338,7 +338,8 @@ def test_pipo_hf_pipo_is_exact(compressor: str, tmp_path: Path, capsys: pytest.C
     run = tmp_path / "run"
     with ckpt.open_manager(run / "sft", keep=1) as m:
         ckpt.save(m, 7, {"step": np.int32(7), "params": params},
-                  Config(run_dir=str(run), model=cfg), "sft", wait=True)
+                  Config(run_dir=str(run), model=cfg, data=DataConfig(max_len=128)), "sft",
+                  wait=True)
     hf = tmp_path / "hf"
     assert main(["pipo-to-hf", "--run", str(run), "--out", str(hf)]) == 0
     exported = json.loads((hf / "config.json").read_text())

@@ -276,7 +276,7 @@ def test_runner_spec_model_answers_as_ar_and_refuses_what_it_cannot_do():
     greedy's text in fewer backbone passes, reports drafted/accepted counts, refuses a
     presence penalty and a run without a drafter with one-line errors, and refuses an
     over-long prompt alone."""
-    from pipo_jax.config import Config, DecodeConfig, ModelConfig
+    from pipo_jax.config import Config, DataConfig, DecodeConfig, ModelConfig
     from pipo_jax.decode.runner import PipoRunner
     from pipo_jax.errors import ConfigError
     from pipo_jax.io.tokenizer import ByteTokenizer
@@ -286,8 +286,8 @@ def test_runner_spec_model_answers_as_ar_and_refuses_what_it_cannot_do():
     drafter = drafting_params(cfg, 4, 0.3)
     ar = {k: v for k, v in drafter.items() if k != "mtp_head"}
     pipo = helpers.random_params(cfg, True, seed=1)
-    config = Config(model=cfg, decode=DecodeConfig(max_new_tokens=12, batch_size=2,
-                                                   speculative_k=3))
+    config = Config(model=cfg, data=DataConfig(max_len=128),
+                    decode=DecodeConfig(max_new_tokens=12, batch_size=2, speculative_k=3))
     runner = PipoRunner(config, pipo, ar, ByteTokenizer(), system_prompt="",
                         drafter_params=drafter)
     prompts = ["12+34=", "hello", "x" * 200]
@@ -311,13 +311,13 @@ def test_load_takes_the_baselines_from_another_run(tmp_path):
     ``other`` without the AR stage or with another backbone is a one-line error."""
     import dataclasses
 
-    from pipo_jax.config import Config
+    from pipo_jax.config import Config, DataConfig
     from pipo_jax.decode.runner import load
     from pipo_jax.errors import CheckpointError
     from pipo_jax.io import checkpoint as ckpt
 
     cfg = dataclasses.replace(helpers.DECODE_ATTN, vocab_size=272)
-    config = Config(model=cfg)
+    config = Config(model=cfg, data=DataConfig(max_len=96))
 
     def save(run: Path, stage: str, params: dict, model: ModelConfig = cfg) -> dict:
         params = jax.tree.map(np.asarray, params)

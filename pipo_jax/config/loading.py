@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipo_jax.config.bounds import FieldError
 from pipo_jax.config.schema import Config
 from pipo_jax.errors import ConfigError
 
@@ -75,6 +76,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
     try:
         return cls(**kwargs)
+    except FieldError as e:  # the section class's own name → the key's full path
+        raise ConfigError(e.message(prefix)) from None
     except TypeError as e:  # pragma: no cover - dataclass signature mismatch
         raise ConfigError(f"{prefix or 'config'}: {e}") from e
 

@@ -8,26 +8,43 @@ silently falls back to a default. The resolved config is saved as JSON beside ev
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
-from typing import Literal
+from typing import ClassVar, Literal
 
+from pipo_jax.config.bounds import check_fields, number
 from pipo_jax.errors import ConfigError
 
 TRAIN_ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
+# Seeds become a uint32 JAX key: a larger one would wrap onto a smaller seed's stream.
+SEED_MAX = 2 ** 32 - 1
+THRESHOLD_WHY = "-1 commits every draft, 1 commits none"
+
+
+class _Section:
+    """Base of every config section: ``__post_init__`` first checks each numeric field against
+    its declared range (``pipo_jax.config.bounds``); a section adds its cross-field checks after
+    ``super().__post_init__()``. ``SECTION`` names it in errors of direct construction (the
+    loader names the key's full path instead)."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_fields(self, self.SECTION)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """Backbone, compressor, MTP head and confidence head sizes (SPEC §3)."""
 
-    vocab_size: int = 272
-    d_model: int = 128
-    n_layers: int = 8
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 32
-    mlp_dim: int = 384
+    SECTION: ClassVar[str] = "model"
+
+    vocab_size: int = number(272, ge=1)
+    d_model: int = number(128, ge=1)
+    n_layers: int = number(8, ge=1)
+    n_heads: int = number(4, ge=1)
+    n_kv_heads: int = number(2, ge=1)
+    head_dim: int = number(32, ge=1)
+    mlp_dim: int = number(384, ge=1)
     # "qwen3": plain ``w·x̂`` RMSNorm, ungated attention. "qwen3_5": ``(1 + w)·x̂`` RMSNorm
     # (weights stored as the offset from 1) and a sigmoid output gate on full attention.
     family: Literal["qwen3", "qwen3_5"] = "qwen3"
@@ -35,22 +52,22 @@ class ModelConfig:
     # Empty means all "full_attention". The stack is scanned over repeats of its shortest period
     # (Qwen3.5: [linear, linear, linear, full]).
     layer_types: tuple[str, ...] = ()
-    rope_theta: float = 10000.0
+    rope_theta: float = number(10000.0, gt=0)
     # Fraction of each head's dims that RoPE rotates (Qwen3.5: 0.25; the rest pass through).
-    partial_rotary_factor: float = 1.0
-    rms_eps: float = 1e-6
+    partial_rotary_factor: float = number(1.0, gt=0, le=1)
+    rms_eps: float = number(1e-6, gt=0, lt=1)
     # False: a separate LM head matrix (Qwen3.5-9B); True: logits through the embedding.
     tie_embeddings: bool = True
     # Gated DeltaNet (linear attention) sizes: q/k heads, v heads (a multiple of the q/k heads),
     # their head dims, the causal conv width and the chunk of the chunk-parallel form.
-    linear_n_key_heads: int = 2
-    linear_n_value_heads: int = 4
-    linear_key_head_dim: int = 16
-    linear_value_head_dim: int = 16
-    linear_conv_kernel: int = 4
-    linear_chunk: int = 64
+    linear_n_key_heads: int = number(2, ge=1)
+    linear_n_value_heads: int = number(4, ge=1)
+    linear_key_head_dim: int = number(16, ge=1)
+    linear_value_head_dim: int = number(16, ge=1)
+    linear_conv_kernel: int = number(4, ge=1)
+    linear_chunk: int = number(64, ge=1)
     # Longest token context (prompt + response) the decode caches are sized for.
-    max_context: int = 2048
+    max_context: int = number(2048, ge=2)
     compressor_type: Literal["linear", "mlp"] = "mlp"
     compressor_init: Literal["identity", "random"] = "identity"
     # How the MTP layer starts when a PIPO model is built from an AR checkpoint: a copy of the
@@ -64,30 +81,22 @@ class ModelConfig:
     # layer's intermediates at a time, not a block's), the dots_* policies keep matmul outputs.
     remat_policy: Literal["none", "full", "layer", "dots_saveable",
                           "dots_with_no_batch_dims_saveable"] = "none"
-    init_std: float = 0.02
+    init_std: float = number(0.02, gt=0, le=1)
     # Causal self-attention of the whole-sequence forward (training, scoring, one-shot prefill):
     # auto | xla (materialised) | blockwise (online softmax, linear memory) | cudnn | splash
     # (pipo_jax/model/self_attention.py); attention_block: the blockwise form's block, positions.
     attention_impl: str = "auto"
-    attention_block: int = 256
+    attention_block: int = number(256, ge=1)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.attention_impl not in TRAIN_ATTENTION_IMPLS:
             raise ConfigError(f"model.attention_impl must be one of "
                               f"{', '.join(TRAIN_ATTENTION_IMPLS)}, got {self.attention_impl!r}")
-        for name in ("attention_block", "vocab_size", "d_model", "n_layers", "n_heads",
-                     "n_kv_heads", "head_dim", "mlp_dim", "max_context", "linear_n_key_heads",
-                     "linear_n_value_heads", "linear_key_head_dim", "linear_value_head_dim",
-                     "linear_conv_kernel", "linear_chunk"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
                 f"({self.n_kv_heads}) for grouped-query attention")
-        if not 0.0 < self.partial_rotary_factor <= 1.0:
-            raise ConfigError("model.partial_rotary_factor must be in (0, 1], got "
-                              f"{self.partial_rotary_factor}")
         if self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ConfigError(
                 f"model.head_dim × model.partial_rotary_factor = {self.rotary_dim} rotary dims; "
@@ -172,8 +181,10 @@ DEFAULT_MIXED_OPS = ("add",)
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """Training data: the embedded arithmetic task or the user's chat-JSONL trajectories."""
+
+    SECTION: ClassVar[str] = "data"
 
     # "arith": the generated arithmetic task (``pipo_jax.data.arith``). "chat_jsonl": local JSONL
     # files of chat trajectories (``train_files``), built once into a TFDS dataset.
@@ -192,8 +203,8 @@ class DataConfig:
     # (and ``max_len``) that holds its longest row; empty pads every batch to ``max_len``.
     # Examples are sorted by length within windows of ``bucket_window`` batches of the shuffled
     # stream, so that a batch holds similar lengths (Hugging Face's group_by_length).
-    buckets: tuple[int, ...] = ()
-    bucket_window: int = 16
+    buckets: tuple[int, ...] = number((), ge=2)
+    bucket_window: int = number(16, ge=1)
     # Where TFDS writes the array_record files; relative paths are under the working directory.
     data_dir: str = "runs/tfds"
     # The arithmetic task's generation settings (unused by ``source: chat_jsonl``).
@@ -205,23 +216,22 @@ class DataConfig:
     # task mixed: the operations, problems cycling through them (sub: a - b with a >= b; mul: a
     # ``levels``-digit number times a digit in 2..9).
     ops: tuple[str, ...] = DEFAULT_MIXED_OPS
-    seed: int = 0
-    num_train: int = 20000
-    num_test: int = 500
+    seed: int = number(0, ge=0, le=SEED_MAX)
+    num_train: int = number(20000, ge=1)
+    num_test: int = number(500, ge=1)
     # Difficulty levels: the number of digits of the operands (for mul: of the multi-digit one).
-    levels: tuple[int, ...] = (2, 3, 4)
+    levels: tuple[int, ...] = number((2, 3, 4), ge=1, le=12, why="digits per operand")
     # Training sequence length in tokens (prompt + response, after PAD insertion). Longer
     # examples are truncated, their tail labels dropped (or, with ``overlength: drop``, the
     # examples are left out).
-    max_len: int = 320
+    max_len: int = number(320, ge=2)
 
     def __post_init__(self) -> None:
-        if self.max_len <= 0 or self.max_len % 2:
-            raise ConfigError(f"data.max_len must be a positive even number, got {self.max_len}")
-        if self.num_train <= 0 or self.num_test <= 0:
-            raise ConfigError("data.num_train and data.num_test must be positive")
-        if not self.levels or any(level < 1 or level > 12 for level in self.levels):
-            raise ConfigError(f"data.levels must be digit counts in 1..12, got {self.levels}")
+        super().__post_init__()
+        if self.max_len % 2:
+            raise ConfigError(f"data.max_len must be an even number (pairs), got {self.max_len}")
+        if not self.levels:
+            raise ConfigError("data.levels must list at least one digit count in 1..12")
         # ``_coerce`` already rejects an unknown task from YAML; this covers direct construction.
         if self.task not in TASKS:
             raise ConfigError(f"data.task must be one of {list(TASKS)}, got {self.task!r}")
@@ -243,39 +253,35 @@ class DataConfig:
         if self.source != "chat_jsonl" and self.overlength == "drop":
             raise ConfigError("data.overlength=drop applies to data.source=chat_jsonl only (the "
                               "arithmetic task is truncated at data.max_len)")
-        if any(b <= 0 or b % 2 for b in self.buckets):
-            raise ConfigError(f"data.buckets must be positive even lengths, got {self.buckets}")
+        if any(b % 2 for b in self.buckets):
+            raise ConfigError(f"data.buckets must be even lengths (pairs), got "
+                              f"{list(self.buckets)}")
         if any(b > self.max_len for b in self.buckets):
             raise ConfigError(f"data.buckets {list(self.buckets)} has lengths above data.max_len "
                               f"({self.max_len}); no batch is longer than max_len, so drop them")
-        if self.bucket_window <= 0:
-            raise ConfigError(f"data.bucket_window must be positive, got {self.bucket_window}")
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(_Section):
     """Low-rank adapters ``W + (alpha / rank) · A·B`` (SPEC §4 reference: 64 / 128 / 0.05).
 
     ``targets`` name projections of the backbone's full-attention layers, of every layer's MLP and
     of the MTP layer; Gated DeltaNet projections are never adapted (PAPER §2.6).
     """
 
-    rank: int = 64
-    alpha: float = 128.0
+    rank: int = number(64, ge=1)
+    alpha: float = number(128.0, gt=0)
     # Dropout on the adapter's input during training (the frozen path sees the clean input).
-    dropout: float = 0.05
+    dropout: float = number(0.05, ge=0, lt=1)
     targets: tuple[str, ...] = LORA_TARGETS
 
+    SECTION: ClassVar[str] = "lora"
+
     def __post_init__(self) -> None:
-        if self.rank <= 0:
-            raise ConfigError(f"lora.rank must be positive, got {self.rank}")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ConfigError(f"lora.alpha must be a positive number, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        super().__post_init__()
         bad = sorted(set(self.targets) - set(LORA_TARGETS))
         if bad or not self.targets:
             raise ConfigError(f"lora.targets must be a non-empty subset of {LORA_TARGETS}, "
@@ -287,7 +293,7 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """What every training stage has: the tuner, the optimiser, the loop and its checkpoints.
     Each stage's section is its own subclass (``ArConfig``, ``SftConfig``, ``OpdConfig``) with
     only the keys it uses, so a key of another stage is an error, not silently ignored."""
@@ -298,30 +304,34 @@ class TrainConfig:
     # "mtp" (the ``mtp`` stage's only tuner): the MTP drafter trains on a frozen AR model.
     tuner: Literal["full", "lora", "mtp"] = "full"
     lora: LoraConfig = LoraConfig()
-    steps: int = 1000
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    warmup_frac: float = 0.05
-    end_lr_frac: float = 0.1
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    clip_norm: float = 1.0
-    seed: int = 0
-    log_every: int = 20
-    ckpt_every: int = 200
+    steps: int = number(1000, ge=1)
+    batch_size: int = number(32, ge=1)
+    learning_rate: float = number(3e-3, gt=0)
+    warmup_frac: float = number(0.05, ge=0, lt=1)
+    # The schedule's last learning rate, as a fraction of the peak (cosine decay to it).
+    end_lr_frac: float = number(0.1, ge=0, le=1)
+    weight_decay: float = number(0.1, ge=0)
+    b1: float = number(0.9, ge=0, lt=1, why="Adam's first-moment decay")
+    b2: float = number(0.95, ge=0, lt=1, why="Adam's second-moment decay")
+    # Global gradient-norm clip (a negative one flips every update: the loss rises).
+    clip_norm: float = number(1.0, gt=0)
+    seed: int = number(0, ge=0, le=SEED_MAX)
+    log_every: int = number(20, ge=1)
+    ckpt_every: int = number(200, ge=1)
     # Checkpoints kept: the newest ``keep_checkpoints``, plus (forever) every step that is a
     # multiple of ``keep_every`` (0: none), e.g. for evaluating the run's history later.
-    keep_checkpoints: int = 2
-    keep_every: int = 0
+    keep_checkpoints: int = number(2, ge=1)
+    keep_every: int = number(0, ge=0, why="0 keeps none")
     # Tokens per chunk of the vocabulary cross-entropy (peak logits memory: chunk × V).
-    loss_chunk: int = 2048
+    loss_chunk: int = number(2048, ge=1)
     # Micro-batches per optimizer step: batch_size rows in grad_accum scanned slices, the
     # gradient and loss those of the whole batch (its token mean, not a mean of means).
-    grad_accum: int = 1
+    grad_accum: int = number(1, ge=1)
     # How a loss averages its targets: over every target token ("token"), or each row's own
     # mean, then over rows ("sample", as the reference implementation does).
     loss_average: Literal["token", "sample"] = "token"
+
+    SECTION: ClassVar[str] = "train"
 
     @property
     def adapters(self) -> LoraConfig | None:
@@ -329,22 +339,13 @@ class TrainConfig:
         return self.lora if self.tuner == "lora" else None
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ConfigError("train steps and batch_size must be positive")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_frac < 1.0:
-            raise ConfigError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        if self.loss_chunk <= 0 or self.log_every <= 0 or self.ckpt_every <= 0:
-            raise ConfigError("loss_chunk, log_every and ckpt_every must be positive")
-        if self.keep_checkpoints < 1:
-            raise ConfigError("keep_checkpoints must be at least 1")
-        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+        super().__post_init__()
+        if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum "
                               f"({self.grad_accum} micro-batches per step); change one of them")
         if self.loss_average not in ("token", "sample"):
             raise ConfigError(f"loss_average must be token or sample, got {self.loss_average!r}")
-        if self.keep_every < 0 or self.keep_every % self.ckpt_every:
+        if self.keep_every % self.ckpt_every:
             # Only saved steps can be kept: keep_every 30 with ckpt_every 20 would silently keep
             # every 60th step instead of every 30th.
             raise ConfigError(f"keep_every must be 0 (off) or a multiple of ckpt_every "
@@ -364,7 +365,7 @@ class MtpConfig(TrainConfig):
     model's state at t and token t+1; the baseline of MTP-speculative decoding."""
 
     tuner: Literal["full", "lora", "mtp"] = "mtp"
-    steps: int = 200
+    steps: int = number(200, ge=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -387,21 +388,16 @@ class SftConfig(TrainConfig):
     truncation).
     """
 
-    w_mtp: float = 1.0
-    w_conf: float = 1.0
+    SECTION: ClassVar[str] = "sft"
+
+    w_mtp: float = number(1.0, ge=0)
+    w_conf: float = number(1.0, ge=0)
     pad_augment: Literal["split", "shift", "mix"] = "shift"
-    pad_ratio_max: float = 0.25
-    pad_dense_frac: float = 0.0
+    pad_ratio_max: float = number(0.25, ge=0, le=1, why="the largest per-pair rejection "
+                                  "probability")
+    pad_dense_frac: float = number(0.0, ge=0, le=1, why="the share of densely augmented rows")
     detach_confidence_inputs: bool = True
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.pad_ratio_max <= 1.0:  # also refuses NaN
-            raise ConfigError(f"pad_ratio_max must be in [0, 1] (the largest per-pair rejection "
-                              f"probability), got {self.pad_ratio_max}")
-        if not 0.0 <= self.pad_dense_frac <= 1.0:
-            raise ConfigError(f"pad_dense_frac must be in [0, 1] (the share of densely augmented "
-                              f"rows), got {self.pad_dense_frac}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,8 +406,10 @@ class OpdConfig(TrainConfig):
     AR teacher. Its loss weights are ``w_backbone``, ``w_mtp`` and ``w_conf``; rollouts are not
     PAD-augmented."""
 
-    w_mtp: float = 1.0
-    w_conf: float = 1.0
+    SECTION: ClassVar[str] = "opd"
+
+    w_mtp: float = number(1.0, ge=0)
+    w_conf: float = number(1.0, ge=0)
     detach_confidence_inputs: bool = True
 
     # Stage directories (a run's ``sft`` / ``teacher`` folder, or any run's). Empty: the student
@@ -423,12 +421,12 @@ class OpdConfig(TrainConfig):
     # whole vocabulary. "sampled": the policy-gradient estimator of reverse KL at the sampled
     # token (cost ``log p_s(y) - log p_t(y)``, detached).
     divergence: Literal["topk", "full", "sampled"] = "topk"
-    topk: int = 32
+    topk: int = number(32, ge=1)
     # ``full`` only: vocabulary columns per block of the logits (0: the whole vocabulary at
     # once). Peak logits memory is loss_chunk × vocab_chunk per model instead of loss_chunk × V.
-    vocab_chunk: int = 0
+    vocab_chunk: int = number(0, ge=0, why="0: the whole vocabulary at once")
     # Weight of the divergence at backbone positions (MTP positions: ``w_mtp``).
-    w_backbone: float = 1.0
+    w_backbone: float = number(1.0, ge=0)
     # A rollout PAD at an MTP target (a rejected or absent draft): "argmax" trains on the
     # student's own argmax there (the reference), "mask" leaves the position out.
     pad_fill: Literal["argmax", "mask"] = "argmax"
@@ -438,16 +436,16 @@ class OpdConfig(TrainConfig):
     # ``rollout_thresholds`` (when not empty) gates row ``i`` of every rollout batch at
     # ``rollout_thresholds[i % n]`` instead, e.g. [0.9, 0.99]: the states of several inference
     # thresholds, trained on-policy in one run (rows near 1 reject more and decode longer).
-    rollout_temperature: float = 1.0
-    rollout_threshold: float = -1.0
-    rollout_thresholds: tuple[float, ...] = ()
-    rollout_max_new_tokens: int = 256
+    rollout_temperature: float = number(1.0, gt=0)
+    rollout_threshold: float = number(-1.0, ge=-1, le=1, why=THRESHOLD_WHY)
+    rollout_thresholds: tuple[float, ...] = number((), ge=-1, le=1, why=THRESHOLD_WHY)
+    rollout_max_new_tokens: int = number(256, ge=1)
     # Prompts are left-padded to a multiple of this many tokens, and rollout rows are cut to a
     # multiple of ``row_bucket`` tokens past the longest rollout (fewer recompilations).
-    prompt_bucket: int = 32
-    row_bucket: int = 64
+    prompt_bucket: int = number(32, ge=1)
+    row_bucket: int = number(64, ge=2)
     # Bins of the confidence head's expected calibration error.
-    ece_bins: int = 10
+    ece_bins: int = number(10, ge=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -455,25 +453,9 @@ class OpdConfig(TrainConfig):
             raise ConfigError("opd.loss_average must be token: the OPD losses average over "
                               "target tokens only (per-sample averaging is for the "
                               "teacher-forced stages)")
-        validate_threshold(self.rollout_threshold, "opd.rollout_threshold")
-        for t in self.rollout_thresholds:
-            validate_threshold(t, "every entry of opd.rollout_thresholds")
-        if self.topk <= 0:
-            raise ConfigError(f"opd.topk must be positive, got {self.topk}")
-        if self.vocab_chunk < 0:
-            raise ConfigError(f"opd.vocab_chunk must be >= 0 (0: no vocabulary chunking), got "
-                              f"{self.vocab_chunk}")
-        if not (self.rollout_temperature > 0 and math.isfinite(self.rollout_temperature)):
-            raise ConfigError(f"opd.rollout_temperature must be positive (1 samples the "
-                              f"student's own distribution), got {self.rollout_temperature}")
-        if min(self.rollout_max_new_tokens, self.prompt_bucket, self.ece_bins) <= 0:
-            raise ConfigError("opd.rollout_max_new_tokens, opd.prompt_bucket and opd.ece_bins "
-                              "must be positive")
-        if self.row_bucket <= 0 or self.row_bucket % 2:
-            raise ConfigError(f"opd.row_bucket must be a positive even number, got "
+        if self.row_bucket % 2:
+            raise ConfigError(f"opd.row_bucket must be an even number (pairs), got "
                               f"{self.row_bucket}")
-        if min(self.w_backbone, self.w_mtp, self.w_conf) < 0:
-            raise ConfigError("opd loss weights (w_backbone, w_mtp, w_conf) must be >= 0")
 
     def row_thresholds(self, batch: int) -> tuple[float, ...]:
         """The gating threshold of each of ``batch`` rollout rows."""
@@ -484,62 +466,48 @@ class OpdConfig(TrainConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeConfig:
+class DecodeConfig(_Section):
     """Sampling and gating for ``decode.py`` and ``PipoRunner.generate`` (SPEC §6)."""
 
+    SECTION: ClassVar[str] = "decode"
+
     # Confidence threshold: < 0 commits every draft; >= 1 commits none and skips the MTP head.
-    threshold: float = 0.7
-    max_new_tokens: int = 384
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
-    seed: int = 0
+    threshold: float = number(0.7, ge=-1, le=1, why=THRESHOLD_WHY)
+    max_new_tokens: int = number(384, ge=1)
+    temperature: float = number(0.0, ge=0, why="0 decodes greedily")
+    top_k: int = number(0, ge=0, why="0 turns it off")
+    top_p: float = number(1.0, gt=0, le=1)
+    # Subtracted from the logits of every token already generated (OpenAI's and vLLM's range).
+    presence_penalty: float = number(0.0, ge=-2, le=2)
+    seed: int = number(0, ge=0, le=SEED_MAX)
     # Requests decoded at once: the decode slots of continuous batching (a finished row's slot
     # takes the next request at once), or the rows of one static batch.
-    batch_size: int = 16
+    batch_size: int = number(16, ge=1)
     # "continuous" (refill finished slots) or "static" (a batch runs until its longest row ends).
     batching: str = "continuous"
     # Decode steps the device runs between host checks for finished rows (continuous batching).
-    sync_steps: int = 32
+    sync_steps: int = number(32, ge=1)
     # How a step attends to the cache: "blocked" (only the filled key/value blocks, online
     # softmax; cost follows the filled context), "masked" (every allocated slot: the reference),
     # or a library kernel, jax.nn.dot_product_attention with implementation "cudnn" (GPU, bf16)
     # or "xla" (any backend), over the allocation with the fill as key_value_seq_lengths.
     attention: str = "blocked"
-    kv_block: int = 256  # key/value slots per block of "blocked" attention
+    kv_block: int = number(256, ge=1)  # key/value slots per block of "blocked" attention
     # Prompts are consumed this many tokens at a time (even): memory follows the chunk.
-    prefill_chunk: int = 2048
+    prefill_chunk: int = number(2048, ge=2)
     # Drafts per round of MTP-speculative decoding (the AR model with its MTP drafter, 1..4).
-    speculative_k: int = 3
+    speculative_k: int = number(3, ge=1, le=8)
 
     def __post_init__(self) -> None:
-        validate_threshold(self.threshold, "decode.threshold")
-        if self.max_new_tokens <= 0:
-            raise ConfigError(f"decode.max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise ConfigError(f"decode.temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"decode.top_k must be >= 0 (0 disables), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"decode.top_p must be in (0, 1], got {self.top_p}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"decode.batch_size must be positive, got {self.batch_size}")
+        super().__post_init__()
         if self.batching not in ("continuous", "static"):
             raise ConfigError(f"decode.batching must be 'continuous' or 'static', got "
                               f"{self.batching!r}")
-        if self.sync_steps <= 0:
-            raise ConfigError(f"decode.sync_steps must be positive, got {self.sync_steps}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"decode.attention must be one of {', '.join(ATTENTION_IMPLS)}, "
                               f"got {self.attention!r}")
-        if self.kv_block <= 0:
-            raise ConfigError(f"decode.kv_block must be positive, got {self.kv_block}")
-        if not 1 <= self.speculative_k <= 8:
-            raise ConfigError(f"decode.speculative_k must be in 1..8 drafts per round, got "
-                              f"{self.speculative_k}")
-        if self.prefill_chunk <= 0 or self.prefill_chunk % 2:
-            raise ConfigError(f"decode.prefill_chunk must be a positive even number of tokens, "
+        if self.prefill_chunk % 2:
+            raise ConfigError(f"decode.prefill_chunk must be an even number of tokens (pairs), "
                               f"got {self.prefill_chunk}")
 
 
@@ -551,16 +519,18 @@ def validate_threshold(threshold: float, name: str = "threshold") -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(_Section):
     """Device mesh axis sizes; -1 means all remaining devices."""
 
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+    SECTION: ClassVar[str] = "mesh"
+
+    data: int = number(1, ge=1, also=(-1,), why="-1: all remaining devices")
+    fsdp: int = number(-1, ge=1, also=(-1,), why="-1: all remaining devices")
+    tensor: int = number(1, ge=1, also=(-1,), why="-1: all remaining devices")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_Section):
     run_dir: str = "runs/default"
     # In order: "teacher" (the larger AR teacher, ``teacher_model``), "ar" (the student's AR
     # base), "mtp" (an MTP drafter on the frozen AR base, for speculative decoding), "sft"
@@ -582,6 +552,10 @@ class Config:
     decode: DecodeConfig = DecodeConfig()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.run_dir.strip():
+            raise ConfigError("run_dir is empty: give the directory the run writes into, e.g. "
+                              "run_dir=runs/my_run")
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
             raise ConfigError(f"stages must be a non-empty subset of {STAGES}, got {self.stages}")
@@ -594,6 +568,36 @@ class Config:
                 f"teacher_model.vocab_size ({self.teacher_model.vocab_size}) must equal "
                 f"model.vocab_size ({self.model.vocab_size}): teacher and student share a "
                 f"tokenizer")
+        self._check_lengths()
+        self._check_mesh()
+
+    def _check_lengths(self) -> None:
+        """Training rows and rollouts must fit the context the model's caches are sized for."""
+        trained = [("model", self.model)] + (
+            [("teacher_model", self.teacher_model)] if "teacher" in self.stages else [])
+        for name, m in trained:
+            if m.max_context < self.data.max_len:
+                raise ConfigError(
+                    f"{name}.max_context ({m.max_context}) is below data.max_len "
+                    f"({self.data.max_len}): a training row would not fit the model's context; "
+                    f"raise {name}.max_context or lower data.max_len")
+        if "opd" in self.stages and self.opd.rollout_max_new_tokens >= self.model.max_context:
+            raise ConfigError(
+                f"opd.rollout_max_new_tokens ({self.opd.rollout_max_new_tokens}) leaves no room "
+                f"for a prompt in model.max_context ({self.model.max_context}); lower it")
+
+    def _check_mesh(self) -> None:
+        """A mesh of explicit sizes must split every stage's batch evenly (with ``-1`` axes the
+        device count decides, checked when the mesh is built)."""
+        if self.mesh.data < 1 or self.mesh.fsdp < 1:
+            return
+        ways = self.mesh.data * self.mesh.fsdp
+        for stage in self.stages:
+            batch = getattr(self, stage).batch_size
+            if batch % ways:
+                raise ConfigError(
+                    f"{stage}.batch_size ({batch}) cannot be split evenly over mesh.data × "
+                    f"mesh.fsdp = {ways}: make it a multiple of {ways} or change the mesh")
 
     def model_of(self, stage: str) -> ModelConfig:
         """The architecture a stage trains: ``teacher_model`` for the teacher, else ``model``."""

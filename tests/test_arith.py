@@ -7,9 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from pipo_jax.data import arith
+from pipo_jax.data import arith, mixed
+from pipo_jax.data.loader import example_to_ids
 from pipo_jax.eval.scoring import last_boxed, verify
-from pipo_jax.io.tokenizer import ByteTokenizer
+from pipo_jax.io.tokenizer import ByteTokenizer, response_ids
 
 LINE = re.compile(r"(\d)\+(\d)\+([01])=(\d+), write (\d), carry ([01])")
 
@@ -71,7 +72,8 @@ def test_every_level_has_test_problems() -> None:
 @pytest.mark.parametrize("level", [2, 3, 4, 5, 6])
 def test_response_length_range(level: int) -> None:
     tok = ByteTokenizer()
-    lengths = [len(tok.encode(e["response"]))
+    # What is trained on: the text, with its </think> one token.
+    lengths = [len(response_ids(tok, e["response"]))
                for e in arith.generate_split("train", 0, 200, (level,))]
     assert min(lengths) >= 60 and max(lengths) <= 300, (level, min(lengths), max(lengths))
 
@@ -128,3 +130,38 @@ def test_to_messages() -> None:
     msgs = arith.to_messages(ex)
     assert msgs == [{"role": "system", "content": arith.SYSTEM_PROMPT},
                     {"role": "user", "content": ex["question"]}]
+
+
+def _old_encode(tok: ByteTokenizer, text: str) -> list[int]:
+    """ByteTokenizer.encode before issue #19: special-token strings became their ids."""
+    split = re.compile("(" + "|".join(re.escape(s) for s in tok.SPECIALS) + ")")
+    ids: list[int] = []
+    for piece in filter(None, split.split(text)):
+        if piece in tok.SPECIALS:
+            ids.append(tok.token_id(piece))
+        else:
+            ids.extend(tok.N_SPECIAL + b for b in piece.encode("utf-8"))
+    return ids
+
+
+def _old_example_ids(tok: ByteTokenizer, ex: dict) -> tuple[list[int], list[int]]:
+    """The old ids of an arithmetic example: template, content and response all encoded with
+    specials recognised."""
+    prompt = [tok.bos_id]
+    for m in arith.to_messages(ex):
+        prompt += [tok.token_id(f"<|{m['role']}|>"), *_old_encode(tok, m["content"]), tok.end_id]
+    prompt += [tok.token_id("<|assistant|>"), *_old_encode(tok, "<think>\n")]
+    return prompt, _old_encode(tok, ex["response"]) + [tok.eos_id]
+
+
+def test_embedded_task_ids_unchanged_by_text_encoding() -> None:
+    # Encoding text as text changes no id of the embedded default: its only control string is
+    # the response's </think>, which response_ids keeps as the control id.
+    tok = ByteTokenizer()
+    examples = [*arith.generate_split("train", 0, 40, (1, 2, 3, 4, 6)),
+                *arith.generate_split("test", 1, 10, (2, 5)),
+                *mixed.generate_split("train", 0, 40, (1, 2, 3), mixed.OPS),
+                *mixed.generate_split("test", 1, 10, (2, 4), mixed.OPS)]
+    for ex in examples:
+        assert example_to_ids(tok, ex) == _old_example_ids(tok, ex), ex["question"]
+        assert example_to_ids(tok, ex)[1].count(tok.think_end_id) == 1

@@ -8,9 +8,10 @@ lines.
 
 The builder config name encodes everything that changes the content, so that no setting ever
 reuses stale records: a SHA-256 of the input files' bytes (in order), a fingerprint of the
-tokenizer (its ``tokenizer.json`` content, PAD/EOS ids and the ids of a probe conversation, which
-catch a change of chat template code), ``max_len``, ``overlength`` and ``on_malformed``. Bump
-``ChatTrajectories.VERSION`` when ``chat_jsonl`` changes how a line becomes text.
+tokenizer (its ``tokenizer.json`` content, PAD/EOS ids and the ids of a probe conversation and
+response, which catch a change of the chat template code or of how text is encoded),
+``max_len``, ``overlength`` and ``on_malformed``. Bump ``ChatTrajectories.VERSION`` when
+``chat_jsonl`` changes how a line becomes text.
 
 Every example's length and the build's counts (malformed lines skipped, over-long examples
 dropped) are TFDS metadata (``ChatMetadata``): ``metadata.json`` plus ``lengths-train.npy`` in
@@ -42,7 +43,7 @@ from pipo_jax.data.chat_jsonl import (
     resolve_files,
 )
 from pipo_jax.data.tfds_builder import LocalBuilderMixin, build_once
-from pipo_jax.io.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from pipo_jax.io.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, response_ids
 from pipo_jax.model import pairs
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,13 @@ log = logging.getLogger(__name__)
 NAME = "pipo_chat"
 LENGTHS_FILE = "lengths-train.npy"
 _PROGRESS_EVERY = 10_000
-# A conversation whose ids pin down the chat template, the think prefix and special tokens.
+# A conversation whose ids pin down the chat template, the think prefix and special tokens,
+# and a response whose ids pin down how its </think> and text are encoded. Both hold special
+# tokens' strings, so how text with them is encoded (as text, since issue #19) is in the key.
 _PROBE = ({"role": "system", "content": "s"},
           {"role": "user", "content": "u <think>\n</think>\n\n 12 + 30?"},
           {"role": "assistant", "content": "a"})
+_PROBE_RESPONSE = "r <|pad|><|im_end|>\n</think>\n\n 42 </think>"
 
 
 def files_digest(files: Sequence[Path]) -> str:
@@ -84,7 +88,8 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
         raise TypeError(f"chat_jsonl data needs a ByteTokenizer or HFTokenizer, got "
                         f"{type(tokenizer).__name__}")
     h.update(json.dumps([tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id,
-                         tokenizer.chat_prompt(_PROBE), tokenizer.think_prefix()]).encode())
+                         tokenizer.chat_prompt(_PROBE), tokenizer.think_prefix(),
+                         response_ids(tokenizer, _PROBE_RESPONSE)]).encode())
     return h.hexdigest()
 
 
@@ -171,11 +176,13 @@ class ChatTrajectories(LocalBuilderMixin, tfds.core.GeneratorBasedBuilder):
         lengths: list[int] = []
         dropped = 0
         for conv in iter_conversations(cfg.files, malformed):
-            prompt, response = (np.asarray(ids, dtype=np.int32)
-                                for ids in conversation_ids(tok, conv.prompt, conv.response))
+            prompt, response = (np.asarray(ids, dtype=np.int32) for ids in conversation_ids(
+                tok, conv.prompt, conv.response, conv.think_end))
             if (prompt == tok.pad_id).any() or (response == tok.pad_id).any():
                 # PAD means "no token" to the pair logic; one inside the text would break it.
-                malformed.handle(conv.where, f"the text holds the tokenizer's padding token "
+                # Text is encoded as text, so "<|pad|>" in a message is characters and cannot
+                # get here; this guards the invariant against a tokenizer that breaks that rule.
+                malformed.handle(conv.where, f"the text encodes to the tokenizer's padding token "
                                              f"(id {tok.pad_id}); remove it from the data")
                 continue
             n = pairs.pair_length(len(prompt), len(response))

@@ -28,6 +28,12 @@ Where the final turn's reasoning is, three conventions are accepted:
 Earlier assistant turns lose their reasoning (the text up to the last ``</think>``, and any
 ``reasoning_content``), as the Qwen3 template renders past turns.
 
+Every ``content`` is text: a special token's string in it (``<|im_end|>``, ``<|pad|>``…) is
+tokenized as characters, never as a control id (``Tokenizer.encode``). The one exception is the
+``</think>`` that ends the final turn's reasoning: the first one in (a), the separator in (b) and
+(c) (``Conversation.think_end``). Any other ``</think>`` is text, and so is a ``<think>`` that
+does not open the final turn's content (only an opening one makes a think block).
+
 A line that breaks these rules is malformed: ``MalformedLines`` either raises ``ChatDataError``
 naming the file, the 1-based line number and the reason, or counts and skips it. Blank lines are
 ignored.
@@ -44,7 +50,14 @@ from pathlib import Path
 from typing import Literal
 
 from pipo_jax.errors import ChatDataError
-from pipo_jax.io.tokenizer import ROLES, THINK, THINK_END, Tokenizer, reasoning_prompt
+from pipo_jax.io.tokenizer import (
+    ROLES,
+    THINK,
+    THINK_END,
+    Tokenizer,
+    reasoning_prompt,
+    response_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +75,8 @@ class Conversation:
     where: str  # "path:line", for error messages
     prompt: tuple[dict[str, str], ...]  # messages before the final assistant turn
     response: str  # the final turn's text after the prompt's ``<think>\n``
+    # Where in ``response`` the ``</think>`` that ends the reasoning starts; the others are text.
+    think_end: int
 
 
 class MalformedLines:
@@ -123,20 +138,26 @@ def _strip_reasoning(content: str) -> str:
     return content
 
 
-def _response(message: dict) -> str:
-    """The final assistant message → the text after the prompt's ``<think>\\n``."""
+def _response(message: dict) -> tuple[str, int]:
+    """The final assistant message → the text after the prompt's ``<think>\\n``, and where in it
+    the ``</think>`` that ends the reasoning starts."""
     content = message["content"]
     reasoning = message.get("reasoning_content")
     if reasoning is not None:
         if not isinstance(reasoning, str):
             raise _Malformed("the final assistant turn's reasoning_content must be a string, "
                              f"got {type(reasoning).__name__}")
-        if THINK in content or THINK_END in content:
+        if content.lstrip().startswith(THINK):
+            # Tags elsewhere in the answer are text; a think block opening it is a second
+            # copy of the reasoning.
             raise _Malformed("the final assistant turn has both reasoning_content and a <think> "
                              "block in its content; keep one")
         if not reasoning.strip() and not content.strip():
             raise _Malformed("the final assistant turn is empty")
-        return reasoning.strip("\n") + ANSWER_SEPARATOR + content.lstrip("\n")
+        # The separator's </think> is the structural one even if the reasoning holds another.
+        reasoning = reasoning.strip("\n")
+        return (reasoning + ANSWER_SEPARATOR + content.lstrip("\n"),
+                len(reasoning) + ANSWER_SEPARATOR.index(THINK_END))
     if not content.strip():
         raise _Malformed("the final assistant turn is empty")
     if THINK_END in content:
@@ -144,12 +165,12 @@ def _response(message: dict) -> str:
         if body.startswith(THINK):
             body = body[len(THINK):]
             body = body[1:] if body.startswith("\n") else body
-            return body
-        return content
-    if THINK in content:
+            return body, body.index(THINK_END)
+        return content, content.index(THINK_END)
+    if content.lstrip().startswith(THINK):
         raise _Malformed("the final assistant turn opens <think> but never closes it with "
                          "</think>")
-    return ANSWER_SEPARATOR + content.lstrip("\n")
+    return ANSWER_SEPARATOR + content.lstrip("\n"), ANSWER_SEPARATOR.index(THINK_END)
 
 
 def parse_conversation(text: str, where: str = "<line>") -> Conversation:
@@ -185,7 +206,8 @@ def parse_conversation(text: str, where: str = "<line>") -> Conversation:
     prompt = tuple({"role": m["role"],
                     "content": _strip_reasoning(m["content"]) if m["role"] == "assistant"
                     else m["content"]} for m in messages[:-1])
-    return Conversation(where=where, prompt=prompt, response=_response(messages[-1]))
+    response, think_end = _response(messages[-1])
+    return Conversation(where=where, prompt=prompt, response=response, think_end=think_end)
 
 
 def iter_conversations(files: Sequence[Path], malformed: MalformedLines) -> Iterator[Conversation]:
@@ -210,11 +232,14 @@ def iter_conversations(files: Sequence[Path], malformed: MalformedLines) -> Iter
                 yield conversation
 
 
-def conversation_ids(tokenizer: Tokenizer, prompt: Sequence[dict[str, str]],
-                     response: str) -> tuple[list[int], list[int]]:
+def conversation_ids(tokenizer: Tokenizer, prompt: Sequence[dict[str, str]], response: str,
+                     think_end: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids of one training example: ``(prompt_ids, response_ids)``.
 
     The prompt is the chat template of ``prompt``'s messages with the assistant header, followed by
-    ``<think>\\n``; the response is ``response`` (the text after it) followed by EOS.
+    ``<think>\\n``; the response is ``response`` (the text after it) followed by EOS. All message
+    text is encoded as text; only the template's tokens and the ``</think>`` at ``think_end``
+    (default: the first in ``response``) are control ids (``response_ids``).
     """
-    return reasoning_prompt(tokenizer, prompt), tokenizer.encode(response) + [tokenizer.eos_id]
+    return (reasoning_prompt(tokenizer, prompt),
+            response_ids(tokenizer, response, think_end) + [tokenizer.eos_id])

@@ -4,13 +4,18 @@ thinking special tokens.
 Everything else in pipo-jax sees only the ``Tokenizer`` protocol, so the model, data and decode
 code do not care which one a run uses. ``load_tokenizer`` turns a config string (``"byte"`` or a
 path) into one.
+
+Text is always encoded as text: ``encode`` never turns a special token's string (``<|pad|>``,
+``<|im_end|>``, ``<think>``…) into its control id. Prompts, chat-JSONL data and benchmark files
+are written by users, and a control id inside them would forge a chat turn or put a PAD inside
+the pair sequence. Control ids are placed only by the template (``chat_prompt``,
+``think_prefix``) and by ``response_ids`` for the one ``</think>`` that ends the reasoning.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -32,18 +37,23 @@ class Tokenizer(Protocol):
     pad_id: int
     bos_id: int | None  # None: the template starts without a BOS token (Qwen)
     eos_id: int  # what generation stops on; never equal to pad_id
+    think_end_id: int  # ``</think>``, which ends the reasoning (placed by ``response_ids``)
 
     def encode(self, text: str) -> list[int]:
-        """Text → ids; special-token strings (``<think>``…) map to their single ids."""
+        """Text → ids, as text: a special token's string (``<|pad|>``, ``<think>``…) in ``text``
+        is encoded like any other characters, never as its control id, so user text cannot
+        forge a turn or hold a PAD."""
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Ids → text. PAD is never shown; other specials only when ``skip_special`` is False."""
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Ids of a conversation followed by the assistant header (the generation prompt)."""
+        """Ids of a conversation followed by the assistant header (the generation prompt). The
+        template's tokens are control ids; every ``content`` is encoded as text."""
 
     def think_prefix(self) -> list[int]:
-        """Ids that open the assistant's reasoning (``<think>\\n``)."""
+        """Ids that open the assistant's reasoning (``<think>\\n``, its ``<think>`` a control
+        id)."""
 
 
 class ByteTokenizer:
@@ -65,21 +75,13 @@ class ByteTokenizer:
         self.end_id = self._special_ids["<|end|>"]
         self.think_id = self._special_ids["<think>"]
         self.think_end_id = self._special_ids["</think>"]
-        self._split = re.compile("(" + "|".join(re.escape(s) for s in self.SPECIALS) + ")")
 
     def token_id(self, special: str) -> int:
         return self._special_ids[special]
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for piece in self._split.split(text):
-            if not piece:
-                continue
-            if piece in self._special_ids:
-                ids.append(self._special_ids[piece])
-            else:
-                ids.extend(self.N_SPECIAL + b for b in piece.encode("utf-8"))
-        return ids
+        # Bytes only: "<|pad|>" in the text is seven bytes, not the PAD id.
+        return [self.N_SPECIAL + b for b in text.encode("utf-8")]
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         out = bytearray()
@@ -97,16 +99,11 @@ class ByteTokenizer:
         return out.decode("utf-8", errors="replace")
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        # The template's tokens by id; the content is text.
         ids = [self.bos_id]
-        for m in messages:
-            role = m.get("role")
-            if role not in ROLES:
-                raise ValueError(f"chat message role must be one of {ROLES}, got {role!r}")
-            ids.append(self._special_ids[f"<|{role}|>"])
-            ids.extend(self.encode(m["content"]))
-            ids.append(self.end_id)
-        ids.append(self._special_ids["<|assistant|>"])
-        return ids
+        for role, content in _turns(messages):
+            ids += [self._special_ids[f"<|{role}|>"], *self.encode(content), self.end_id]
+        return ids + [self._special_ids["<|assistant|>"]]
 
     def think_prefix(self) -> list[int]:
         return [self.think_id] + self.encode("\n")
@@ -124,6 +121,37 @@ def _read_json(path: Path) -> object:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); copy it again from the model's "
                          "Hugging Face repository") from e
+
+
+def _text_only(tokenizer: tokenizers.Tokenizer, source: str) -> tokenizers.Tokenizer:
+    """A copy of ``tokenizer`` without its added tokens, which encodes every string as text.
+
+    ``tokenizers`` matches added tokens in the text before anything else, and its
+    ``encode_special_tokens`` flag skips only those flagged special, not Qwen's ``<think>`` and
+    ``</think>`` (added, special=false). Without the added tokens, the normalizer,
+    pre-tokenizer and BPE model see all of the text, exactly as they see the text between added
+    tokens in the original, so plain text gets the same ids. The post-processor goes too (it
+    only adds BOS/EOS-style specials, which ``encode`` never asks for), and so do a file's
+    truncation and padding settings: text is never cut or padded behind the caller's back.
+
+    Raises:
+      ValueError: the model itself tokenizes an added token's string to an added token's id
+        (a vocabulary that holds the string and merges that build it), so text could still
+        forge control tokens.
+    """
+    import tokenizers
+
+    spec = json.loads(tokenizer.to_str())
+    added = {t["id"]: t["content"] for t in spec.get("added_tokens", [])}
+    spec.update(added_tokens=[], post_processor=None, truncation=None, padding=None)
+    text_tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    for content in added.values():
+        forged = set(text_tok.encode(content, add_special_tokens=False).ids) & added.keys()
+        if forged:
+            raise ValueError(f"{source}: the text {content!r} encodes to the added token id(s) "
+                             f"{sorted(forged)}, so user text could hold control tokens; this "
+                             "tokenizer.json cannot be used")
+    return text_tok
 
 
 def _token_content(value: object) -> str | None:
@@ -155,7 +183,8 @@ class HFTokenizer:
             default: the tokenizer's own vocabulary size. Must not be smaller than it.
           source: the file(s) the tokenizer came from, for error messages.
         """
-        self._tok = tokenizer
+        self._tok = tokenizer  # decodes, and is what to_json() fingerprints
+        self._text_tok = _text_only(tokenizer, source)  # encodes: text only, no added tokens
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         # Ids past the last one the tokenizer knows are embedding padding rows, never text.
         self.tokenizer_vocab_size = max(tokenizer.get_vocab_size(with_added_tokens=True),
@@ -249,8 +278,9 @@ class HFTokenizer:
         return i
 
     def encode(self, text: str) -> list[int]:
-        # No BOS/EOS added: the chat template and the data pipeline place those themselves.
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # The tokenizer without added tokens: "<|im_end|>" in the text is text. No BOS/EOS
+        # either: the chat template and the data pipeline place those themselves.
+        return self._text_tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         keep = []
@@ -266,28 +296,62 @@ class HFTokenizer:
         return self._tok.decode(keep, skip_special_tokens=False)
 
     def chat_text(self, messages: Sequence[dict[str, str]]) -> str:
-        """The template as text: what ``chat_prompt`` encodes."""
-        parts = []
-        for m in messages:
-            role = m.get("role")
-            if role not in ROLES:
-                raise ValueError(f"chat message role must be one of {ROLES}, got {role!r}")
-            if "content" not in m:
-                raise ValueError(f"chat message {m!r} has no 'content'")
-            parts.append(f"{IM_START}{role}\n{m['content']}{IM_END}\n")
-        parts.append(f"{IM_START}assistant\n")
-        return "".join(parts)
+        """The template as text (what HF's ``apply_chat_template`` renders), for display."""
+        return "".join(f"{IM_START}{role}\n{content}{IM_END}\n"
+                       for role, content in _turns(messages)) + f"{IM_START}assistant\n"
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        # Encoding the whole string, as HF's apply_chat_template does, keeps BPE merges equal.
-        return self.encode(self.chat_text(messages))
+        # The template's tokens by id, the rest as text. tokenizers cuts a string at its added
+        # tokens before pre-tokenizing, so this equals encoding ``chat_text`` with specials
+        # recognised whenever no content holds an added token's string.
+        ids: list[int] = []
+        for role, content in _turns(messages):
+            ids += [self.im_start_id, *self.encode(f"{role}\n{content}"), self.eos_id,
+                    *self.encode("\n")]
+        return ids + [self.im_start_id, *self.encode("assistant\n")]
 
     def think_prefix(self) -> list[int]:
-        return self.encode(f"{THINK}\n")
+        return [self.think_id, *self.encode("\n")]
 
     def __repr__(self) -> str:
         return (f"HFTokenizer(tokenizer_vocab_size={self.tokenizer_vocab_size}, "
                 f"vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id})")
+
+
+def _turns(messages: Sequence[dict[str, str]]) -> list[tuple[str, str]]:
+    """Chat messages → ``(role, content)`` pairs, checked."""
+    turns = []
+    for m in messages:
+        role = m.get("role")
+        if role not in ROLES:
+            raise ValueError(f"chat message role must be one of {ROLES}, got {role!r}")
+        if "content" not in m:
+            raise ValueError(f"chat message {m!r} has no 'content'")
+        turns.append((role, m["content"]))
+    return turns
+
+
+def response_ids(tokenizer: Tokenizer, text: str, think_end: int | None = None) -> list[int]:
+    """Ids of a response (the text after the prompt's ``<think>\\n``, ``reasoning</think>answer``)
+    without EOS: the ``</think>`` that ends the reasoning is the control id, all else is text.
+
+    Args:
+      tokenizer: the run's tokenizer.
+      text: the response.
+      think_end: where in ``text`` the ``</think>`` that ends the reasoning starts; default: its
+        first occurrence (none: all of ``text`` is text). Every other ``</think>`` is text.
+
+    Raises:
+      ValueError: ``think_end`` does not point at a ``</think>``.
+    """
+    if think_end is None:
+        think_end = text.find(THINK_END)
+        if think_end < 0:
+            return tokenizer.encode(text)
+    if think_end < 0 or text[think_end:think_end + len(THINK_END)] != THINK_END:
+        raise ValueError(f"think_end={think_end} does not point at {THINK_END!r} in the response")
+    return (tokenizer.encode(text[:think_end]) + [tokenizer.think_end_id]
+            + tokenizer.encode(text[think_end + len(THINK_END):]))
 
 
 def reasoning_prompt(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:

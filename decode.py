@@ -18,12 +18,14 @@ override it. Both models always get the same options and the same budget of real
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from pipo_jax.cli import run_main
-from pipo_jax.config import ConfigError, validate_threshold
+from pipo_jax.cli import check_utf8, run_main
+from pipo_jax.config import ConfigError, DecodeConfig, validate_threshold
+from pipo_jax.config.bounds import FieldError
 from pipo_jax.data.loader import test_examples
 from pipo_jax.decode.runner import load
 from pipo_jax.distributed import simulate_cpu_devices
@@ -32,6 +34,7 @@ from pipo_jax.eval.harness import SUMMARY_FILE, evaluate_benchmarks, format_summ
 from pipo_jax.eval.heldout import evaluate, format_table, write_json
 from pipo_jax.eval.protocol import PRESETS, resolve_options
 from pipo_jax.eval.schema import load_benchmarks
+from pipo_jax.io.diskerrors import check_writable
 from pipo_jax.model.sharding import build_mesh, parse_mesh
 
 
@@ -92,6 +95,8 @@ def main(argv: list[str]) -> int:
                    help="--bench: a malformed benchmark line is an error (default: refused "
                    "with its file:line, the rest evaluated)")
     args = p.parse_args(argv)
+    for flag, text in (("--prompt", args.prompt), ("--system-prompt", args.system_prompt)):
+        check_utf8(text, flag, PromptError)  # before anything is loaded
     if args.threshold is not None:
         validate_threshold(args.threshold, "--threshold")
     if args.num_problems is not None and args.num_problems < 1:
@@ -102,6 +107,7 @@ def main(argv: list[str]) -> int:
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "presence_penalty": args.presence_penalty, "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size, "seed": args.seed, "speculative_k": args.speculative_k})
+    _check_decode_options(options)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or set(models) - {"pipo", "ar", "spec"}:
         raise ConfigError(f"--models must be a subset of pipo,ar,spec, got {args.models!r}")
@@ -117,6 +123,7 @@ def main(argv: list[str]) -> int:
         mesh = build_mesh(mesh_cfg)
     elif args.cpu_devices is not None:
         raise ConfigError("--cpu-devices only applies with --mesh")
+    out = _writable_output(args)  # before loading: results that cannot be written are lost
     runner = load(args.run, system_prompt=args.system_prompt, stage=args.stage,
                   ar_stage=args.ar_stage, mesh=mesh, ar_run=args.ar_run)
     if runner.ar_params is None and "ar" in models:
@@ -131,13 +138,12 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--models spec: {why}; leave spec out of --models")
         models.remove("spec")
     if benches is not None:
-        out_dir = Path(args.out_dir) if args.out_dir else Path(args.run) / "eval" / "bench"
         summary = evaluate_benchmarks(
-            runner, benches, models=models, samples=samples, options=options, out_dir=out_dir,
+            runner, benches, models=models, samples=samples, options=options, out_dir=out,
             run_dir=args.run, restart=args.restart, max_questions=args.max_questions,
             progress=not args.no_progress)
         print(format_summary(summary))
-        print(f"wrote {out_dir / SUMMARY_FILE}")
+        print(f"wrote {out / SUMMARY_FILE}")
         return 0
     if args.prompt is not None:
         for model in models:
@@ -163,10 +169,36 @@ def main(argv: list[str]) -> int:
     result.update(run=str(args.run), stage=runner.stage, ar_stage=runner.ar_stage,
                   ar_run=args.ar_run)
     print(format_table(result))
-    out = Path(args.out) if args.out else Path(args.run) / "eval" / "decode.json"
-    write_json(result, out)
+    write_json(result, out, elsewhere="choose another --out")
     print(f"wrote {out}")
     return 0
+
+
+def _check_decode_options(options: dict[str, object]) -> None:
+    """Each sampling option against the range ``DecodeConfig`` declares for it, before a run is
+    loaded; an error names the flag (``--presence-penalty nan`` once decoded only BOS tokens)."""
+    fields = {f.name for f in dataclasses.fields(DecodeConfig)}
+    try:
+        DecodeConfig(**{k: v for k, v in options.items() if k in fields})
+    except FieldError as e:
+        raise ConfigError(f"--{e.field.replace('_', '-')} must be {e.rule}, got {e.value!r}"
+                          ) from None
+
+
+def _writable_output(args: argparse.Namespace) -> Path:
+    """Where the results go (``--bench``: the result directory, else the JSON file), after
+    checking that files can be written there (``--prompt`` writes none). A missing run is left
+    to ``load``, whose error says more."""
+    if args.bench:
+        out = Path(args.out_dir) if args.out_dir else Path(args.run) / "eval" / "bench"
+        directory, flag = out, "--out-dir"
+    else:
+        out = Path(args.out) if args.out else Path(args.run) / "eval" / "decode.json"
+        directory, flag = out.parent, "--out"
+    explicit = args.out_dir if args.bench else args.out
+    if args.prompt is None and (explicit or Path(args.run).is_dir()):
+        check_writable(directory, "write the results to", f"choose another {flag}")
+    return out
 
 
 def _check_mode_flags(args: argparse.Namespace) -> None:

@@ -27,6 +27,26 @@ def run_main(main: Callable[[list[str]], int], argv: list[str] | None = None) ->
         return 130
 
 
+def check_utf8(text: str | None, what: str, error: type[Exception] = ConfigError) -> None:
+    """Raises ``error`` naming the option ``what`` when ``text`` is not UTF-8: bytes that are
+    not UTF-8 reach ``sys.argv`` as lone surrogates (``surrogateescape``), which no tokenizer
+    can encode. None (an option not given) passes."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text.encode("utf-8", "surrogateescape")
+        try:
+            raw.decode("utf-8")
+            where = f"character {e.start}"  # a surrogate that did not come from a byte
+        except UnicodeDecodeError as d:
+            where = f"byte 0x{raw[d.start]:02x} at offset {d.start}"
+        raise error(f"{what} is not valid UTF-8 text ({where}); pass UTF-8 text (check the "
+                    "encoding of the terminal or script that sends it, e.g. LANG=C.UTF-8)"
+                    ) from None
+
+
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
                "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 

@@ -41,6 +41,13 @@ class ConvertError(ConfigError):
     prints it as one ``error:`` line and exits with 2)."""
 
 
+class StorageError(OSError):
+    """A write that the storage refused (disk full, read-only or not permitted, I/O error); the
+    message names the path, the reason, the free space and what to do
+    (``pipo_jax.io.diskerrors.write_error``). An ``OSError``, so code that handles failed writes
+    still catches it."""
+
+
 class Preempted(Exception):
     """Training stopped on a signal after saving its current step; run it again to resume.
 
@@ -60,4 +67,4 @@ class Preempted(Exception):
 
 
 # What a CLI reports as one line and exit status 2 (the subclasses above included).
-USER_ERRORS = (ConfigError, CheckpointError, TrainingError, PromptError)
+USER_ERRORS = (ConfigError, CheckpointError, TrainingError, PromptError, StorageError)

@@ -430,7 +430,8 @@ def test_opd_config_is_validated():
     for bad, match in (("opd.divergence=kl", "divergence"), ("opd.topk=0", "topk"),
                        ("opd.rollout_temperature=0", "rollout_temperature"),
                        ("opd.rollout_threshold=2", "threshold"), ("opd.pad_fill=zero", "pad_fill"),
-                       ("opd.w_backbone=-1", "weights"), ("stages=[sft,ar]", "order"),
+                       ("opd.w_backbone=-1", r"opd\.w_backbone must be >= 0"),
+                       ("stages=[sft,ar]", "order"),
                        ("teacher_model.vocab_size=300", "share a tokenizer")):
         with pytest.raises(ConfigError, match=match):
             load_config(micro_yaml, [bad, "stages=[teacher,ar,sft,opd]"] if "stages" not in bad
@@ -617,6 +618,6 @@ def test_per_row_rollout_thresholds(micro):
     cfg = load_config(REPO / "configs" / "micro.yaml", ["opd.rollout_thresholds=[0.9,0.99,1]"])
     assert cfg.opd.row_thresholds(4) == (0.9, 0.99, 1.0, 0.9)
     assert cfg.opd.row_thresholds(2) == (0.9, 0.99)
-    with pytest.raises(ConfigError, match=r"every entry of opd\.rollout_thresholds must be in "
+    with pytest.raises(ConfigError, match=r"opd\.rollout_thresholds\[1\] must be in "
                                           r"\[-1, 1\].*got 1\.5"):
         load_config(REPO / "configs" / "micro.yaml", ["opd.rollout_thresholds=[0.9,1.5]"])

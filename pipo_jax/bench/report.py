@@ -18,6 +18,7 @@ Everything here is pure Python (no JAX): reports are made wherever the result fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -28,6 +29,7 @@ from typing import Any
 
 from pipo_jax.errors import BenchError
 from pipo_jax.eval.aggregate import aggregate
+from pipo_jax.io.diskerrors import reporting
 
 MISSING = "–"
 STAT_KEYS = ("tokens", "backbone_passes", "drafts", "commits", "finished")
@@ -456,12 +458,11 @@ def write_text(text: str, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise BenchError(f"cannot write {path}: {e.strerror or e}; choose another path") from e
+        with reporting(path, elsewhere="choose another path"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the write's error is the one to report
+            tmp.unlink(missing_ok=True)
         raise

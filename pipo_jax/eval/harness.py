@@ -280,7 +280,7 @@ def evaluate_benchmarks(runner: PipoRunner, benches: Sequence[Benchmark], *,
                                       for e in summary["benchmarks"].values())
                 for key in (f"avg@{samples}", f"pass@{samples}")}
         for model in models}
-    write_json(summary, out_dir / SUMMARY_FILE)
+    write_json(summary, out_dir / SUMMARY_FILE, elsewhere="choose another --out-dir")
     return summary
 
 

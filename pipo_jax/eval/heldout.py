@@ -20,6 +20,7 @@ from pipo_jax.data.arith import to_messages
 from pipo_jax.decode.runner import PipoRunner
 from pipo_jax.eval.aggregate import aggregate
 from pipo_jax.eval.scoring import verify
+from pipo_jax.io.diskerrors import reporting
 
 MODELS = ("pipo", "ar", "spec")  # table order; ratios are against "ar"
 
@@ -124,6 +125,10 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict[str, Any], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+def write_json(result: dict[str, Any], path: str | Path,
+               elsewhere: str = "write elsewhere") -> None:
+    """Writes ``result`` as JSON; a full or read-only disk raises ``StorageError`` (one line
+    with the path and the free space, then "free space or ``elsewhere``")."""
+    with reporting(path, "write the results to", elsewhere):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")

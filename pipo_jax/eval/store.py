@@ -13,12 +13,14 @@ evaluated again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import IO, Any
 
 from pipo_jax.eval.schema import BenchError
+from pipo_jax.io.diskerrors import reporting
 
 FORMAT = 1
 
@@ -52,17 +54,24 @@ class ResultFile:
         self.header = {"format": FORMAT, **header}
         self.done: dict[str, dict[str, Any]] = {}
         self.discarded_partial_line = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._reporting():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         valid_bytes = 0
         if self.path.exists() and not restart:
             valid_bytes = self._load()
-        self._file: IO[str] = open(self.path, "r+" if valid_bytes else "w", encoding="utf-8")
-        if valid_bytes:
-            self._file.truncate(valid_bytes)  # drop a partial last line before appending
-            self._file.seek(valid_bytes)
-        else:
-            self._file.write(json.dumps({"header": self.header}) + "\n")
-            self._sync()
+        with self._reporting():
+            self._file: IO[str] = open(self.path, "r+" if valid_bytes else "w",
+                                       encoding="utf-8")
+            if valid_bytes:
+                self._file.truncate(valid_bytes)  # drop a partial last line before appending
+                self._file.seek(valid_bytes)
+            else:
+                self._file.write(json.dumps({"header": self.header}) + "\n")
+                self._sync()
+
+    def _reporting(self) -> contextlib.AbstractContextManager[None]:
+        # A full or read-only disk is one error line with the path and the free space.
+        return reporting(self.path, "write the results to", "choose another --out-dir")
 
     def _load(self) -> int:
         """Reads the header and records; returns the byte length to keep (0: start over)."""
@@ -96,13 +105,15 @@ class ResultFile:
 
     def append(self, records: list[dict[str, Any]]) -> None:
         """Appends one line per record, then flushes them to disk."""
-        for record in records:
-            self._file.write(json.dumps(record) + "\n")
-            self.done[record["id"]] = record
-        self._sync()
+        with self._reporting():
+            for record in records:
+                self._file.write(json.dumps(record) + "\n")
+                self.done[record["id"]] = record
+            self._sync()
 
     def close(self) -> None:
-        self._file.close()
+        with self._reporting():
+            self._file.close()
 
     def __enter__(self) -> ResultFile:
         return self

@@ -19,6 +19,11 @@ Which checkpoints are kept is orbax's preservation policy: the newest ``keep`` s
 step that is a multiple of ``keep_every`` (kept forever; ``0`` turns this off). A step is deleted
 only after a newer save has been committed, so a failed save never costs an older checkpoint.
 
+A save that the disk refuses (full, read-only, not permitted) raises ``StorageError``: one line
+with the step, the directory, the free space and the last committed step (``Manager``). The
+training loop asks after every step whether the asynchronous save in flight has failed
+(``Manager.raise_failed_save``), so it stops at the next step boundary instead of training on.
+
 Preemption (see ``StopSignals``): while the training loop runs, SIGTERM and SIGINT only set a
 flag; the loop finishes the current step, saves it synchronously and raises ``Preempted``, which
 ``pipo_jax.cli.run_main`` turns into a one-line message and exit status ``128 + signal``.
@@ -32,11 +37,12 @@ that the abstract target is derived from.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -54,7 +60,10 @@ from pipo_jax.config import (
     saved_from_dict,
     to_dict,
 )
-from pipo_jax.errors import CheckpointError
+from pipo_jax.errors import CheckpointError, StorageError
+from pipo_jax.io import diskerrors, orbax_quirks
+
+orbax_quirks.install()  # one error line, not pages of tracebacks from orbax's event loops
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -154,8 +163,9 @@ def _write_config_json(stage_dir: Path, cfg: Config) -> None:
     # Write-then-rename so a reader never sees a half-written config.json.
     final = stage_dir / CONFIG_FILE
     tmp = stage_dir / f".{CONFIG_FILE}.tmp"
-    save_config(cfg, tmp)
-    os.replace(tmp, final)
+    with diskerrors.reporting(final, elsewhere="set run_dir elsewhere"):
+        save_config(cfg, tmp)
+        os.replace(tmp, final)
 
 
 # --------------------------------------------------------------------------- saving
@@ -182,7 +192,67 @@ def preservation_policy(keep: int,
         keep_newest, policies.EveryNSteps(interval_steps=keep_every, exact_interval=True)])
 
 
-def open_manager(stage_dir: str | Path, keep: int, keep_every: int = 0) -> ocp.CheckpointManager:
+class Manager(ocp.CheckpointManager):
+    """Orbax's checkpoint manager, whose saves refused by the disk (full, read-only, not
+    permitted: ``diskerrors.storage_errno``) raise ``StorageError`` naming the step, the
+    directory, the free space and the last committed step.
+
+    A failed asynchronous save is reported as its own step, from whichever call finds it:
+    ``raise_failed_save`` (polled by the training loop), the next ``save``,
+    ``wait_until_finished`` or ``close``.
+    """
+
+    def __init__(self, *args: Any, elsewhere: str = "set run_dir elsewhere",
+                 **kwargs: Any) -> None:
+        self._pending: int | None = None  # the step whose asynchronous write may still fail
+        self._elsewhere = elsewhere  # the way out named in the error, after "free space or"
+        super().__init__(*args, **kwargs)
+
+    def save(self, step: int, *args: Any, **kwargs: Any) -> bool:
+        self.wait_until_finished()  # orbax's save waits too, but would not say which step failed
+        with self._reporting(step):
+            started = super().save(step, *args, **kwargs)
+        if started:
+            self._pending = step
+        return started
+
+    def wait_until_finished(self) -> None:
+        step, self._pending = self._pending, None
+        with self._reporting(step):
+            super().wait_until_finished()
+
+    def raise_failed_save(self) -> None:
+        """Raises the error of the last save if it has failed; returns at once while it is
+        still being written, and when it was committed."""
+        if self._pending is not None and not self.is_saving_in_progress():
+            self.wait_until_finished()  # finished: no wait, only its error if any
+
+    @contextlib.contextmanager
+    def _reporting(self, step: int | None) -> Iterator[None]:
+        try:
+            yield
+        except StorageError:
+            raise
+        except Exception as e:
+            if step is None or (not isinstance(e, OSError)
+                                and diskerrors.storage_errno(e) is None):
+                raise
+            raise StorageError(diskerrors.write_error(
+                self.directory, e, f"save checkpoint step {step} to", self._elsewhere,
+                self._committed(step))) from e
+
+    def _committed(self, failed: int) -> str:
+        try:
+            self.reload()  # what is on disk now, not what this manager last knew
+            steps = [s for s in self.all_steps() if s != failed]
+        except Exception:  # noqa: BLE001 (the save's error is the one to report)
+            return ""
+        if not steps:
+            return "no checkpoint of this stage was committed before"
+        return f"the last committed checkpoint (step {max(steps)}) is intact"
+
+
+def open_manager(stage_dir: str | Path, keep: int, keep_every: int = 0) -> Manager:
     """Opens (creating if needed) the checkpoint manager of ``stage_dir`` for saving.
 
     Args:
@@ -193,7 +263,7 @@ def open_manager(stage_dir: str | Path, keep: int, keep_every: int = 0) -> ocp.C
 
     Every ``save`` writes (the training loop decides which steps to save). Use it as a context
     manager (or call ``.close()``): closing waits for the last asynchronous save to be
-    committed and raises its error if it failed.
+    committed and raises its error if it failed (``StorageError`` when the disk refused it).
     """
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation_policy(keep, keep_every),
@@ -205,9 +275,16 @@ def open_manager(stage_dir: str | Path, keep: int, keep_every: int = 0) -> ocp.C
         # training continues during the disk write; an error surfaces from the next save, from
         # ``wait_until_finished`` or from ``close``, and the step is then not committed.
         enable_async_checkpointing=True,
+        # The step's directories are made before save returns (a few mkdirs), so that a read-only
+        # or full disk fails that save at once. Made in the background instead, a failed mkdir
+        # leaves orbax's item writers waiting for its completion signal until their timeout:
+        # the process hangs for minutes after the error, then logs a traceback per writer.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
     )
-    return ocp.CheckpointManager(checkpoint_dir(stage_dir), options=options,
-                                 item_handlers=_item_handlers(ocp.StandardCheckpointHandler()))
+    root = checkpoint_dir(stage_dir)
+    with diskerrors.reporting(root, "create", "set run_dir elsewhere"):
+        return Manager(root, options=options,
+                       item_handlers=_item_handlers(ocp.StandardCheckpointHandler()))
 
 
 def _item_handlers(state_handler: ocp.CheckpointHandler) -> dict[str, ocp.CheckpointHandler]:
@@ -265,8 +342,11 @@ def save_params(stage_dir: str | Path, step: int, params: Any, cfg: Config, stag
         cleanup_tmp_directories=True, enable_async_checkpointing=False)
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_IN_PLACE_HANDLERS)
     state = {"step": np.int32(step), "params": params}
-    with ocp.CheckpointManager(checkpoint_dir(stage_dir), options=options,
-                               item_handlers=_item_handlers(handler)) as manager:
+    root = checkpoint_dir(stage_dir)
+    with diskerrors.reporting(root, "create", "write elsewhere"):
+        manager = Manager(root, options=options, item_handlers=_item_handlers(handler),
+                          elsewhere="write elsewhere")
+    with manager:
         args = ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(state),
                                      _CONFIG: ocp.args.JsonSave(to_dict(cfg))})
         manager.save(step, args=args, force=True,

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from pipo_jax.config import Config, TrainConfig, save_config
 from pipo_jax.errors import Preempted, TrainingError
 from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.io import diskerrors
 from pipo_jax.model import sharding
 from pipo_jax.train.metrics import MetricWriter
 from pipo_jax.train.state import TrainState
@@ -46,7 +47,9 @@ def run_steps(cfg: Config, stage: str, state: TrainState, start: int, advance: A
     The host side of a step (reading its metrics) runs one step late, so that the device never
     waits on the host. Non-scalar metrics (e.g. OPD's rollout tokens) are for ``summarise`` only.
     Checkpoints are written asynchronously; the loop waits for a save only when it is stopped
-    and at the end (closing the manager), where a failed write raises.
+    and at the end (closing the manager). A failed write raises at the next step boundary at the
+    latest (``ckpt.Manager.raise_failed_save``), as ``StorageError`` when the disk refused it:
+    the run stops instead of training on with nothing saved.
 
     SIGTERM or SIGINT (``ckpt.StopSignals``; in a multi-process job, JAX's preemption sync point)
     stops the loop after the current step: that step's metrics are checked (NaN guard) and
@@ -76,7 +79,9 @@ def run_steps(cfg: Config, stage: str, state: TrainState, start: int, advance: A
             ckpt.open_manager(stage_dir, tc.keep_checkpoints,
                               keep_every=tc.keep_every) as manager:
         if lead:
-            save_config(cfg, Path(cfg.run_dir) / "config.json")
+            run_config = Path(cfg.run_dir) / "config.json"
+            with diskerrors.reporting(run_config, elsewhere="set run_dir elsewhere"):
+                save_config(cfg, run_config)
 
         def finish(step: int, metrics: dict[str, jax.Array], info: Any) -> None:
             nonlocal final, tokens_seen
@@ -100,6 +105,7 @@ def run_steps(cfg: Config, stage: str, state: TrainState, start: int, advance: A
 
         for step in range(start, tc.steps):
             state, metrics, info = advance(state, step)
+            manager.raise_failed_save()  # stop now, not at the next save, if the last one failed
             if pending is not None:
                 finish(*pending)
             pending = (step, metrics, info)

@@ -21,6 +21,7 @@ process is inactive (no files, writes are no-ops), so every process can run the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -35,6 +36,8 @@ import numpy as np
 from tensorboardX import summary as tb_summary
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2, summary_pb2
+
+from pipo_jax.io import diskerrors
 
 JSONL_FILE = "metrics.jsonl"
 
@@ -78,6 +81,14 @@ class MetricWriter:
         self._closed = False
         if not self.active:
             return
+        with self._reporting():
+            self._open()
+
+    def _reporting(self) -> contextlib.AbstractContextManager[None]:
+        # A full or read-only disk is one error line naming the directory and the free space.
+        return diskerrors.reporting(self.log_dir, "write metrics to", "set run_dir elsewhere")
+
+    def _open(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # A process killed mid-write can leave a final line without its newline; start on a
         # fresh line so the first new record is not glued to that fragment.
@@ -114,16 +125,18 @@ class MetricWriter:
         record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
         # Flushing each record keeps both logs complete up to the last logged step after a
         # crash; they are written only every log_every steps, so the cost is negligible.
-        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        self._jsonl.flush()
-        self._write_event(step, [v for name, value in values.items()
-                                 for v in tb_summary.scalar(self._tag(name), value).value])
+        with self._reporting():
+            self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+            self._jsonl.flush()
+            self._write_event(step, [v for name, value in values.items()
+                                     for v in tb_summary.scalar(self._tag(name), value).value])
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         """Logs a text sample (e.g. a decoded generation) to TensorBoard only."""
         self._check_open()
         if self.active:
-            self._write_event(int(step), list(tb_summary.text(self._tag(tag), text).value))
+            with self._reporting():
+                self._write_event(int(step), list(tb_summary.text(self._tag(tag), text).value))
 
     def _write_event(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
         event = event_pb2.Event(wall_time=time.time(), step=step,
@@ -135,8 +148,9 @@ class MetricWriter:
         """Flushes both files (each write already does; kept for the writer protocol)."""
         self._check_open()
         if self.active:
-            self._jsonl.flush()
-            self._tb.flush()
+            with self._reporting():
+                self._jsonl.flush()
+                self._tb.flush()
 
     def close(self) -> None:
         """Flushes and closes both writers; closing twice is harmless."""
@@ -144,8 +158,11 @@ class MetricWriter:
             return
         self._closed = True
         if self.active:
-            self._jsonl.close()
-            self._tb.close()
+            with self._reporting():
+                try:
+                    self._jsonl.close()
+                finally:
+                    self._tb.close()
 
     def _check_open(self) -> None:
         if self._closed:

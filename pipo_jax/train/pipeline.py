@@ -16,6 +16,7 @@ from pathlib import Path
 from jax.sharding import Mesh
 
 from pipo_jax.config import Config
+from pipo_jax.io import diskerrors
 from pipo_jax.io.tokenizer import Tokenizer
 from pipo_jax.model import sharding
 from pipo_jax.train import opd, supervised
@@ -32,6 +33,8 @@ def train_stage(cfg: Config, stage: str, tokenizer: Tokenizer | None = None,
 
 def train(cfg: Config, progress: bool = True) -> list[StageResult]:
     """Runs the configured stages in order (``teacher``, ``ar``, ``sft``, ``opd``)."""
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    with diskerrors.reporting(cfg.run_dir, "create the run directory",
+                              "set run_dir elsewhere"):
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     mesh = sharding.build_mesh(cfg.mesh)
     return [train_stage(cfg, stage, mesh=mesh, progress=progress) for stage in cfg.stages]

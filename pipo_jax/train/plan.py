@@ -61,6 +61,7 @@ from pipo_jax.config import (
     load_config,
 )
 from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.io.diskerrors import reporting
 from pipo_jax.io.run_dir import stage_of
 from pipo_jax.model import lora as lora_lib
 from pipo_jax.model import sharding
@@ -477,7 +478,8 @@ def _main_opd(args: argparse.Namespace, cfg: Config, teacher: ModelConfig, mesh:
     if args.json:
         payload = dict(plan.to_json(), config=args.config, overrides=list(args.overrides),
                        teacher_config=args.teacher_config)
-        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        with reporting(args.json, elsewhere="choose another --json"):
+            Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
     return 0
 
 
@@ -578,7 +580,8 @@ def main(argv: list[str]) -> int:
     print(format_plan(plan, args.config), flush=True)
     if args.json:
         payload = dict(plan.to_json(), config=args.config, overrides=list(args.overrides))
-        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        with reporting(args.json, elsewhere="choose another --json"):
+            Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
     return 0
 
 

@@ -68,6 +68,7 @@ from pipo_jax.config import (
     PIPO_STAGES,
     STAGES,
     Config,
+    DataConfig,
     ModelConfig,
     config_from_json,
     save_config,
@@ -345,9 +346,10 @@ class SafetensorsWriter:
 
 
 def model_config(hf_config: dict[str, Any], param_dtype: str = "float32",
-                 compressor_type: str | None = None,
-                 max_context: int | None = None) -> ModelConfig:
-    """The ``ModelConfig`` of a config.json plus the converter's options."""
+                 compressor_type: str | None = None, max_context: int | None = None,
+                 source: str = "config.json") -> ModelConfig:
+    """The ``ModelConfig`` of a config.json (``source``: its path, for error messages) plus
+    the converter's options."""
     overrides: dict[str, Any] = {"param_dtype": param_dtype}
     if compressor_type is not None:
         saved = hf_config.get("compressor_type")
@@ -359,7 +361,7 @@ def model_config(hf_config: dict[str, Any], param_dtype: str = "float32",
     if max_context is not None:
         overrides["max_context"] = max_context
     try:
-        return hm.config_from_hf(hf_config, **overrides)
+        return hm.config_from_hf(hf_config, source, **overrides)
     except hm.MappingError as e:
         raise ConvertError(str(e)) from e
 
@@ -411,11 +413,14 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
         raise ConvertError(f"--hf-dir {hf_dir} is not a directory")
+    inputs = {"--hf-dir": hf_dir}
+    _check_out(out, force, inputs)  # first: an output over the input is refused whatever else
     hf_config = _read_json(hf_dir / "config.json",
                            "--hf-dir must be a Hugging Face model folder with its config.json")
     if not isinstance(hf_config, dict):
         raise ConvertError(f"{hf_dir / 'config.json'} is not a JSON object")
-    cfg = model_config(hf_config, param_dtype, compressor_type, max_context)
+    cfg = model_config(hf_config, param_dtype, compressor_type, max_context,
+                       str(hf_dir / "config.json"))
     if not (hf_dir / "tokenizer.json").is_file():
         raise ConvertError(f"no tokenizer.json in {hf_dir}: copy the model's tokenizer.json and "
                            "tokenizer_config.json there")
@@ -424,8 +429,6 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
     except (ValueError, OSError, ImportError) as e:
         raise ConvertError(f"the tokenizer in {hf_dir} cannot be used: {e}") from e
     files = safetensors_files(hf_dir)
-    inputs = {"--hf-dir": hf_dir}
-    _check_out(out, force, inputs)
 
     # One preallocated numpy tree of the final shapes; untouched pages cost no memory.
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_pipo_params(cfg))
@@ -444,7 +447,10 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
         params[module] = jax.tree.map(lambda new, old: new.astype(old.dtype), value,
                                       params[module])
 
-    config = Config(run_dir=str(out), stages=("sft",), tokenizer=TOKENIZER_DIR, model=cfg)
+    # The default training length, unless the model's context is shorter (a row must fit it).
+    data = DataConfig(max_len=min(DataConfig().max_len, cfg.max_context))
+    config = Config(run_dir=str(out), stages=("sft",), tokenizer=TOKENIZER_DIR, model=cfg,
+                    data=data)
     ar_params = {"embedder": params["embedder"], "backbone": params["backbone"]}
     trees = [("ar", ar_params), ("sft", params)]
     if drafter and "mtp" in groups:  # its own drafter: the speculative baseline (issue #16)
@@ -485,9 +491,9 @@ def hf_to_pipo(hf_dir: str | Path, out: str | Path, param_dtype: str = "float32"
 
 def _source_dtype(hf_config: dict[str, Any]) -> str:
     """The dtype a config.json records ("dtype", older "torch_dtype", or its text_config's)."""
-    for node in (hf_config, hf_config.get("text_config") or {}):
+    for node in (hf_config, hf_config.get("text_config")):
         for key in ("dtype", "torch_dtype"):
-            if isinstance(node.get(key), str) and node[key] in DTYPES:
+            if isinstance(node, dict) and isinstance(node.get(key), str) and node[key] in DTYPES:
                 return node[key]
     return "float32"
 

@@ -34,92 +34,142 @@ SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3")
 # ------------------------------------------------------------------------------------- configs
 
 
-def text_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+_KINDS: dict[type, str] = {int: "an integer", float: "a number", bool: "true or false",
+                           str: "a string", list: "a list", dict: "a JSON object"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Typed reads of one JSON object of a config.json, so that every missing or ill-typed key
+    is a ``MappingError`` naming the key (dotted from the file's top) and the file.
+
+    ``need`` reads a key the model cannot do without; ``get`` one with a default (JSON null,
+    as Hugging Face writes unset keys, counts as absent); ``section`` a nested object.
+    """
+
+    values: dict[str, Any]
+    source: str = "config.json"  # the file, as the message names it
+    prefix: str = ""  # the dotted path of ``values`` in the file: "text_config."
+
+    def need(self, key: str, kind: type) -> Any:
+        if self.values.get(key) is None:
+            raise MappingError(f"{self.source} has no {self.prefix}{key} ({_KINDS[kind]}), "
+                               f"which a {self.values.get('model_type')} model needs; it is not "
+                               "a complete Hugging Face config")
+        return self._checked(key, kind)
+
+    def get(self, key: str, kind: type, default: Any) -> Any:
+        return default if self.values.get(key) is None else self._checked(key, kind)
+
+    def section(self, key: str) -> Settings:
+        return Settings(self.get(key, dict, {}), self.source, f"{self.prefix}{key}.")
+
+    def _checked(self, key: str, kind: type) -> Any:
+        value = self.values[key]
+        # JSON has one number type: an integer is a fine float; a bool is neither.
+        fits = (isinstance(value, kind if kind is not float else (int, float))
+                and (kind is bool or not isinstance(value, bool)))
+        if not fits:
+            raise MappingError(f"{self.source}: {self.prefix}{key} must be {_KINDS[kind]}, got "
+                               f"{value!r}")
+        return float(value) if kind is float else value
+
+
+def text_config(hf_config: dict[str, Any], source: str = "config.json") -> Settings:
     """The text-model settings of a config.json (VLM checkpoints nest them in ``text_config``)."""
-    model_type = hf_config.get("model_type")
+    top = Settings(hf_config, source)
+    model_type = top.get("model_type", str, None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise MappingError(f"config.json model_type {model_type!r} is not supported; supported: "
+        raise MappingError(f"{source} model_type {model_type!r} is not supported; supported: "
                            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     if model_type == "qwen3_5":
-        text = dict(hf_config.get("text_config") or {})
+        text = top.section("text_config")
+        values = dict(text.values)
         # Top-level flags (tie_word_embeddings) apply to the text tower too.
         for key in ("tie_word_embeddings",):
-            if key in hf_config and key not in text:
-                text[key] = hf_config[key]
-        text.setdefault("model_type", "qwen3_5_text")
-        return text
-    return hf_config
+            if key in hf_config and key not in values:
+                values[key] = hf_config[key]
+        values.setdefault("model_type", "qwen3_5_text")
+        return dataclasses.replace(text, values=values)
+    return top
 
 
-def _rope(text: dict[str, Any]) -> tuple[float, float]:
-    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+def _rope(text: Settings) -> tuple[float, float]:
+    rope = text.section("rope_parameters" if text.values.get("rope_parameters") is not None
+                        else "rope_scaling")
+    rope_type = rope.get("rope_type", str, rope.get("type", str, "default"))
     if rope_type != "default":
         raise MappingError(f"rope_type {rope_type!r} is not supported (only 'default' RoPE)")
-    theta = rope.get("rope_theta", text.get("rope_theta", 10000.0))
-    partial = rope.get("partial_rotary_factor", text.get("partial_rotary_factor"))
+    theta = rope.get("rope_theta", float, text.get("rope_theta", float, 10000.0))
+    partial = rope.get("partial_rotary_factor", float,
+                       text.get("partial_rotary_factor", float, None))
     if partial is None:
-        partial = 0.25 if text["model_type"] == "qwen3_5_text" else 1.0
-    return float(theta), float(partial)
+        partial = 0.25 if text.values["model_type"] == "qwen3_5_text" else 1.0
+    return theta, partial
 
 
-def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
+def config_from_hf(hf_config: dict[str, Any], source: str = "config.json",
+                   **overrides: Any) -> ModelConfig:
     """A ``ModelConfig`` equal in math to a Hugging Face config.json (text settings only).
 
-    ``overrides`` set pipo-jax-only fields (``max_context``, ``param_dtype``, ...). Settings the
-    model cannot reproduce (biases, sliding windows, scaled RoPE, several MTP layers) are errors.
+    ``source`` names the file in error messages. ``overrides`` set pipo-jax-only fields
+    (``max_context``, ``param_dtype``, ...). Settings the model cannot reproduce (biases,
+    sliding windows, scaled RoPE, several MTP layers) are errors, and so is every missing or
+    ill-typed key (``Settings``).
     """
-    text = text_config(hf_config)
-    qwen35 = text["model_type"] == "qwen3_5_text"
-    if text.get("hidden_act", "silu") != "silu":
-        raise MappingError(f"hidden_act {text['hidden_act']!r} is not supported (only silu)")
-    if text.get("attention_bias", False):
+    text = text_config(hf_config, source)
+    qwen35 = text.values["model_type"] == "qwen3_5_text"
+    hidden_act = text.get("hidden_act", str, "silu")
+    if hidden_act != "silu":
+        raise MappingError(f"hidden_act {hidden_act!r} is not supported (only silu)")
+    if text.get("attention_bias", bool, False):
         raise MappingError("attention_bias: true is not supported (Qwen3/3.5 have no biases)")
-    if text.get("use_sliding_window", False):
+    if text.get("use_sliding_window", bool, False):
         raise MappingError("use_sliding_window: true is not supported")
-    if qwen35 and text.get("attn_output_gate", True) is False:
+    if qwen35 and text.get("attn_output_gate", bool, True) is False:
         raise MappingError("attn_output_gate: false is not supported for Qwen3.5")
-    if qwen35 and text.get("mtp_num_hidden_layers", 1) > 1:
-        raise MappingError(f"mtp_num_hidden_layers {text['mtp_num_hidden_layers']} > 1: PIPO's "
-                           "MTP head is one layer")
-    n_layers = int(text["num_hidden_layers"])
+    mtp_layers = text.get("mtp_num_hidden_layers", int, 1) if qwen35 else 1
+    if mtp_layers > 1:
+        raise MappingError(f"mtp_num_hidden_layers {mtp_layers} > 1: PIPO's MTP head is one "
+                           "layer")
+    n_layers = text.need("num_hidden_layers", int)
     if qwen35:
-        layer_types = text.get("layer_types")
+        layer_types = text.get("layer_types", list, None)
         if layer_types is None:
-            interval = int(text.get("full_attention_interval", 4))
+            interval = text.get("full_attention_interval", int, 4)
             layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
                            for i in range(n_layers)]
     else:
         layer_types = ["full_attention"] * n_layers
     theta, partial = _rope(text)
-    d_model = int(text["hidden_size"])
-    n_heads = int(text["num_attention_heads"])
+    d_model = text.need("hidden_size", int)
+    n_heads = text.need("num_attention_heads", int)
     fields: dict[str, Any] = dict(
         family="qwen3_5" if qwen35 else "qwen3",
-        vocab_size=int(text["vocab_size"]), d_model=d_model, n_layers=n_layers,
-        n_heads=n_heads, n_kv_heads=int(text.get("num_key_value_heads", n_heads)),
-        head_dim=int(text.get("head_dim") or d_model // n_heads),
-        mlp_dim=int(text["intermediate_size"]),
+        vocab_size=text.need("vocab_size", int), d_model=d_model, n_layers=n_layers,
+        n_heads=n_heads, n_kv_heads=text.get("num_key_value_heads", int, n_heads),
+        head_dim=text.get("head_dim", int, None) or d_model // max(n_heads, 1),
+        mlp_dim=text.need("intermediate_size", int),
         layer_types=tuple(layer_types) if qwen35 else (),
         rope_theta=theta, partial_rotary_factor=partial,
-        rms_eps=float(text.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(text.get("tie_word_embeddings", False)),
-        max_context=int(text.get("max_position_embeddings", 32768)) // 2 * 2,
+        rms_eps=text.get("rms_norm_eps", float, 1e-6),
+        tie_embeddings=text.get("tie_word_embeddings", bool, False),
+        max_context=text.get("max_position_embeddings", int, 32768) // 2 * 2,
     )
     if qwen35:
         fields.update(
-            linear_n_key_heads=int(text["linear_num_key_heads"]),
-            linear_n_value_heads=int(text["linear_num_value_heads"]),
-            linear_key_head_dim=int(text["linear_key_head_dim"]),
-            linear_value_head_dim=int(text["linear_value_head_dim"]),
-            linear_conv_kernel=int(text["linear_conv_kernel_dim"]))
+            linear_n_key_heads=text.need("linear_num_key_heads", int),
+            linear_n_value_heads=text.need("linear_num_value_heads", int),
+            linear_key_head_dim=text.need("linear_key_head_dim", int),
+            linear_value_head_dim=text.need("linear_value_head_dim", int),
+            linear_conv_kernel=text.need("linear_conv_kernel_dim", int))
     if "compressor_type" in hf_config:  # a PIPO export
-        fields["compressor_type"] = hf_config["compressor_type"]
+        fields["compressor_type"] = Settings(hf_config, source).need("compressor_type", str)
     fields.update(overrides)
     try:
         return ModelConfig(**fields)
     except (ConfigError, TypeError) as e:
-        raise MappingError(f"config.json does not give a usable model: {e}") from e
+        raise MappingError(f"{source} does not give a usable model: {e}") from e
 
 
 def hf_config_from_model(cfg: ModelConfig, base: dict[str, Any] | None = None,

@@ -25,7 +25,6 @@ import jax
 from pipo_jax import distributed
 from pipo_jax.cli import run_main
 from pipo_jax.config import STAGES, load_config, to_dict
-from pipo_jax.train.pipeline import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
@@ -45,6 +44,10 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.stage:
         cfg = dataclasses.replace(cfg, stages=tuple(s for s in STAGES if s in args.stage))
+    # Imported once the config is known good: a bad key or value is reported in a second, not
+    # after the training stack (flax, orbax, TFDS, grain) has loaded.
+    from pipo_jax.train.pipeline import train
+
     distributed.initialize(args)
     lead = jax.process_index() == 0  # one process speaks for the job
     if lead:

@@ -16,17 +16,27 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import random_params
 
-from pipo_jax.config import load_config, save_config
+from pipo_jax.config import Config, load_config, save_config
 from pipo_jax.io import checkpoint as ckpt
+from pipo_jax.io.hf.convert import main as convert_main
+from pipo_jax.model import sharding
+from pipo_jax.train.state import make_optimizer, state_shardings
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = "configs/micro.yaml"
@@ -111,6 +121,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         shutil.copytree(run, root / name)
         damage(root / name / "sft" / ckpt.CHECKPOINT_SUBDIR / "4")
         paths[name] = str(root / name)
+    # Its Hugging Face export, and a copy whose config lacks the linear-attention keys.
+    hf, hf_bad = root / "hf", root / "hf_bad"
+    assert convert_main(["pipo-to-hf", "--run", str(run), "--out", str(hf)]) == 0
+    shutil.copytree(hf, hf_bad)
+    config = json.loads((hf_bad / "config.json").read_text())
+    text = config.get("text_config", config)
+    for key in [k for k in text if k.startswith("linear_")]:
+        del text[key]
+    (hf_bad / "config.json").write_text(json.dumps(config))
+    paths.update(hf=str(hf), hf_bad=str(hf_bad))
     (root / "dup.yaml").write_text(f"run_dir: {run}\nar:\n  steps: 3\n  steps: 30\n")
     (root / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
     paths.update(dup_yaml=str(root / "dup.yaml"), binary_yaml=str(root / "binary.yaml"),
@@ -148,7 +168,12 @@ FAULTS: dict[str, tuple[list[str], str]] = {
     # --- decoding options and prompts
     "bad_threshold": (DECODE + ["--threshold", "3"], r"--threshold must be in \[-1, 1\].*3"),
     "nan_presence_penalty": (DECODE + ["--presence-penalty", "nan", "--prompt", "hi"],
-                             r"presence.penalty must be in \[-2, 2\], got nan"),
+                             r"--presence-penalty must be in \[-2, 2\], got nan"),
+    "top_p_zero": (DECODE + ["--top-p", "0"], r"--top-p must be in \(0, 1\], got 0\.0"),
+    "non_utf8_prompt": (DECODE + ["--prompt", "ab\udcff"],  # the bytes b"ab\xff" in argv
+                        r"--prompt is not valid UTF-8 text \(byte 0xff at offset 2\)"),
+    "unwritable_output": (DECODE + ["--num-problems", "2", "--out", "{run}/config.json/x.json"],
+                          r"cannot write the results to .*config\.json.*choose another --out"),
     "missing_run": (["decode.py", "--run", "{missing}"], r"{missing} does not exist.*train"),
     "empty_prompt": (DECODE + ["--prompt", ""], r"empty prompt"),
     "prompt_too_long": (DECODE + ["--prompt", "9" * 2000], r"context of 512 tokens"),
@@ -170,6 +195,11 @@ FAULTS: dict[str, tuple[list[str], str]] = {
                                        "--force"], r"--out .* is the input"),
     "export_inside_its_run": (CONVERT + ["pipo-to-hf", "--run", "{run}", "--out",
                                          "{run}/sft/hf", "--force"], r"inside the input"),
+    "import_into_its_source": (CONVERT + ["hf-to-pipo", "--hf-dir", "{hf}", "--out", "{hf}",
+                                          "--force"], r"--out .* is the input --hf-dir"),
+    "hf_config_without_linear_keys": (
+        CONVERT + ["hf-to-pipo", "--hf-dir", "{hf_bad}", "--out", "{missing}"],
+        r"config\.json has no linear_\w+ \(an integer\), which a qwen3_5_text model needs"),
 }
 
 
@@ -185,7 +215,7 @@ class Outcomes:
 def outcomes(runs: Runs, env: dict[str, str]) -> Outcomes:
     """Runs every FAULTS case, a few at a time: each is mostly interpreter start-up."""
     paths = runs.paths
-    watched = ["run", *DAMAGE]
+    watched = ["run", *DAMAGE, "hf", "hf_bad"]
 
     def launch(case: str) -> Proc:
         return run_cmd(env, *[a.format(**paths) for a in FAULTS[case][0]])
@@ -221,3 +251,197 @@ def test_faults_leave_every_run_untouched(outcomes: Outcomes):
     assert not (REPO / "checkpoints").exists() and not (REPO / "ar").exists()  # run_dir=""
     written = json.loads((Path(outcomes.paths["run"]) / "config.json").read_text())
     assert written["run_dir"] == outcomes.paths["run"]
+
+
+# ------------------------------------------------------------------ faults during training
+
+# The ar stage of the micro model in four steps, a checkpoint every two: the shapes of
+# tests/test_preemption.py's runs (one compiled step, shared through the compilation cache).
+PHASE_ARGS = ["--config", MICRO, "--stage", "ar", "data.num_train=8", "data.max_len=128",
+              "ar.steps=4", "ar.batch_size=8", "ar.log_every=1", "ar.ckpt_every=2",
+              "--no-progress"]
+
+
+def train_with_fault(env: dict[str, str], phase: str, run: Path, data: Path) -> Proc:
+    return run_cmd(env, "tests/fault_child.py", phase, *PHASE_ARGS, f"run_dir={run}",
+                   f"data.data_dir={data}")
+
+
+def restored_state(run: Path, step: int | None = None) -> Any:
+    cfg = load_config(REPO / MICRO, [a for a in PHASE_ARGS if "=" in a] + [f"run_dir={run}"])
+    abstract, shardings = state_shardings(cfg.model, False, make_optimizer(cfg.ar),
+                                          sharding.build_mesh(cfg.mesh))
+    state, _ = ckpt.restore(run / "ar", ckpt.abstract_target(abstract, shardings), step=step)
+    return state
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
+    """The uninterrupted run (it also builds the data set that the later runs share)."""
+    root = tmp_path_factory.mktemp("reference")
+    p = train_with_fault(env, "none", root / "run", root / "tfds")
+    assert p.returncode == 0, describe(p)
+    return root
+
+
+def in_parallel(*calls: Any) -> list[Proc]:
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(lambda c: c[0](*c[1:]), calls))
+
+
+def test_sigterm_at_each_phase_then_resume_matches_uninterrupted_run(
+        reference: Path, env: dict[str, str], tmp_path: Path):
+    """SIGTERM while the data set is written, inside a checkpoint write, and while a resumed
+    stage restores: the process stops (killed outright before the training loop has installed
+    its handlers; after the running save, with exit status 143, inside it); every committed
+    checkpoint stays; the same command then finishes, bit-identical to the uninterrupted run."""
+    data = reference / "tfds"
+    fresh = tmp_path / "tfds"  # the data phase builds its own copy
+    run_data, run_save, run_restore = tmp_path / "data", tmp_path / "save", tmp_path / "restore"
+    killed_in_data, preempted = in_parallel(
+        (train_with_fault, env, "data", run_data, fresh),
+        (train_with_fault, env, "save", run_save, data))
+    assert killed_in_data.returncode == -signal.SIGTERM, describe(killed_in_data)
+    assert "FAULT: SIGTERM during data" in killed_in_data.stderr
+    assert not ckpt.all_steps(run_data / "ar")
+    # Inside the step-2 write: the signal is recorded, the save completes, and the loop stops
+    # after the next step (saved and committed before exit).
+    assert preempted.returncode == 143, describe(preempted)
+    assert re.search(r"^preempted: ar stopped by SIGTERM after step 3 of 4; checkpoint 3 is "
+                     r"saved", preempted.stderr, re.M), describe(preempted)
+    assert ckpt.all_steps(run_save / "ar") == [2, 3]
+    shutil.copytree(run_save, run_restore)
+    before = digest(run_restore / "ar" / ckpt.CHECKPOINT_SUBDIR)
+
+    resumed_data, killed_in_restore = in_parallel(
+        (train_with_fault, env, "none", run_data, fresh),
+        (train_with_fault, env, "restore", run_restore, data))
+    assert resumed_data.returncode == 0, describe(resumed_data)  # the half-written data rebuilt
+    assert killed_in_restore.returncode == -signal.SIGTERM, describe(killed_in_restore)
+    assert digest(run_restore / "ar" / ckpt.CHECKPOINT_SUBDIR) == before
+
+    resumed = in_parallel((train_with_fault, env, "none", run_save, data),
+                          (train_with_fault, env, "none", run_restore, data))
+    for p in resumed:
+        assert p.returncode == 0, describe(p)
+    want = restored_state(reference / "run")
+    assert int(want.step) == 4
+    for run in (run_data, run_save, run_restore):
+        chex.assert_trees_all_equal(restored_state(run), want)
+
+
+# A child that starts a save of step 2 and blocks at a chosen point inside orbax's save, so
+# the parent's SIGKILL is guaranteed to land mid-save rather than racing the write.
+_KILLED_CHILD = """
+import asyncio, sys
+from pathlib import Path
+import jax
+jax.config.update("jax_platforms", "cpu")
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path import atomicity
+from pipo_jax.io import checkpoint as ck
+from pipo_jax.config import Config
+
+stage, hang_in = sys.argv[1], sys.argv[2]
+
+async def hang(*args, **kwargs):
+    # Orbax may create the tmp step directory concurrently with the item writes; wait for it
+    # (yielding to the event loop) so the kill always lands with the directory on disk.
+    root = Path(stage) / "checkpoints"
+    for _ in range(1000):
+        if any("tmp" in p.name for p in root.iterdir()):
+            break
+        await asyncio.sleep(0.01)
+    print("HANGING", flush=True)
+    await asyncio.sleep(3600)
+
+if hang_in == "commit":  # every file written, only the rename to the final name is missing
+    atomicity.AtomicRenameTemporaryPath.finalize = hang
+else:  # tmp directory created, array data not yet written
+    ocp.StandardCheckpointHandler.async_save = hang
+manager = ck.open_manager(stage, keep=3)
+ck.save(manager, 2, {"w": jnp.full((256, 256), 2.0)}, Config(), "ar", wait=True)
+print("SAVE FINISHED", flush=True)
+"""
+
+
+@pytest.mark.parametrize("hang_in", ["commit", "write"])
+def test_kill_9_mid_save_keeps_last_good_checkpoint(tmp_path: Path, hang_in: str):
+    stage = tmp_path / "sft"
+    target = ckpt.abstract_target(jax.ShapeDtypeStruct((256, 256), jnp.float32),
+                                  jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    with ckpt.open_manager(stage, keep=3) as manager:
+        ckpt.save(manager, 1, {"w": jnp.full((256, 256), 1.0)}, Config(), "ar")
+
+    with open(tmp_path / "child.log", "w") as log:
+        child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(stage), hang_in],
+                                 cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            ready, _, _ = select.select([child.stdout], [], [], 120)
+            line = child.stdout.readline() if ready else ""
+            assert line.strip() == "HANGING", (tmp_path / "child.log").read_text()[-3000:]
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            child.stdout.close()
+
+    ckpt_root = stage / ckpt.CHECKPOINT_SUBDIR
+    leftovers = [p.name for p in ckpt_root.iterdir() if "tmp" in p.name]
+    assert leftovers, sorted(p.name for p in ckpt_root.iterdir())
+    assert ckpt.latest_step(stage) == 1
+    restored, _ = ckpt.restore(stage, {"w": target})
+    np.testing.assert_array_equal(restored["w"], 1.0)
+
+    # Training resumes: the next manager clears the leftover and saving step 2 again works.
+    with ckpt.open_manager(stage, keep=3) as manager:
+        assert ckpt.save(manager, 2, {"w": jnp.full((256, 256), 3.0)}, Config(), "ar")
+    assert sorted(p.name for p in ckpt_root.iterdir()) == ["1", "2"]
+    restored, _ = ckpt.restore(stage, {"w": target})
+    np.testing.assert_array_equal(restored["w"], 3.0)
+
+
+# ----------------------------------------------------------------------------- disk full
+
+
+def _mount_tmpfs(path: Path, size: int) -> str | None:
+    """Mounts a tmpfs of ``size`` bytes at ``path``; the reason when this machine cannot."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot run mount: {e}"
+    return None if p.returncode == 0 else f"cannot mount a tmpfs: {p.stderr.strip()}"
+
+
+def _bytes_used(root: Path) -> int:
+    # Whole 4 KiB pages per file, as tmpfs charges them.
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in root.rglob("*") if p.is_file())
+
+
+def test_disk_full_mid_run_is_one_line_and_keeps_the_last_checkpoint(
+        reference: Path, env: dict[str, str], tmp_path: Path):
+    """A tmpfs with room for the run's first checkpoint but not its second: training stops at
+    the failing write with one line naming the path and the free space (exit 2), the committed
+    step 2 restores to the uninterrupted run's step 2, and once there is room the same command
+    finishes, bit-identical to the uninterrupted run."""
+    first = _bytes_used(reference / "run")  # the finished run holds two checkpoints
+    size = -(-int(first * 0.75) // 4096) * 4096  # one and a half checkpoints
+    mount = tmp_path / "tmpfs"
+    why = _mount_tmpfs(mount, size)
+    if why is not None:
+        pytest.skip(why)
+    try:
+        run = mount / "run"
+        full = train_with_fault(env, "none", run, reference / "tfds")
+        line = assert_one_line_error(full, r"No space left on device")
+        assert str(mount) in line and "free" in line, line
+        assert ckpt.all_steps(run / "ar") == [2]
+        chex.assert_trees_all_equal(restored_state(run), restored_state(reference / "run", 2))
+        subprocess.run(["mount", "-o", f"remount,size={64 << 20}", str(mount)], check=True)
+        again = train_with_fault(env, "none", run, reference / "tfds")
+        assert again.returncode == 0, describe(again)
+        chex.assert_trees_all_equal(restored_state(run), restored_state(reference / "run"))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

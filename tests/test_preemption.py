@@ -36,8 +36,9 @@ from pipo_jax.train.loop import Advance, run_steps
 from pipo_jax.train.metrics import MetricWriter, read_jsonl
 from pipo_jax.train.state import TrainState, make_optimizer, state_shardings
 
-# A failed restore can leave tensorstore callbacks that Python reports later as "unraisable";
-# they are harmless (see tests/test_checkpoint.py).
+# Saves cut short by a signal may leave tensorstore callbacks that Python reports later as
+# "unraisable"; harmless here (tests/test_checkpoint.py makes them errors for failed restores,
+# which io/orbax_quirks.py lets finish).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 REPO = Path(__file__).resolve().parents[1]

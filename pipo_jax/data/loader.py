@@ -201,8 +201,6 @@ def make_train_dataset(cfg: Config, tokenizer: Tokenizer, stage: str) -> grain.M
         raise ValueError(f"stage must be one of {STAGES[:-1]} (opd trains on prompts: "
                          f"opd_prompts), got {stage!r}")
     train_cfg = getattr(cfg, stage)
-    if train_cfg.seed < 0:
-        raise ValueError(f"{stage}.seed must be non-negative, got {train_cfg.seed}")
     data = cfg.data
     pipo = stage in PIPO_STAGES  # AR rows are not augmented
     make_batch = functools.partial(
@@ -251,8 +249,6 @@ def make_prompt_dataset(cfg: Config, tokenizer: Tokenizer) -> grain.MapDataset:
     batch is a pure function of the step, so a resumed run sees the same prompts.
     """
     oc = cfg.opd
-    if oc.seed < 0:
-        raise ValueError(f"opd.seed must be non-negative, got {oc.seed}")
     examples = _train_examples(cfg.data, tokenizer)
     return (grain.MapDataset.source(examples.records)
             .shuffle(seed=_shuffle_seed(oc.seed ^ _PROMPT_SALT))

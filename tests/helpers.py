@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,3 +50,30 @@ DECODE_HYBRID = ModelConfig(vocab_size=40, d_model=32, n_layers=4, n_heads=4, n_
                             partial_rotary_factor=0.5, tie_embeddings=False,
                             linear_n_key_heads=2, linear_n_value_heads=4,
                             linear_key_head_dim=8, linear_value_head_dim=4, linear_chunk=4)
+
+
+# ----------------------------------------------------------------- subprocesses and mounts
+
+
+@dataclasses.dataclass
+class Proc:
+    """A finished command: its exit status and its output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def describe(p: Proc) -> str:
+    return f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
+
+
+def mount_tmpfs(path: Path, size: int) -> str | None:
+    """Mounts a tmpfs of ``size`` bytes at ``path``; the reason when this machine cannot."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot run mount: {e}"
+    return None if p.returncode == 0 else f"cannot mount a tmpfs: {p.stderr.strip()}"

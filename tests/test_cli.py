@@ -17,18 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import Proc, describe
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = "configs/micro.yaml"
 # Fewer and shorter examples than micro.yaml's: the same code paths, faster to build and compile.
 DATA_OVERRIDES = ["data.num_train=16", "data.max_len=128"]
-
-
-@dataclasses.dataclass
-class Proc:
-    returncode: int
-    stdout: str
-    stderr: str
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +39,6 @@ def run_script(env: dict[str, str], script: str, *args: str, timeout: float = 30
     p = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True,
                        text=True, errors="replace", timeout=timeout)
     return Proc(p.returncode, p.stdout, p.stderr)
-
-
-def describe(p: Proc) -> str:
-    return f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
 
 
 @dataclasses.dataclass

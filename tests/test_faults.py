@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_params
+from helpers import Proc, describe, mount_tmpfs, random_params
 
 from pipo_jax.config import Config, load_config, save_config
 from pipo_jax.io import checkpoint as ckpt
@@ -41,17 +41,6 @@ from pipo_jax.train.state import make_optimizer, state_shardings
 REPO = Path(__file__).resolve().parents[1]
 MICRO = "configs/micro.yaml"
 DATA_OVERRIDES = ["data.num_train=16", "data.max_len=128"]
-
-
-@dataclasses.dataclass
-class Proc:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def describe(p: Proc) -> str:
-    return f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -404,17 +393,6 @@ def test_kill_9_mid_save_keeps_last_good_checkpoint(tmp_path: Path, hang_in: str
 # ----------------------------------------------------------------------------- disk full
 
 
-def _mount_tmpfs(path: Path, size: int) -> str | None:
-    """Mounts a tmpfs of ``size`` bytes at ``path``; the reason when this machine cannot."""
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                           capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"cannot run mount: {e}"
-    return None if p.returncode == 0 else f"cannot mount a tmpfs: {p.stderr.strip()}"
-
-
 def _bytes_used(root: Path) -> int:
     # Whole 4 KiB pages per file, as tmpfs charges them.
     return sum(-(-p.stat().st_size // 4096) * 4096 for p in root.rglob("*") if p.is_file())
@@ -429,7 +407,7 @@ def test_disk_full_mid_run_is_one_line_and_keeps_the_last_checkpoint(
     first = _bytes_used(reference / "run")  # the finished run holds two checkpoints
     size = -(-int(first * 0.75) // 4096) * 4096  # one and a half checkpoints
     mount = tmp_path / "tmpfs"
-    why = _mount_tmpfs(mount, size)
+    why = mount_tmpfs(mount, size)
     if why is not None:
         pytest.skip(why)
     try:

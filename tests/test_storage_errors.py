@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DECODE_HYBRID
+from helpers import DECODE_HYBRID, mount_tmpfs
 from orbax.checkpoint._src import asyncio_utils
 from orbax.checkpoint._src.path import atomicity
 
@@ -173,22 +173,11 @@ def test_read_only_checkpoint_directory_fails_the_save_itself(tmp_path, monkeypa
     assert ckpt.all_steps(tmp_path) == []
 
 
-def _mount_tmpfs(path: Path, size: int) -> str | None:
-    """Mounts a tmpfs of ``size`` bytes at ``path``; the reason when this machine cannot."""
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                           capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"cannot run mount: {e}"
-    return None if p.returncode == 0 else f"cannot mount a tmpfs: {p.stderr.strip()}"
-
-
 def test_a_real_full_disk_is_one_line_and_keeps_the_committed_step(tmp_path):
     """tensorstore's own ENOSPC (a ValueError carrying the OS error code) on a 1 MiB tmpfs that
     holds one checkpoint of 512 KiB but not two (random values: OCDBT compresses)."""
     mount = tmp_path / "tmpfs"
-    why = _mount_tmpfs(mount, 1 << 20)
+    why = mount_tmpfs(mount, 1 << 20)
     if why is not None:
         pytest.skip(why)
     try:

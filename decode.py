@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from pipo_jax.cli import check_utf8, run_main
-from pipo_jax.config import ConfigError, DecodeConfig, validate_threshold
+from pipo_jax.config import ConfigError, DecodeConfig
 from pipo_jax.config.bounds import FieldError
 from pipo_jax.data.loader import test_examples
 from pipo_jax.decode.runner import load
@@ -97,8 +97,6 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     for flag, text in (("--prompt", args.prompt), ("--system-prompt", args.system_prompt)):
         check_utf8(text, flag, PromptError)  # before anything is loaded
-    if args.threshold is not None:
-        validate_threshold(args.threshold, "--threshold")
     if args.num_problems is not None and args.num_problems < 1:
         raise ConfigError(f"--num-problems must be >= 1, got {args.num_problems}")
     _check_mode_flags(args)

@@ -32,7 +32,6 @@ from pipo_jax.config import (
     Config,
     DecodeConfig,
     ModelConfig,
-    validate_threshold,
 )
 from pipo_jax.data.arith import SYSTEM_PROMPT
 from pipo_jax.decode import batching, engine, speculative
@@ -166,8 +165,7 @@ class PipoRunner:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], dict)):
             prompts = [prompts]  # type: ignore[list-item]
-        opts = self.decode_options(options)
-        validate_threshold(opts.threshold)
+        opts = self.decode_options(options)  # validated: each option within its declared range
         if model == "ar" and self.ar_params is None:
             raise ValueError(f"this run has no AR model (no <run_dir>/{self.ar_stage} checkpoint)")
         if model == "spec":
